@@ -1,0 +1,274 @@
+"""Records -> batches, reproducibly, skipping (and reporting) files that cannot be decoded.
+
+A batch is a `Batch` named tuple:
+
+    images   float32 (N, 3, H, W)   the transform's output, stacked
+    labels   int64   (N,)           record.label
+    indices  int64   (N,)           position of each sample in `records`
+    skipped  tuple[SkippedSample]   files of this batch that failed to decode (index, path, reason)
+
+N is the batch size minus the skipped files. A batch whose files all failed is not yielded;
+its `skipped` still reaches the loader's report. Typical use:
+
+    loader = make_loader(train_records, build_train_transform(pp), 64, shuffle=True, seed=0, workers=2)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels, indices, _ in loader:
+            ...
+        if loader.skipped:
+            print(loader.skipped.report())
+
+Reproducibility: every sample's augmentation is drawn from generators seeded with a hash of
+(seed, epoch, index), and the shuffle order from (seed, epoch). So a run gives the same
+tensors whatever the number of workers or processes, and each epoch sees new augmentations.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ImageDecodeError
+from .records import Box, ImageRecord
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch; a hash, so nearby triples are unrelated."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed python `random`, numpy and torch (CPU) for a block, then restore their state.
+
+    timm's RandomResizedCrop and RandAugment draw from `random`, torchvision's flips from
+    torch, some ops from numpy: all three must be pinned. Restoring keeps the caller's
+    streams untouched when the loader runs in the main process (workers=0).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    index: int
+    path: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: tuple[SkippedSample, ...]
+
+
+class SkippedFiles:
+    """The files one epoch skipped, to print or store at the end of the epoch."""
+
+    def __init__(self):
+        self._by_path: dict[str, SkippedSample] = {}
+
+    def add(self, samples: Sequence[SkippedSample]) -> None:
+        for sample in samples:
+            self._by_path[sample.path] = sample
+
+    def clear(self) -> None:
+        self._by_path.clear()
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def __iter__(self) -> Iterator[SkippedSample]:
+        return iter(sorted(self._by_path.values(), key=lambda s: s.index))
+
+    def to_list(self) -> list[dict]:
+        return [{"index": s.index, "path": s.path, "reason": s.reason} for s in self]
+
+    def report(self, max_lines: int = 20) -> str:
+        if not self:
+            return "no files skipped"
+        samples = list(self)
+        lines = [f"skipped {len(samples)} file(s) that could not be decoded (fix or delete them):"]
+        lines += [f"  {s.path}: {s.reason}" for s in samples[:max_lines]]
+        if len(samples) > max_lines:
+            lines.append(f"  ... and {len(samples) - max_lines} more")
+        return "\n".join(lines)
+
+
+class RecordDataset(Dataset):
+    """records[i] -> (transform(image, boxes), label, i), or a SkippedSample for a bad file.
+
+    With `cache` (an `ImageCache`), pixels come from the pre-decoded cache instead of the
+    file, and the boxes are scaled to the cached size.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable, seed: int = 0, epoch: int = 0,
+                 cache=None):
+        self.records = list(records)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = epoch
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, record: ImageRecord) -> tuple[np.ndarray, tuple[Box, ...]]:
+        if self.cache is not None:
+            image, (height, width) = self.cache.read(record.path)
+            return image, scale_boxes(record.boxes, height, width, image.shape[0], image.shape[1])
+        from .decode import decode_image
+
+        return decode_image(record.path), record.boxes
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            image, boxes = self.load_image(record)
+        except ImageDecodeError as exc:
+            return SkippedSample(index, record.path, f"{type(exc).__name__}: {exc.reason}")
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            tensor = self.transform(image, boxes)
+        return tensor, record.label, index
+
+
+def scale_boxes(boxes: Sequence[Box], height: int, width: int, new_height: int, new_width: int) -> tuple[Box, ...]:
+    """Boxes of a height x width photo, in the coordinates of its resized copy."""
+    if (height, width) == (new_height, new_width):
+        return tuple(boxes)
+    sx, sy = new_width / width, new_height / height
+    return tuple(Box(int(b.xmin * sx), int(b.ymin * sy), int(round(b.xmax * sx)), int(round(b.ymax * sy)))
+                 for b in boxes)
+
+
+def collate_skipping(samples: list) -> Batch:
+    """Stack the good samples; carry the bad ones along as `skipped` (works across workers)."""
+    skipped = tuple(s for s in samples if isinstance(s, SkippedSample))
+    good = [s for s in samples if not isinstance(s, SkippedSample)]
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(torch.empty(0), empty, empty.clone(), skipped)
+    return Batch(
+        torch.stack([s[0] for s in good]),
+        torch.tensor([s[1] for s in good], dtype=torch.int64),
+        torch.tensor([s[2] for s in good], dtype=torch.int64),
+        skipped,
+    )
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A permutation of range(n) drawn from (seed, epoch): same order for the same pair."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class RecordLoader:
+    """Iterates a DataLoader of `Batch`es and collects the epoch's skipped files in `skipped`.
+
+    `len(loader)` counts batches before skipping; a batch whose files all failed is left out.
+    """
+
+    def __init__(self, dataloader: DataLoader, dataset: RecordDataset, sampler):
+        self.dataloader, self.dataset, self.sampler = dataloader, dataset, sampler
+        self.skipped = SkippedFiles()
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """New augmentations and a new order. Workers are not persistent, so each epoch's
+        workers start from the dataset as it is now."""
+        self.dataset.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped.clear()
+        for batch in self.dataloader:
+            self.skipped.add(batch.skipped)
+            if len(batch.indices):
+                yield batch
+
+
+def make_loader(
+    records: Sequence[ImageRecord],
+    transform: Callable,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int = 0,
+    workers: int = 0,
+    drop_last: bool = False,
+    sampler: Sampler | None = None,
+    cache=None,
+    pin_memory: bool = False,
+) -> RecordLoader:
+    """A `RecordLoader` over `records` (see the module docstring for the batch layout).
+
+    sampler: e.g. a `DistributedSampler` (which shuffles with its own seed); pass
+        shuffle=False with it. `set_epoch` is forwarded to it.
+    cache: an `ImageCache`, or the directory `dogbreeds data prepare` wrote; every record
+        must be in it and unchanged since (checked here, with a DataError saying what to run).
+    """
+    if sampler is not None and shuffle:
+        raise ValueError("pass shuffle=False with a sampler: the sampler decides the order "
+                         "(e.g. DistributedSampler(dataset, shuffle=True, seed=seed))")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if cache is not None:
+        from .cache import ImageCache
+
+        if isinstance(cache, (str, Path)):
+            cache = ImageCache.open(cache)
+        cache.check_records(records)
+        cache.check_transform(transform)
+    dataset = RecordDataset(records, transform, seed=seed, epoch=epoch, cache=cache)
+    if sampler is None and shuffle:
+        sampler = SeededShuffleSampler(len(dataset), seed)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    dataloader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        # DataLoader draws its workers' base seed from this generator instead of torch's
+        # global one, so creating a loader never shifts the training loop's random stream.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return RecordLoader(dataloader, dataset, sampler)

@@ -1,0 +1,245 @@
+"""Pixels -> model input. Built only from the model's `Preprocessing`, so training, evaluation,
+export and serving share one description of mean, std, size, crop and interpolation.
+
+Every transform here is a callable `transform(image, boxes=()) -> torch.Tensor`:
+
+- `image`: HxWx3 uint8 RGB numpy array, as `decode_image` returns it (or a cached row);
+- `boxes`: dog bounding boxes in that array's pixel coordinates (used only by `crop_to_box`);
+- result: float32 CHW tensor, normalised with the preprocessing's mean and std.
+
+The training augmentations are timm's (RandomResizedCrop, RandAugment, RandomErasing, Mixup /
+CutMix); this module only wires them to our config and numpy input. Randomness comes from the
+global `random`, `numpy` and `torch` generators; `loaders.RecordDataset` seeds them per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..preprocessing import Preprocessing
+from .cache import resize_short_side
+from .records import Box
+
+
+def eval_resize_size(preprocessing: Preprocessing) -> int:
+    """Short side the eval transform resizes to before the centre crop (timm's convention)."""
+    return int(preprocessing.input_size / preprocessing.crop_pct)
+
+
+def _check_preprocessing(preprocessing: Preprocessing) -> None:
+    if not 0 < preprocessing.crop_pct <= 1:
+        raise ValueError(
+            f"preprocessing crop_pct must be in (0, 1], got {preprocessing.crop_pct!r}: "
+            "a crop larger than the resized image would need padding, which we do not do"
+        )
+
+
+def _to_normalised_tensor(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as torchvision ToTensor + Normalize, without the PIL round trip. The
+    # one copy (HWC uint8 -> CHW float32) also detaches the result from read-only inputs
+    # (PIL-backed arrays, the cache's memory map).
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255)
+    return tensor.sub_(mean).div_(std)
+
+
+def _check_image(image) -> np.ndarray:
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        what = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".strip()
+        raise TypeError(f"transforms take an HxWx3 uint8 RGB numpy array (decode_image's output), got {what}")
+    return image
+
+
+class EvalTransform:
+    """Resize the short side to int(input_size / crop_pct), centre-crop input_size, normalise."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        _check_preprocessing(preprocessing)
+        self.preprocessing = preprocessing
+        self.resize_size = eval_resize_size(preprocessing)
+        self._mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+        self._std = torch.tensor(preprocessing.std).view(3, 1, 1)
+
+    def __call__(self, image: np.ndarray, boxes: Sequence[Box] = ()) -> torch.Tensor:
+        image = _check_image(image)
+        # A cached row already has the right short side; skipping the resize keeps it exact.
+        if min(image.shape[:2]) != self.resize_size:
+            image = resize_short_side(image, self.resize_size, self.preprocessing.interpolation)
+        height, width = image.shape[:2]
+        crop = self.preprocessing.input_size
+        # torchvision CenterCrop's offsets (round half to even), so results match it exactly.
+        top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+        return _to_normalised_tensor(image[top:top + crop, left:left + crop], self._mean, self._std)
+
+    def __repr__(self) -> str:
+        p = self.preprocessing
+        return (f"EvalTransform(resize={self.resize_size} {p.interpolation}, crop={p.input_size}, "
+                f"mean={p.mean}, std={p.std})")
+
+
+def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:
+    return EvalTransform(preprocessing)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation. Defaults are the ConvNeXt ImageNet fine-tuning recipe."""
+
+    rrc_scale: tuple[float, float] = (0.08, 1.0)     # RandomResizedCrop area fraction
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and aspect ratio range
+    hflip: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; None turns it off
+    color_jitter: float = 0.0        # timm ignores colour jitter while RandAugment is on
+    random_erase: float = 0.25       # probability per image
+    random_erase_mode: str = "pixel"  # per-pixel normal noise, as in the recipe
+    random_erase_count: int = 1
+    mixup: float = 0.8               # Beta(alpha) for mixup; 0 turns it off
+    cutmix: float = 1.0              # Beta(alpha) for cutmix; 0 turns it off
+    mixup_prob: float = 1.0          # chance a batch is mixed at all
+    mixup_switch_prob: float = 0.5   # chance of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"        # "batch" | "pair" | "elem" (timm)
+    label_smoothing: float = 0.1
+    crop_to_box: str | None = None   # None | "union" (all dogs) | "largest" (biggest dog)
+    box_margin: float = 0.1          # extra context around the box, as a fraction of its size
+    deterministic: bool = False      # "none" preset: the eval resize + centre crop, no randomness
+
+    def __post_init__(self):
+        if self.crop_to_box not in (None, "union", "largest"):
+            raise ValueError(f"crop_to_box must be None, 'union' or 'largest', got {self.crop_to_box!r}")
+        if self.mixup_mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"mixup_mode must be 'batch', 'pair' or 'elem', got {self.mixup_mode!r}")
+        for name in ("hflip", "random_erase", "mixup_prob", "mixup_switch_prob", "label_smoothing"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "AugmentConfig":
+        """'convnext' (the default recipe), 'quick' (cheap runs), 'none' (no augmentation)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation settings {sorted(unknown)}")
+        d = dict(d)
+        for key in ("rrc_scale", "rrc_ratio"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+PRESETS = {
+    "convnext": AugmentConfig(),
+    # Crops and flips only: fast, and enough for a few-epoch fine-tune or a smoke test.
+    "quick": AugmentConfig(rrc_scale=(0.35, 1.0), rand_augment=None, random_erase=0.0, mixup=0.0, cutmix=0.0),
+    "none": AugmentConfig(hflip=0.0, rand_augment=None, random_erase=0.0, mixup=0.0, cutmix=0.0,
+                          label_smoothing=0.0, deterministic=True),
+}
+
+
+def crop_to_box(image: np.ndarray, boxes: Sequence[Box], mode: str, margin: float) -> np.ndarray:
+    """Cut the dog(s) out of the photo, with `margin` of context; the whole photo when no box."""
+    if not boxes:
+        return image
+    if mode == "largest":
+        box = max(boxes, key=lambda b: (b.xmax - b.xmin) * (b.ymax - b.ymin))
+        xmin, ymin, xmax, ymax = box.xmin, box.ymin, box.xmax, box.ymax
+    else:
+        xmin, ymin = min(b.xmin for b in boxes), min(b.ymin for b in boxes)
+        xmax, ymax = max(b.xmax for b in boxes), max(b.ymax for b in boxes)
+    pad_x, pad_y = margin * (xmax - xmin), margin * (ymax - ymin)
+    height, width = image.shape[:2]
+    left, top = max(0, int(xmin - pad_x)), max(0, int(ymin - pad_y))
+    right, bottom = min(width, int(round(xmax + pad_x))), min(height, int(round(ymax + pad_y)))
+    if right - left < 2 or bottom - top < 2:  # a degenerate or off-image box: keep the photo
+        return image
+    return image[top:bottom, left:right]
+
+
+class TrainTransform:
+    """Optional box crop, then timm's training pipeline on a PIL image."""
+
+    def __init__(self, preprocessing: Preprocessing, augment: AugmentConfig):
+        from timm.data import create_transform
+
+        _check_preprocessing(preprocessing)
+        self.preprocessing = preprocessing
+        self.augment = augment
+        if augment.deterministic:
+            self._pipeline = EvalTransform(preprocessing)
+            return
+        self._pipeline = create_transform(
+            input_size=preprocessing.input_size,
+            is_training=True,
+            scale=tuple(augment.rrc_scale),
+            ratio=tuple(augment.rrc_ratio),
+            hflip=augment.hflip,
+            color_jitter=augment.color_jitter or None,
+            auto_augment=augment.rand_augment,
+            interpolation=preprocessing.interpolation,
+            mean=tuple(preprocessing.mean),
+            std=tuple(preprocessing.std),
+            re_prob=augment.random_erase,
+            re_mode=augment.random_erase_mode,
+            re_count=augment.random_erase_count,
+        )
+
+    def __call__(self, image: np.ndarray, boxes: Sequence[Box] = ()) -> torch.Tensor:
+        image = _check_image(image)
+        if self.augment.crop_to_box:
+            image = crop_to_box(image, boxes, self.augment.crop_to_box, self.augment.box_margin)
+        if self.augment.deterministic:
+            return self._pipeline(image)
+        return self._pipeline(Image.fromarray(image))
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(crop_to_box={self.augment.crop_to_box}, pipeline={self._pipeline})"
+
+
+def build_train_transform(preprocessing: Preprocessing, augment: AugmentConfig | None = None) -> TrainTransform:
+    return TrainTransform(preprocessing, augment or AugmentConfig())
+
+
+def build_mixup(augment: AugmentConfig, num_classes: int):
+    """timm `Mixup` for the recipe, or None when mixup and cutmix are both off.
+
+    With a Mixup, the targets it returns are soft (label smoothing included): train with
+    `timm.loss.SoftTargetCrossEntropy`. Without one, use
+    `torch.nn.CrossEntropyLoss(label_smoothing=augment.label_smoothing)`.
+    """
+    if augment.mixup <= 0 and augment.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=augment.mixup,
+        cutmix_alpha=augment.cutmix,
+        prob=augment.mixup_prob,
+        switch_prob=augment.mixup_switch_prob,
+        mode=augment.mixup_mode,
+        label_smoothing=augment.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def mix_batch(mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `mixup` to a batch of any size.
+
+    timm's Mixup needs an even batch; a batch can turn odd when the loader skips a bad file,
+    so the last sample of an odd batch is dropped (one sample, rarely) rather than crashing.
+    """
+    if len(images) % 2:
+        images, labels = images[:-1], labels[:-1]
+    if len(images) == 0:
+        return images, labels.new_zeros((0, mixup.num_classes), dtype=torch.float32)
+    return mixup(images, labels)
