@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,11 +151,12 @@ class RecordDataset(Dataset):
 
 
 def scale_boxes(boxes: Sequence[Box], height: int, width: int, new_height: int, new_width: int) -> tuple[Box, ...]:
-    """Boxes of a height x width photo, in the coordinates of its resized copy."""
+    """Boxes of a height x width photo, in the coordinates of its resized copy (rounded outwards,
+    so the scaled box still holds the whole dog)."""
     if (height, width) == (new_height, new_width):
         return tuple(boxes)
     sx, sy = new_width / width, new_height / height
-    return tuple(Box(int(b.xmin * sx), int(b.ymin * sy), int(round(b.xmax * sx)), int(round(b.ymax * sy)))
+    return tuple(Box(math.floor(b.xmin * sx), math.floor(b.ymin * sy), math.ceil(b.xmax * sx), math.ceil(b.ymax * sy))
                  for b in boxes)
 
 
