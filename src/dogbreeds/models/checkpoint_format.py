@@ -1,0 +1,170 @@
+"""This project's checkpoint: safetensors weights + a JSON sidecar saying how to rebuild them.
+
+    best.safetensors   timm state dict (metadata repeats the sidecar, so the file alone is enough)
+    best.json          {"format": "dogbreeds-checkpoint", "version": 1, "model": ..., "model_kwargs": ...,
+                        "num_classes": ..., "classes": [...], "preprocessing": {...}, "extra": {...}}
+
+Both files are written to a temporary name in the same folder and moved into place with
+os.replace, so a crash mid-write never leaves a half-written checkpoint under the real name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from dogbreeds.data.records import ClassInfo
+from dogbreeds.errors import DogbreedsError, WeightsError
+from dogbreeds.preprocessing import Preprocessing
+
+from .formats import ConvertedWeights
+
+log = logging.getLogger("dogbreeds")
+
+FORMAT = "dogbreeds-checkpoint"
+VERSION = 1
+METADATA_KEY = "dogbreeds"  # safetensors metadata entry holding the sidecar JSON
+RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors")
+
+
+def sidecar_path(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_model_checkpoint(model, path, classes: ClassInfo, extra: dict | None = None) -> Path:
+    """Write `model`'s weights to `path` (.safetensors) and the sidecar next to it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DogbreedsError(f"checkpoint path must end in .safetensors, got {path}")
+    name = getattr(model, "dogbreeds_name", None)
+    if not name:
+        raise DogbreedsError("cannot save a checkpoint of a model not made by dogbreeds.create_model (no model.dogbreeds_name)")
+    num_classes = int(getattr(model, "num_classes", len(classes)))
+    if num_classes != len(classes):
+        raise DogbreedsError(f"model has {num_classes} outputs but {len(classes)} classes were given for {path}")
+    preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": name,
+        "model_kwargs": dict(getattr(model, "dogbreeds_kwargs", {}) or {}),
+        "num_classes": num_classes,
+        "classes": classes.to_json(),
+        "preprocessing": preprocessing.to_dict(),
+        "extra": extra or {},
+    }
+    text = json.dumps(meta, indent=2, default=_json_default) + "\n"
+    # safetensors refuses tensors that share memory; clone() gives each its own storage.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, METADATA_KEY: text})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_atomic(sidecar_path(path), text)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars in `extra`
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in the checkpoint sidecar: {value!r}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _embedded_meta(path: Path) -> dict | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"safetensors file {path} is corrupt or truncated: {exc}") from exc
+    if metadata.get("format") != FORMAT or METADATA_KEY not in metadata:
+        return None
+    return json.loads(metadata[METADATA_KEY])
+
+
+def is_dogbreeds_checkpoint(path, kind: str) -> bool:
+    if kind != "safetensors":
+        return False
+    path = Path(path)
+    return _sidecar_format(path) == FORMAT or _embedded_meta(path) is not None
+
+
+def _sidecar_format(path: Path) -> str | None:
+    side = sidecar_path(path)
+    if path.suffix == ".json" or not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The sidecar of a checkpoint (`x.safetensors` or `x.json`), validated."""
+    path = Path(path)
+    weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
+    side = sidecar_path(weights)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"checkpoint sidecar {side} is not valid JSON: {exc}") from exc
+    elif weights.is_file() and (meta := _embedded_meta(weights)) is not None:
+        log.info("%s: sidecar %s missing; using the copy stored in the safetensors metadata", weights, side.name)
+    else:
+        raise WeightsError(f"{weights} has no dogbreeds sidecar ({side.name}) and no embedded metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise WeightsError(f"{side} is not a dogbreeds checkpoint sidecar (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise WeightsError(f"{side}: checkpoint version {meta.get('version')!r} is not supported (this dogbreeds reads version {VERSION})")
+    missing = [k for k in ("model", "num_classes") if k not in meta]
+    if missing:
+        raise WeightsError(f"{side} lacks {missing}")
+    return meta
+
+
+def convert_checkpoint(path) -> ConvertedWeights:
+    from .formats.reading import read_tensors
+
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    tensors, _ = read_tensors(path, "safetensors")
+    pre = meta.get("preprocessing")
+    return ConvertedWeights(
+        format=FORMAT,
+        model_name=meta["model"],
+        state_dict=tensors,
+        num_classes=int(meta["num_classes"]),
+        preprocessing=Preprocessing.from_dict(pre) if pre else None,
+        model_kwargs=dict(meta.get("model_kwargs") or {}),
+    )
+
+
+def find_run_checkpoint(path) -> Path | None:
+    """best, else last, in a run dir (`checkpoints/`) or in a checkpoints folder itself."""
+    path = Path(path)
+    for folder in (path / "checkpoints", path):
+        for name in RUN_CHECKPOINTS:
+            if (folder / name).is_file():
+                return folder / name
+    return None

@@ -1,0 +1,211 @@
+"""create_model: the one door to every network (timm names, roadmap models, weight files)."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from dogbreeds.data.records import ClassInfo
+from dogbreeds.errors import DogbreedsError, WeightsError
+from dogbreeds.preprocessing import Preprocessing
+
+from .formats import ConvertedWeights
+from .formats.arch import classifier_prefix
+
+log = logging.getLogger("dogbreeds")
+
+ROADMAP_MODULE = "dogbreeds.roadmap.models"
+# Buffers that only count training steps: a file without them is still complete.
+IGNORABLE_SUFFIXES = ("num_batches_tracked",)
+
+
+def create_model(name: str | None = None, num_classes: int | None = None, weights=None,
+                 pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """Build a timm (or roadmap) model, optionally with weights.
+
+    name:        timm model name, optionally with a pretrained tag ('convnext_tiny.fb_in22k_ft_in1k').
+                 May be None when `weights` is given: the file says the architecture.
+    num_classes: output classes. None keeps the head of the weights (or of the pretrained tag),
+                 else 1000. A head of another size is re-initialised (and logged).
+    weights:     a local file or folder in any supported format (see docs/models.md).
+    pretrained:  download timm's default pretrained weights (a tag in `name` implies it).
+    kwargs:      passed to timm.create_model (e.g. drop_path_rate) and remembered for rebuilding.
+    """
+    _register_roadmap()
+    if weights is not None:
+        return _from_weights(name, num_classes, Path(weights).expanduser(), kwargs)
+    if not name:
+        raise DogbreedsError("create_model needs a model name (e.g. 'convnext_tiny') or weights=<file>")
+    arch, tag = _check_name(name)
+    if tag or pretrained:
+        model = _download(name, num_classes, kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes or 1000, **kwargs)
+    cfg = model.pretrained_cfg
+    source = "timm:" + ".".join(filter(None, (cfg.get("architecture", arch), cfg.get("tag"))))
+    pre = Preprocessing.from_timm_cfg(cfg, source=source)
+    return _attach(model, arch, kwargs, pre)
+
+
+def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs: dict) -> torch.nn.Module:
+    from .formats.detect import convert_weights
+
+    if name:
+        _check_name(name)
+    converted = convert_weights(path, name)
+    arch = name or converted.model_name
+    model_kwargs = {**converted.model_kwargs, **kwargs}
+    wanted = num_classes if num_classes is not None else (converted.num_classes or 1000)
+    model = timm.create_model(arch, pretrained=False, num_classes=wanted, **model_kwargs)
+    load_converted(model, converted, path)
+    pre = converted.preprocessing or Preprocessing.from_timm_cfg(model.pretrained_cfg, source=f"timm:{arch}")
+    return _attach(model, arch.split(".")[0], model_kwargs, pre)
+
+
+def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) -> None:
+    """Load timm-named weights; re-initialise a head of another size; refuse anything else."""
+    target = model.state_dict()
+    head = classifier_prefix(model)
+    model_classes = int(getattr(model, "num_classes", 0) or 0)
+    sd = dict(converted.state_dict)
+    reinit_head = head is not None and converted.num_classes != model_classes
+    if reinit_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
+    sd = {k: _fit_singleton_dims(v, target[k]) if k in target else v for k, v in sd.items()}
+
+    missing = [k for k in target if k not in sd and not k.endswith(IGNORABLE_SUFFIXES)
+               and not (reinit_head and k.startswith(head + "."))]
+    unexpected = [k for k in sd if k not in target and not k.endswith(IGNORABLE_SUFFIXES)]
+    misshaped = [f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+                 for k in sd if k in target and sd[k].shape != target[k].shape]
+    if missing or unexpected or misshaped:
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise WeightsError(
+            f"{path}: {converted.format} weights (for {converted.model_name}) do not fit {arch}: "
+            + "; ".join(f"{label} {_short(keys)}" for label, keys in
+                        (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys)
+            + ". Pass the matching model name, or name=None to use the file's own architecture"
+        )
+    sd = {k: v for k, v in sd.items() if k in target}
+    model.load_state_dict(sd, strict=False)  # strictness checked above, minus head/step counters
+    if reinit_head:
+        log.info("%s: head has %d classes in the file, model has %d: head re-initialised",
+                 path, converted.num_classes, model_classes)
+
+
+def _fit_singleton_dims(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,1,1) -> (C,), (O,I) -> (O,I,1,1): layouts that differ only by size-1 dims hold the
+    same numbers in the same order (layer scale in NCHW code, 1x1 convs vs Linear MLPs)."""
+    if value.shape != like.shape and value.numel() == like.numel():
+        if [d for d in value.shape if d != 1] == [d for d in like.shape if d != 1]:
+            return value.reshape(like.shape)
+    return value
+
+
+def _download(name: str, num_classes: int | None, kwargs: dict) -> torch.nn.Module:
+    kwargs = dict(kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:
+        if not _is_download_error(exc):
+            raise
+        raise WeightsError(
+            f"downloading pretrained weights for {name!r} failed ({type(exc).__name__}: {_first_line(exc)}). "
+            f"Without internet access, download the file elsewhere and pass it as a local file: "
+            f"create_model({name.split('.')[0]!r}, weights='path/to/file') or --weights path/to/file"
+        ) from exc
+    cfg_classes = model.pretrained_cfg.get("num_classes")
+    if num_classes is not None and cfg_classes and cfg_classes != num_classes:
+        log.info("%s: pretrained head has %d classes, model has %d: head re-initialised", name, cfg_classes, num_classes)
+    return model
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    # huggingface_hub errors (offline mode, missing cache entry, HTTP), DNS/socket/URL errors.
+    module = type(exc).__module__ or ""
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or module.startswith(
+        ("huggingface_hub", "requests", "httpx", "urllib3"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _check_name(name: str) -> tuple[str, str]:
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        known = timm.list_models() + [f"roadmap_step{i}" for i in range(12)]
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `dogbreeds models` or timm.list_models()"
+        if arch.startswith("roadmap_") and importlib.util.find_spec(ROADMAP_MODULE) is None:
+            hint += f" (roadmap models need {ROADMAP_MODULE}, which is not installed)"
+        raise DogbreedsError(f"unknown model name {arch!r}{hint}")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        close = difflib.get_close_matches(tag, tags, n=5, cutoff=0.3)
+        raise DogbreedsError(f"unknown pretrained tag {tag!r} for {arch}; available: {', '.join(close or tags) or 'none'}")
+    return arch, tag
+
+
+def _register_roadmap() -> None:
+    """Import the roadmap models so timm knows their names (an optional area of the project)."""
+    try:
+        importlib.import_module(ROADMAP_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != ROADMAP_MODULE:
+            raise
+
+
+def _attach(model: torch.nn.Module, name: str, kwargs: dict, preprocessing: Preprocessing) -> torch.nn.Module:
+    model.preprocessing = preprocessing
+    model.dogbreeds_name = name
+    model.dogbreeds_kwargs = dict(kwargs)
+    return model
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return f"({len(items)}): {shown}" + (f", ... {len(items) - limit} more" if len(items) > limit else "")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    classes: ClassInfo
+    preprocessing: Preprocessing
+    name: str
+    path: Path
+
+
+def load_run(path) -> LoadedModel:
+    """A run directory (checkpoints/best.safetensors, else last) or a checkpoint file, ready to predict."""
+    from .checkpoint_format import find_run_checkpoint, read_checkpoint_meta
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        checkpoint = find_run_checkpoint(path)
+        if checkpoint is None:
+            raise DogbreedsError(f"{path} holds no checkpoint: expected checkpoints/best.safetensors or checkpoints/last.safetensors")
+    elif path.is_file():
+        checkpoint = path.with_suffix(".safetensors") if path.suffix == ".json" else path
+    else:
+        raise DogbreedsError(f"run or checkpoint not found: {path}")
+    meta = read_checkpoint_meta(checkpoint)
+    model = create_model(meta["model"], num_classes=int(meta["num_classes"]), weights=checkpoint)
+    model.eval()
+    if meta.get("classes"):
+        classes = ClassInfo.from_json(meta["classes"])
+    elif (checkpoint.parent.parent / "classes.json").is_file():
+        classes = ClassInfo.load(checkpoint.parent.parent / "classes.json")
+    else:
+        raise DogbreedsError(f"{checkpoint}: no classes in the sidecar and no classes.json in the run")
+    return LoadedModel(model, classes, model.preprocessing, meta["model"], checkpoint)

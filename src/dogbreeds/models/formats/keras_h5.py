@@ -1,0 +1,247 @@
+"""Read a Keras HDF5 file into a flat list of layers, with h5py only (Keras is not needed).
+
+Two layouts exist and both are read here:
+
+- legacy full-model / weights HDF5 (`model.save("x.h5")`, Keras 2 and 3):
+  ``model_weights/<top layer>/<weight name>`` with a ``weight_names`` attribute on each top
+  layer group and, for full models, the architecture as JSON in the ``model_config``
+  attribute. Nested models (a backbone inside a wrapper, ConvNeXt's Sequential stem) keep
+  their weights under the top layer's group; the weight name ends in ``<layer>/<variable>``.
+- Keras 3 ``.weights.h5`` (`model.save_weights("x.weights.h5")`):
+  ``layers/<class_based_key>/vars/0..n`` with the real layer name in the ``name``
+  attribute of each ``vars`` group, nested models as ``layers/functional/layers/...``.
+  Variables are positional there, so their names come from the layer kind.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dogbreeds.errors import WeightsError
+
+# Variable order of Keras 3 layers in `.weights.h5` (positional, no names in the file).
+_POSITIONAL_VAR_NAMES = {
+    "conv2d": ("kernel", "bias"),
+    "depthwise_conv2d": ("kernel", "bias"),
+    "dense": ("kernel", "bias"),
+    "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "layer_normalization": ("gamma", "beta"),
+    "layer_scale": ("gamma",),
+    "normalization": ("mean", "variance", "count"),
+}
+_NESTED_MODEL_KINDS = {"functional", "sequential", "model"}
+
+
+@dataclass
+class KerasLayer:
+    """One layer of the (possibly nested) Keras model, weights as numpy arrays."""
+
+    name: str
+    kind: str  # snake_case class name: "conv2d", "batch_normalization", "functional", ...
+    container: str  # name of the model that directly holds it ("" for the outermost model)
+    index: int  # position inside its container (config order; file order for .weights.h5)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict | None = None  # layer config from model_config (legacy full-model files only)
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.weights.items())
+        return f"{self.name} ({self.kind}{': ' + shapes if shapes else ''})"
+
+
+@dataclass
+class KerasFile:
+    path: Path
+    layout: str  # "legacy-h5" | "weights-h5"
+    model_name: str | None  # outermost model name, e.g. "mobilenetv2_0.35_96"
+    layers: list[KerasLayer]
+    input_shape: tuple | None = None  # (H, W, C) from the config's InputLayer when known
+    keras_version: str | None = None
+
+    def by_name(self) -> dict[str, KerasLayer]:
+        return {layer.name: layer for layer in self.layers}
+
+    def describe_layers(self, limit: int = 12) -> str:
+        weighted = [layer for layer in self.layers if layer.weights and layer.kind not in _NESTED_MODEL_KINDS]
+        shown = ", ".join(layer.describe() for layer in weighted[:limit])
+        more = f", ... ({len(weighted) - limit} more)" if len(weighted) > limit else ""
+        return f"{len(weighted)} layers with weights: {shown}{more}" if weighted else "no layers with weights"
+
+
+def snake_case(class_name: str) -> str:
+    """Keras' own class -> key rule: "DepthwiseConv2D" -> "depthwise_conv2d", "ReLU" -> "re_lu"."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    name = re.sub(r"([a-z])([A-Z])", r"\1_\2", name)
+    return name.lower()
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_keras_file(path: str | Path) -> KerasFile:
+    """Open `path` and return its layers; WeightsError naming the path when it is not a Keras HDF5."""
+    import h5py  # local: only Keras files need it
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such Keras weights file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise WeightsError(
+            f"{path}: cannot be opened as HDF5 ({exc}); the file is truncated, corrupt or not an "
+            f"HDF5 file - download or save it again"
+        ) from exc
+    try:
+        with handle:
+            if "model_weights" in handle or "layer_names" in handle.attrs:
+                return _read_legacy(path, handle)
+            if "layers" in handle and "vars" in handle:
+                return _read_keras3_weights(path, handle)
+            raise WeightsError(
+                f"{path}: an HDF5 file but not a Keras model or weights file (top-level keys "
+                f"{sorted(handle.keys())[:10]}, attributes {sorted(handle.attrs.keys())[:10]}); "
+                f"expected a legacy Keras .h5 (model_weights group) or a Keras 3 .weights.h5 "
+                f"(layers/ and vars/ groups)"
+            )
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        # h5py raises these when a dataset or group lies past the end of a cut file.
+        raise WeightsError(
+            f"{path}: the HDF5 file could not be read completely ({type(exc).__name__}: {exc}); "
+            f"it is probably truncated or corrupt - download or save it again"
+        ) from exc
+
+
+# ---------------------------------------------------------------- legacy full-model HDF5
+
+
+def _walk_config(layer_cfg: dict, container: str, index: int, out: dict) -> None:
+    """Flatten model_config: name -> (class kind, config, container, index), nested models too."""
+    class_name = layer_cfg.get("class_name", "")
+    config = layer_cfg.get("config", {}) or {}
+    name = config.get("name") or layer_cfg.get("name") or f"<unnamed {class_name}>"
+    kind = snake_case(class_name)
+    out[name] = (kind, config, container, index)
+    if kind in _NESTED_MODEL_KINDS or isinstance(config.get("layers"), list):
+        for i, sub in enumerate(config.get("layers") or []):
+            _walk_config(sub, name, i, out)
+
+
+def _input_shape_from_config(config: dict) -> tuple | None:
+    for layer_cfg in config.get("config", {}).get("layers", []) or []:
+        if layer_cfg.get("class_name") == "InputLayer":
+            cfg = layer_cfg.get("config", {})
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            if shape and len(shape) == 4:
+                return tuple(shape[1:])
+    # Sequential models may declare the input on their first layer instead.
+    layers = config.get("config", {}).get("layers", []) or []
+    if layers:
+        shape = layers[0].get("config", {}).get("batch_input_shape")
+        if shape and len(shape) == 4:
+            return tuple(shape[1:])
+    return None
+
+
+def _infer_kind(weights: dict[str, np.ndarray]) -> str:
+    """Kind from variable names, for legacy weights-only files that carry no config."""
+    keys = set(weights)
+    if "moving_mean" in keys:
+        return "batch_normalization"
+    if keys == {"gamma", "beta"}:
+        return "layer_normalization"
+    if "kernel" in keys:
+        ndim = weights["kernel"].ndim
+        if ndim == 4:
+            return "depthwise_conv2d" if weights["kernel"].shape[3] == 1 else "conv2d"
+        return "dense" if ndim == 2 else "unknown"
+    return "unknown"
+
+
+def _read_legacy(path: Path, handle) -> KerasFile:
+    config_text = handle.attrs.get("model_config")
+    config = json.loads(_text(config_text)) if config_text is not None else None
+    weights_group = handle["model_weights"] if "model_weights" in handle else handle
+    keras_version = weights_group.attrs.get("keras_version") or handle.attrs.get("keras_version")
+
+    described: dict[str, tuple] = {}
+    model_name = None
+    if config is not None:
+        model_name = config.get("config", {}).get("name")
+        _walk_config(config, "", 0, described)
+        described.pop(model_name, None)  # the outermost model itself is not a layer
+
+    weights_by_layer: dict[str, dict[str, np.ndarray]] = {}
+    top_names = [_text(n) for n in weights_group.attrs.get("layer_names", [])]
+    for top_name in top_names:
+        group = weights_group[top_name]
+        for weight_name in (_text(n) for n in group.attrs.get("weight_names", [])):
+            parts = weight_name.split("/")
+            layer_name = parts[-2] if len(parts) >= 2 else top_name
+            var_name = parts[-1].split(":")[0]
+            if var_name == "depthwise_kernel":  # Keras 2 name; Keras 3 calls it kernel
+                var_name = "kernel"
+            array = np.asarray(group[weight_name][()], dtype=np.float32)
+            layer_weights = weights_by_layer.setdefault(layer_name, {})
+            if var_name in layer_weights:
+                raise WeightsError(
+                    f"{path}: two weights named {layer_name}/{var_name}; layer names must be unique "
+                    f"across nested models to be mapped"
+                )
+            layer_weights[var_name] = array
+
+    layers: list[KerasLayer] = []
+    for name, (kind, cfg, container, index) in described.items():
+        layers.append(KerasLayer(name, kind, container, index, weights_by_layer.pop(name, {}), cfg))
+    for order, (name, weights) in enumerate(weights_by_layer.items()):  # no config: weights-only file
+        layers.append(KerasLayer(name, _infer_kind(weights), "", order, weights, None))
+    for layer in layers:
+        if layer.kind == "layer_scale" and len(layer.weights) == 1:
+            # Keras 3 calls LayerScale's only variable "variable", Keras 2 "Variable"/"gamma".
+            layer.weights = {"gamma": next(iter(layer.weights.values()))}
+    input_shape = _input_shape_from_config(config) if config is not None else None
+    return KerasFile(path, "legacy-h5", model_name, layers, input_shape,
+                     _text(keras_version) if keras_version is not None else None)
+
+
+# ---------------------------------------------------------------- Keras 3 .weights.h5
+
+
+def _read_keras3_weights(path: Path, handle) -> KerasFile:
+    model_name = handle["vars"].attrs.get("name")
+    layers: list[KerasLayer] = []
+
+    def walk(group, container: str) -> None:
+        for index, key in enumerate(group["layers"].keys()):
+            child = group["layers"][key]
+            kind = re.sub(r"_\d+$", "", key)
+            vars_group = child.get("vars")
+            name = vars_group.attrs.get("name") if vars_group is not None else None
+            if name is None:
+                raise WeightsError(
+                    f"{path}: layer group layers/{key} has no layer name (the 'name' attribute that "
+                    f"recent Keras 3 writes); without names the weights cannot be matched to layers - "
+                    f"save the model again with a current Keras 3, or as a full model with model.save('x.h5')"
+                )
+            name = _text(name)
+            weights: dict[str, np.ndarray] = {}
+            if vars_group is not None and len(vars_group):
+                var_names = _POSITIONAL_VAR_NAMES.get(kind)
+                count = len(vars_group)
+                if var_names is None or count > len(var_names) or (
+                    kind == "batch_normalization" and count != 4
+                ):
+                    var_names = tuple(f"var{i}" for i in range(count))
+                for i in range(count):
+                    weights[var_names[i]] = np.asarray(vars_group[str(i)][()], dtype=np.float32)
+            layers.append(KerasLayer(name, kind, container, index, weights, None))
+            if "layers" in child:
+                walk(child, name)
+
+    walk(handle, "")
+    return KerasFile(path, "weights-h5", _text(model_name) if model_name is not None else None, layers)
