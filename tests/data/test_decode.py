@@ -200,6 +200,17 @@ def test_pixel_bomb_refused_before_decoding(monkeypatch, tmp_path, photo_path, p
     assert Image.MAX_IMAGE_PIXELS == global_before
 
 
+def test_pillow_bomb_warning_as_error_does_not_leak(monkeypatch, photo_path):
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # the 50,176-pixel photo triggers Pillow's warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_image(photo_path).shape == (224, 224, 3)
+        with pytest.raises(TooManyPixelsError):
+            decode_image(photo_path, max_pixels=40_000)
+
+
 def test_max_pixels_is_per_call(photo_path):
     with pytest.raises(TooManyPixelsError, match="50,176 pixels exceeds the limit of 50,000"):
         decode_image(photo_path, max_pixels=50_000)

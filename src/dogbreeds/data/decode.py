@@ -139,6 +139,9 @@ def _load(name: str, image: Image.Image) -> None:
         raise TruncatedImageError(name, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; set it to False so truncated files are detected")
     try:
         image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Some formats (GIF, TIFF tiles) size frames while loading; Pillow's global check fires there.
+        raise TooManyPixelsError(name, f"a frame is too large to decode safely ({exc})") from exc
     except (EOFError, OSError, ValueError, SyntaxError) as exc:
         message = str(exc) or type(exc).__name__
         if isinstance(exc, EOFError) or "truncated" in message.lower() or "end of file" in message.lower():
