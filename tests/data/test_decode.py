@@ -58,6 +58,17 @@ def test_truncated_jpeg_names_the_file(photo_path, tmp_path):
         decode_image(data[:100])  # cut inside the header
 
 
+def test_global_load_truncated_images_is_refused(monkeypatch, photo_path):
+    from PIL import ImageFile
+
+    from dogbreeds.errors import DogbreedsError
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(DogbreedsError, match="LOAD_TRUNCATED_IMAGES") as info:
+        decode_image(photo_path.read_bytes()[:3000])
+    assert not isinstance(info.value, ImageDecodeError)  # a setting to fix, not a file to skip
+
+
 def test_empty_file_and_empty_bytes(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")

@@ -26,6 +26,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import (
     CorruptImageError,
+    DogbreedsError,
     EmptyImageError,
     ImageDecodeError,
     NotAnImageError,
@@ -135,8 +136,12 @@ def _open(name: str, data: bytes | None, path: Path | None) -> Image.Image:
 def _load(name: str, image: Image.Image) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone enabled Pillow's global "pad truncated images with grey": that would be a
-        # silent fallback, so refuse instead of returning a half-grey photo.
-        raise TruncatedImageError(name, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; set it to False so truncated files are detected")
+        # silent fallback. It is a setting, not a bad file, so it stops the caller (training
+        # would otherwise skip every file as if it were broken).
+        raise DogbreedsError(
+            f"cannot decode {name} safely: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True, which hides truncated "
+            "files; set it back to False"
+        )
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
