@@ -15,11 +15,15 @@ from dogbreeds import cli
 from dogbreeds.data import cli as data_cli
 
 
-def _write_list(path, files):
+def _write_list(path, files, labels=None):
+    # 1-based labels as in the official lists: the breed folder's position among the folders named
+    if labels is None:
+        folders = sorted({f.split("/")[0] for f in files})
+        labels = [folders.index(f.split("/")[0]) + 1 for f in files]
     cells = np.empty((len(files), 1), dtype=object)
     for i, f in enumerate(files):
         cells[i, 0] = np.array([f])
-    scipy.io.savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": np.ones((len(files), 1))})
+    scipy.io.savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": np.array(labels, dtype=float).reshape(-1, 1)})
 
 
 @pytest.fixture()

@@ -61,8 +61,10 @@ def read_stanford_dogs(root: Path) -> list[ImageRecord]:
         ]
 
     records: list[ImageRecord] = []
+    folder_of_label: dict[int, str] = {}
     for split, list_name in (("train", "train_list.mat"), ("test", "test_list.mat")):
-        relative_paths = read_mat_file_list(lists_dir / list_name)
+        relative_paths, labels = read_mat_list(lists_dir / list_name)
+        _check_labels(lists_dir / list_name, relative_paths, labels, folder_of_label)
         missing = [rel for rel in relative_paths if not (images_dir / rel).is_file()]
         if missing:
             shown = ", ".join(missing[:5])
@@ -87,8 +89,26 @@ def read_stanford_dogs(root: Path) -> list[ImageRecord]:
     return records
 
 
-def read_mat_file_list(path: Path) -> list[str]:
-    """`file_list` of a Stanford Dogs .mat list: paths relative to Images/, in list order."""
+def _check_labels(path: Path, relative_paths: list[str], labels: list[int] | None, folder_of_label: dict) -> None:
+    """The breed comes from each file's folder; the 1-based `labels` must agree with it (one
+    folder per label across both lists), or the lists belong to another copy of the data."""
+    if labels is None:
+        return
+    if len(labels) != len(relative_paths):
+        raise DataError(f"{path}: {len(relative_paths)} files but {len(labels)} labels; re-extract lists.tar")
+    for rel, label in zip(relative_paths, labels):
+        folder = Path(rel).parts[0]
+        known = folder_of_label.setdefault(label, folder)
+        if known != folder:
+            raise DataError(
+                f"{path}: label {label} is given to both {known}/ and {folder}/ (at {rel}); "
+                "the lists do not match the Images/ folders — re-extract lists.tar"
+            )
+
+
+def read_mat_list(path: Path) -> tuple[list[str], list[int] | None]:
+    """(`file_list`, `labels`) of a Stanford Dogs .mat list: paths relative to Images/ in list
+    order, and their 1-based breed labels (None when the file has no `labels`)."""
     try:
         mat = scipy.io.loadmat(str(path))
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError...
@@ -97,7 +117,9 @@ def read_mat_file_list(path: Path) -> list[str]:
         keys = sorted(k for k in mat if not k.startswith("__"))
         raise DataError(f"{path} has no 'file_list' entry (found {keys}); is it a Stanford Dogs list?")
     # loadmat gives an (N, 1) object array of 1-element string arrays.
-    return [str(np.asarray(cell).ravel()[0]) for cell in np.asarray(mat["file_list"]).ravel()]
+    files = [str(np.asarray(cell).ravel()[0]) for cell in np.asarray(mat["file_list"]).ravel()]
+    labels = [int(v) for v in np.asarray(mat["labels"]).ravel()] if "labels" in mat else None
+    return files, labels
 
 
 def attach_boxes(root: Path, records: list[ImageRecord]) -> list[ImageRecord]:
