@@ -71,6 +71,19 @@ def test_train_transform_is_seeded_and_random(photos):
     assert not torch.equal(first, other)
 
 
+def test_strongest_posterize_of_the_recipe_gives_black_not_an_error(photos):
+    # RandAugment m9 mstd0.5 reaches magnitude 10 (posterize to 0 bits) ~2% of the time;
+    # Pillow 13 raises on 0 bits, which would crash an epoch.
+    from timm.data.auto_augment import RandAugment
+
+    transform = build_train_transform(Preprocessing(input_size=64), AugmentConfig())
+    (rand_augment,) = [t for t in transform._pipeline.transforms if isinstance(t, RandAugment)]
+    (posterize,) = [op for op in rand_augment.ops if op.name == "PosterizeIncreasing"]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    out = np.asarray(posterize(Image.fromarray(photos[0])))
+    assert out.shape == photos[0].shape and out.max() == 0
+
+
 def test_none_preset_is_the_eval_transform_and_has_no_mixup(photos):
     pp = Preprocessing(input_size=128)
     augment = AugmentConfig.preset("none")
