@@ -1,0 +1,192 @@
+"""`dogbreeds evaluate`: score one run on one split and write RUN/eval/<split>.json + figures.
+
+Which images are scored: the run's own split.json when the data root is the one it was
+trained on (so the test set is exactly the one training held out), else `load_dataset` on the
+new root with the run's breeds and seed. Either way the breeds must match the run's classes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data.records import ClassInfo, ImageRecord
+from ..errors import DataError
+from . import figures, metrics
+
+SPLITS = ("train", "val", "test")
+TTA_CHOICES = (None, "flip")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; is this a run directory written by `dogbreeds train`?") from exc
+
+
+def _read_split_settings(run_dir: Path) -> dict:
+    """Root, seed and fractions the run split its data with (split.json, else config.yaml)."""
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        return _read_json(split_path)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise DataError(f"{run_dir} has neither split.json nor config.yaml, so the breeds' split is unknown; "
+                        "evaluate a run directory written by `dogbreeds train`")
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text()) or {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else config
+    return {key: data[key] for key in ("root", "seed", "val_fraction", "test_fraction") if key in data}
+
+
+def _same_dir(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def records_for_split(run_dir: Path, data_root: str | Path, split: str, classes: ClassInfo) -> tuple[list[ImageRecord], str]:
+    """The records to evaluate and a sentence saying where they came from.
+
+    The breeds are always the run's own (classes.json), never re-chosen: "top20" may pick
+    other breeds on another root. On the run's own root the split.json file list is the
+    truth, and a file it names that is gone is an error (a silently smaller test set would
+    make numbers incomparable)."""
+    from ..data.sources import load_dataset
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    settings = _read_split_settings(run_dir)
+    dataset = load_dataset(data_root, breeds=list(classes.breed_ids), seed=int(settings.get("seed", 0)),
+                           val_fraction=float(settings.get("val_fraction") or 0.1),
+                           test_fraction=float(settings.get("test_fraction") or 0.2))
+    if tuple(dataset.classes.breed_ids) != tuple(classes.breed_ids):
+        raise DataError(f"breeds under {data_root} differ from {run_dir / 'classes.json'}; "
+                        "evaluate on data that holds the run's breeds")
+    listed = settings.get("files", {}).get(split) if isinstance(settings.get("files"), dict) else None
+    if listed is None or not settings.get("root") or not _same_dir(settings["root"], data_root):
+        return dataset.split(split), (f"load_dataset({dataset.root}, seed={dataset.seed}) with the run's "
+                                      f"{len(classes)} breeds ({split} split re-made, not the run's split.json)")
+    root = Path(dataset.root)
+    by_relative = {}
+    for name in SPLITS:
+        for record in dataset.split(name):
+            path = Path(record.path)
+            by_relative[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()] = record
+    missing = [f for f in listed if f not in by_relative]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) of the run's {split} split are no longer under {root} "
+                        f"(first: {missing[0]}); restore them, or evaluate a copy of the data elsewhere")
+    from dataclasses import replace
+
+    records = [replace(by_relative[f], split=split) for f in listed]
+    return records, f"{run_dir / 'split.json'} (the run's own {split} list, {len(records)} files)"
+
+
+def predict_probabilities(model, records: list[ImageRecord], transform, batch_size: int, tta: str | None):
+    """Softmax probabilities for every readable record, their labels, and the skipped count.
+
+    With tta="flip" the probabilities of the photo and its mirror image are averaged (not the
+    logits: averaging probabilities is what the PoC did and keeps the result a distribution)."""
+    import torch
+
+    from ..data.loaders import make_loader
+
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown TTA {tta!r}; choose 'flip' or leave it off")
+    model.eval()
+    loader = make_loader(records, transform, batch_size=batch_size, shuffle=False, seed=0, epoch=0, workers=0)
+    all_probs, all_labels = [], []
+    with torch.inference_mode():
+        for images, labels, _, _ in loader:
+            probs = torch.softmax(model(images).float(), dim=1)
+            if tta == "flip":
+                probs = (probs + torch.softmax(model(torch.flip(images, dims=[3])).float(), dim=1)) / 2
+            all_probs.append(probs.numpy())
+            all_labels.append(labels.numpy())
+    skipped = len(loader.skipped)  # the loader counts files that failed to decode
+    probs = np.concatenate(all_probs) if all_probs else np.zeros((0, 0))
+    labels = np.concatenate(all_labels) if all_labels else np.zeros((0,), dtype=np.int64)
+    return probs, labels, skipped
+
+
+def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test", tta: str | None = None,
+                 batch_size: int = 32) -> dict:
+    """Score the run's best checkpoint on `split`; writes eval/<split>.json and figures/."""
+    from ..models.factory import load_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory not found: {run_dir}")
+    started = time.perf_counter()
+    loaded = load_run(run_dir)
+    records, records_source = records_for_split(run_dir, data_root, split, loaded.classes)
+    if not records:
+        raise DataError(f"the {split} split of {run_dir} is empty ({records_source}); nothing to evaluate")
+    from ..data.transforms import build_eval_transform
+
+    transform = build_eval_transform(loaded.preprocessing)
+    probs, labels, skipped = predict_probabilities(loaded.model, records, transform, batch_size, tta)
+    if len(labels) == 0:
+        raise DataError(f"every image of the {split} split was unreadable ({skipped} skipped); check {data_root}")
+    summary = metrics.summarize(probs, labels)
+    scores = summary["scores"]
+    result = {
+        "split": split,
+        "run": str(run_dir),
+        "checkpoint": str(loaded.path),
+        "model": loaded.name,
+        "input_size": loaded.preprocessing.input_size,
+        "tta": tta,
+        "records_from": records_source,
+        "n_images": int(len(labels)),
+        "skipped": int(skipped),
+        "top1": summary["top1"],
+        "top5": summary["top5"],
+        "loss": summary["loss"],
+        "ece": summary["ece"],
+        "ece_bins": 15,
+        "macro_f1": summary["macro_f1"],
+        "classes": list(loaded.classes.breed_ids),
+        "per_class": {
+            breed: {"precision": float(scores.precision[i]), "recall": float(scores.recall[i]),
+                    "f1": float(scores.f1[i]), "support": int(scores.support[i])}
+            for i, breed in enumerate(loaded.classes.breed_ids)
+        },
+        "confusion_matrix": summary["confusion_matrix"],
+        "confusion_matrix_orientation": "rows = true breed, columns = predicted breed (classes order)",
+        "calibration": summary["calibration"].to_jsonable(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_eval(run_dir, result, loaded.classes, summary)
+    return result
+
+
+def write_eval(run_dir: Path, result: dict, classes: ClassInfo, summary: dict) -> None:
+    split = result["split"]
+    suffix = f"_{result['tta']}" if result["tta"] else ""
+    out = run_dir / "eval" / f"{split}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)  # atomic: a reader never sees half a file
+    label = f"{result['model']} — {split}{' + flip TTA' if result['tta'] else ''}"
+    figures.plot_confusion_matrix(result["confusion_matrix"], classes.names,
+                                  run_dir / "figures" / f"confusion_{split}{suffix}.png",
+                                  title=f"Confusion matrix: {label} (top-1 {100 * result['top1']:.1f}%)")
+    figures.plot_reliability(summary["calibration"], run_dir / "figures" / f"reliability_{split}{suffix}.png",
+                             ece=result["ece"], title=f"Reliability: {label}")
+    result["eval_path"] = str(out)
+
+
+def format_summary(result: dict) -> str:
+    return (f"{result['model']} on {result['split']} ({result['n_images']} images, {result['skipped']} skipped"
+            f"{', flip TTA' if result['tta'] else ''}): top-1 {100 * result['top1']:.1f}%  "
+            f"top-5 {100 * result['top5']:.1f}%  loss {result['loss']:.3f}  ECE {result['ece']:.3f}\n"
+            f"wrote {result.get('eval_path', '')}")
