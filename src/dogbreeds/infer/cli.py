@@ -1,5 +1,116 @@
-"""Subcommands of the infer area (placeholder: registers nothing yet)."""
+"""`dogbreeds predict | explain | export`. Parse, call, print.
+
+Imported by `dogbreeds.cli` at every start, so nothing heavy is imported at module level:
+`dogbreeds predict model.onnx photo.jpg` must answer on onnxruntime alone, without torch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+DEFAULT_THRESHOLD = 0.3  # same as predictor.DEFAULT_LOW_CONFIDENCE_THRESHOLD (reason there)
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "predict", help="top breeds for photos (files, folders, globs)",
+        description="Predict dog breeds. MODEL is a run directory, a .safetensors checkpoint, or an exported "
+                    ".onnx file (runs on onnxruntime alone). Exit status: 0 all images answered, "
+                    "1 some images could not be read (each is reported, the others still answered), "
+                    "2 the model or arguments are wrong.",
+    )
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--top", type=int, default=5, help="how many breeds per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="flag an answer as low confidence ('not sure — maybe not a dog') when the top "
+                        f"breed's probability is below this (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.set_defaults(func=_predict)
+
+    p = subparsers.add_parser("explain", help="Grad-CAM heat map: where the evidence for a breed is",
+                              description="Overlay a Grad-CAM heat map on the photo (PNG, the photo's size).")
+    p.add_argument("model", metavar="RUN", help="run directory or .safetensors checkpoint (not .onnx)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--breed", help="breed to explain (name or breed id); default: the top prediction")
+    p.add_argument("--layer", help="target layer name; default: chosen by architecture")
+    p.set_defaults(func=_explain)
+
+    p = subparsers.add_parser("export", help="export a run's model to ONNX (probabilities out, metadata inside)")
+    p.add_argument("model", metavar="RUN", help="run directory or .safetensors checkpoint")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--check-images", nargs="+", metavar="PHOTO",
+                   help="real photos (files or folders) to compare ONNX with PyTorch on; default: the run's test photos")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |probability difference| (default 1e-4)")
+    p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
+                   help="torch.onnx exporter (default legacy: one self-contained file at the requested opset)")
+    p.set_defaults(func=_export)
+
+
+def _predict(args) -> int:
+    from .predictor import Predictor, collect_images
+
+    predictor = Predictor.from_path(args.model, threshold=args.threshold)
+    images = collect_images(args.images)
+    if not images:
+        from ..errors import DogbreedsError
+
+        raise DogbreedsError(f"no images found in {args.images} (extensions looked for in folders: .jpg .jpeg .png ...)")
+    failed = 0
+    if not args.json:
+        print(f"{'IMAGE':<40} {'#':>2}  {'BREED':<32} {'PROB':>6}")
+    # One batch at a time, printed as soon as it is answered.
+    for start in range(0, len(images), args.batch_size):
+        for prediction in predictor.predict(images[start:start + args.batch_size], top_k=args.top, batch_size=args.batch_size):
+            failed += not prediction.ok
+            if args.json:
+                print(json.dumps(prediction.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                _print_human(prediction)
+    if failed:
+        print(f"{failed} of {len(images)} images could not be read (see above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_human(prediction) -> None:
+    name = _shorten(prediction.image, 40)
+    if not prediction.ok:
+        print(f"{name:<40}  error: {prediction.error}")
+        return
+    for rank, score in enumerate(prediction.top, 1):
+        print(f"{name if rank == 1 else '':<40} {rank:>2}  {_shorten(score.breed, 32):<32} {score.prob:>6.1%}")
+    if prediction.low_confidence:
+        from .predictor import LOW_CONFIDENCE_MESSAGE
+
+        print(f"{'':<40}     ({LOW_CONFIDENCE_MESSAGE})")
+    sys.stdout.flush()
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _explain(args) -> int:
+    from .explain import Explainer, save_png
+    from .predictor import Predictor
+
+    explainer = Explainer(Predictor.from_path(args.model), layer=args.layer)
+    explanation = explainer.explain(args.image, breed=args.breed)
+    save_png(explanation.overlay, args.out)
+    target = explanation.target
+    print(f"{args.out}: Grad-CAM for {target.breed} (p={target.prob:.1%}); "
+          f"top breed: {explanation.top[0].breed} (p={explanation.top[0].prob:.1%})")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_onnx
+
+    report = export_onnx(args.model, args.out, opset=args.opset, check_images=args.check_images,
+                         tolerance=args.tolerance, exporter=args.exporter)
+    print(report.summary())
+    return 0

@@ -1,5 +1,49 @@
-"""Subcommands of the serve area (placeholder: registers nothing yet)."""
+"""`dogbreeds serve RUN_OR_MODEL`: the REST service and web page on uvicorn.
+
+Imported at every CLI start: fastapi, uvicorn and the model load only inside the handler.
+"""
+from __future__ import annotations
+
+import sys
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "serve", help="REST service + web page (POST /v1/predict, GET /docs, / in a browser)",
+        description="Serve a model over HTTP. RUN_OR_MODEL is a run directory, a checkpoint, or an .onnx "
+                    "file (onnxruntime; no Grad-CAM). Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a request waits for others to batch with (default 10)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the running batch; more are answered 503 (default 64)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit in MB (default 10)")
+    p.add_argument("--threshold", type=float, default=0.3, help="low-confidence threshold (default 0.3)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from ..infer.predictor import Predictor
+    from .app import ServeSettings, create_app
+
+    if args.host not in LOOPBACK:
+        print(f"warning: binding {args.host}: the service will be reachable from other machines; it has no "
+              "authentication. Put it behind a reverse proxy with TLS and auth, or use --host 127.0.0.1.",
+              file=sys.stderr)
+    predictor = Predictor.from_path(args.model, threshold=args.threshold)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
+    app = create_app(predictor, settings)
+    print(f"serving {predictor.backend.name} ({len(predictor.classes)} breeds) on http://{args.host}:{args.port}/ "
+          f"(API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,266 @@
+"""Predict breeds for photos: `Predictor.from_run(path).predict(images, top_k=5)`.
+
+One `Predictor` drives two interchangeable backends that share everything else (decoding,
+batching, top-k, the low-confidence flag):
+
+- `TorchBackend`: a run directory or checkpoint file, through `load_run`;
+- `OnnxBackend` (onnx_predictor.py): an exported `.onnx` file on onnxruntime alone.
+
+This module imports neither torch nor onnxruntime at import time: the ONNX path must never
+load torch, and the CLI imports this module at startup.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from ..data.records import ClassInfo
+from ..errors import DogbreedsError, ImageDecodeError
+from ..preprocessing import Preprocessing
+
+# Softmax always spreads 100% over the known breeds, so a cat or a sofa still gets a "top"
+# breed. When the best breed gets under 30%, the model is split between at least three
+# breeds (or more than six near-equal ones among 20): too unsure to state a breed. 0.3 is
+# 6x the chance level of a 20-breed model; it is a heuristic flag, not an out-of-distribution
+# detector (see docs/serving.md), and every caller can change it.
+DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.3
+LOW_CONFIDENCE_MESSAGE = "not sure — maybe not a dog"
+# Same limit as decode_image's default: refuse decompression bombs before decoding pixels.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True)
+class BreedScore:
+    index: int      # label index in the model's classes
+    breed_id: str   # e.g. "n02085936-Maltese_dog"
+    breed: str      # display name, e.g. "Maltese dog"
+    prob: float     # softmax probability, 0..1
+
+    def to_dict(self) -> dict:
+        return {"breed_id": self.breed_id, "breed": self.breed, "prob": self.prob}
+
+
+@dataclass
+class Prediction:
+    """The answer for one image: its top breeds, or the reason it could not be read."""
+
+    image: str
+    top: list[BreedScore] = field(default_factory=list)
+    low_confidence: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        return {"image": self.image, "top": [s.to_dict() for s in self.top], "low_confidence": self.low_confidence}
+
+
+class Backend(Protocol):
+    classes: ClassInfo
+    preprocessing: Preprocessing
+    name: str
+    path: Path
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> float32 CHW model input."""
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW -> float32 N x num_classes probabilities."""
+
+
+class TorchBackend:
+    """A PyTorch model from a run directory or checkpoint (torch is imported here, lazily)."""
+
+    def __init__(self, loaded):
+        from ..data.transforms import build_eval_transform
+
+        self.model = loaded.model.eval()
+        self.classes: ClassInfo = loaded.classes
+        self.preprocessing: Preprocessing = loaded.preprocessing
+        self.name: str = loaded.name
+        self.path = Path(loaded.path)
+        self._transform = build_eval_transform(self.preprocessing)
+
+    @classmethod
+    def from_run(cls, path: str | Path) -> "TorchBackend":
+        from ..models.factory import load_run
+
+        return cls(load_run(path))
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        return self._transform(image).numpy()
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(batch)))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+
+class Predictor:
+    """Batched breed prediction for paths, bytes, PIL images or HxWx3 uint8 arrays.
+
+    A bad image never stops the others: its `Prediction` carries `error` instead of `top`.
+    The model's own `Preprocessing` (from the checkpoint or ONNX metadata) prepares pixels.
+    """
+
+    def __init__(self, backend: Backend, threshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"low-confidence threshold must be within [0, 1], got {threshold!r}")
+        self.backend = backend
+        self.threshold = threshold
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_run(cls, path: str | Path, **kwargs) -> "Predictor":
+        """A run directory (best, else last checkpoint) or a `.safetensors` checkpoint file."""
+        return cls(TorchBackend.from_run(path), **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, **kwargs) -> "Predictor":
+        from .onnx_predictor import OnnxBackend
+
+        return cls(OnnxBackend(path), **kwargs)
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
+        """`.onnx` files run on onnxruntime (no torch); anything else goes through `load_run`."""
+        if str(path).lower().endswith(".onnx"):
+            return cls.from_onnx(path, **kwargs)
+        return cls.from_run(path, **kwargs)
+
+    @property
+    def classes(self) -> ClassInfo:
+        return self.backend.classes
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backend.preprocessing
+
+    # --- the steps, public so the service can run them in its own threads and batches ---
+
+    def decode(self, image: Any, name: str | None = None) -> np.ndarray:
+        """Any supported input -> HxWx3 uint8 RGB, or an ImageDecodeError naming the image."""
+        from ..data.decode import decode_image
+
+        name = name or describe_image(image, 0)
+        if isinstance(image, (str, Path)):
+            return decode_image(image, max_pixels=self.max_pixels)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            try:
+                return decode_image(image, max_pixels=self.max_pixels)
+            except ImageDecodeError as exc:  # name the upload / position rather than "<bytes>"
+                raise type(exc)(name, exc.reason) from None
+        if isinstance(image, np.ndarray):
+            if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+                return image
+            raise ImageDecodeError(name, f"arrays must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        if _is_pil_image(image):
+            if image.width * image.height > self.max_pixels:
+                raise ImageDecodeError(name, f"{image.width}x{image.height} exceeds the limit of {self.max_pixels:,} pixels")
+            return np.asarray(image.convert("RGB"))
+        raise ImageDecodeError(name, f"unsupported input type {type(image).__name__}; pass a path, bytes, a PIL image or an HxWx3 uint8 array")
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        return self.backend.preprocess(image)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self.backend.forward(batch)
+
+    def scores(self, probs: np.ndarray, top_k: int) -> list[BreedScore]:
+        """Top-k breeds of one probability row, best first."""
+        top_k = max(1, min(int(top_k), len(probs)))
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        breed_ids, names = self.classes.breed_ids, self.classes.names
+        return [BreedScore(int(i), breed_ids[i], names[i], float(probs[i])) for i in order]
+
+    def make_prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
+        top = self.scores(probs, top_k)
+        return Prediction(image=name, top=top, low_confidence=top[0].prob < self.threshold)
+
+    # --- the one-call API ---
+
+    def predict(self, images: Iterable[Any] | Any, top_k: int = 5, batch_size: int = 16) -> list[Prediction]:
+        """One `Prediction` per image, in order. Images are decoded one batch at a time so a
+        long list of paths never holds more than `batch_size` decoded photos in memory."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(images, (str, Path, bytes, np.ndarray)) or _is_pil_image(images):
+            images = [images]
+        images = list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            results.extend(self._predict_chunk(images[start:start + batch_size], start, top_k))
+        return results
+
+    def _predict_chunk(self, images: Sequence[Any], offset: int, top_k: int) -> list[Prediction]:
+        results: list[Prediction | None] = []
+        inputs, slots = [], []
+        for i, image in enumerate(images):
+            name = describe_image(image, offset + i)
+            try:
+                inputs.append(self.preprocess(self.decode(image, name)))
+                slots.append((len(results), name))
+                results.append(None)
+            except DogbreedsError as exc:
+                results.append(Prediction(image=name, error=str(exc)))
+        if inputs:
+            probs = self.forward(np.stack(inputs))
+            for (slot, name), row in zip(slots, probs):
+                results[slot] = self.make_prediction(name, row, top_k)
+        return results  # type: ignore[return-value]
+
+
+def describe_image(image: Any, index: int) -> str:
+    """How an input is named in results and errors: its path, or its kind and position."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<bytes #{index}>"
+    if isinstance(image, np.ndarray):
+        return f"<array #{index}>"
+    if _is_pil_image(image):
+        return f"<PIL image #{index}>"
+    return f"<{type(image).__name__} #{index}>"
+
+
+def _is_pil_image(obj: Any) -> bool:
+    # Checked by duck type and module so Pillow is only imported by those who pass images.
+    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "convert") and hasattr(obj, "size")
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def collect_images(specs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image extensions, globs expanded.
+
+    A file given by name is kept whatever its extension, and so is a name that does not exist
+    or a pattern that matches nothing: each then gets its own error in the results instead of
+    stopping the other images.
+    """
+    import glob
+
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif not path.exists() and glob.has_magic(str(spec)) and glob.glob(str(spec), recursive=True):
+            for match in map(Path, sorted(glob.glob(str(spec), recursive=True))):
+                if match.is_dir():
+                    found.extend(collect_images([match]))
+                elif match.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(match)
+        else:
+            found.append(path)
+    return found
