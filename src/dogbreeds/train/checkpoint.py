@@ -1,0 +1,107 @@
+"""Nothing lost: atomic writes of the run's files, and the resume state.
+
+`checkpoints/resume.pt` holds everything needed to continue bit-identically: model, optimizer,
+scheduler and EMA tensors, the RNG states, the position (epoch, step, micro-batches done),
+the best metric so far and the metrics history. It is written last and atomically (tmp file +
+os.replace), so a kill at any moment leaves either the previous or the new state, never a
+torn one. Everything in it is a tensor or a plain Python value, so it loads with
+`torch.load(weights_only=True)` (no pickled code runs when a run directory is opened).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DogbreedsError
+
+RESUME_FORMAT = "dogbreeds-resume"
+RESUME_VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename over `path`: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename itself must reach the disk too, or a power cut could undo it.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_resume_state(path: Path, state: dict) -> None:
+    state = {"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say which and what to do
+        raise DogbreedsError(f"cannot read the resume state {path}: {exc}. Delete it to start the run "
+                             "over, or point --out at a new directory") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise DogbreedsError(f"{path} is not a dogbreeds resume state")
+    if state.get("version") != RESUME_VERSION:
+        raise DogbreedsError(f"{path} has resume format version {state.get('version')}, "
+                             f"this dogbreeds reads version {RESUME_VERSION}")
+    return state
+
+
+# --- random number generators, as tensors and plain values ---
+
+def capture_rng_state() -> dict:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- metrics.jsonl: a view of the history kept in resume.pt ---
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the history (after a resume it must not repeat or miss epochs)."""
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in history))
+
+
+def append_metrics(path: Path, line: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(line) + "\n")

@@ -1,0 +1,302 @@
+"""`train(recipe) -> run dir`: data, model, optimizer, epochs, checkpoints, resume.
+
+The epoch loop is shared by the two ways of training: the whole (or partly frozen) network
+on images, and the head alone on cached backbone features (freeze='backbone'). `session.py`
+builds the pieces; this module runs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import DogbreedsError
+from .checkpoint import append_metrics, capture_rng_state
+from .distributed import all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from .optim import current_lr, set_train_mode
+from .recipe import Recipe
+
+
+class TrainingDiverged(DogbreedsError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainHooks:
+    """Test seams. on_micro_batch(epoch, index, inputs) may return changed inputs (poison a batch)
+    or raise (simulate running out of memory)."""
+
+    on_micro_batch: Callable | None = None
+
+
+def train(recipe: Recipe, hooks: TrainHooks | None = None) -> Path:
+    """Train by `recipe`; return the run directory. Resumes when the run dir holds resume.pt."""
+    from .session import Session
+
+    ctx = init_distributed(recipe.device)
+    try:
+        session = Session(recipe, ctx)
+        with _stop_on_signals() as stop:
+            _run(session, stop, hooks or TrainHooks())
+        return session.run_dir
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        micro = recipe.batch_size // (ctx.world_size * recipe.accum_steps)
+        raise DogbreedsError(
+            f"ran out of memory on {ctx.device} with micro-batches of {micro} images "
+            f"(--batch-size {recipe.batch_size} / {ctx.world_size} process(es) / --accum-steps {recipe.accum_steps}): "
+            f"lower --batch-size, or raise --accum-steps to keep the same effective batch with smaller "
+            f"micro-batches (e.g. --accum-steps {recipe.accum_steps * 2}), or lower --input-size. ({str(exc).splitlines()[0]})"
+        ) from None
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "DefaultCPUAllocator: can't allocate" in text
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """First Ctrl-C (or SIGTERM, e.g. a preempted job) asks the loop to save and stop at the next
+    optimizer step; a second Ctrl-C stops at once (the last per-epoch checkpoint still holds)."""
+    stop = _StopFlag()
+
+    def handler(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step "
+              "(Ctrl-C again to quit without it)", file=sys.stderr, flush=True)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one epoch; saved with a mid-epoch checkpoint so a resumed epoch reports whole."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    skipped: list = field(default_factory=list)
+
+    def to_state(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "seconds": self.seconds, "skipped": list(self.skipped)}
+
+
+def _run(s, stop: _StopFlag, hooks: TrainHooks) -> None:
+    recipe, ctx = s.recipe, s.ctx
+    stats = EpochStats(**s.partial) if s.partial else EpochStats()
+    for epoch in range(s.epoch, recipe.epochs):
+        started = time.perf_counter()
+        completed = _train_epoch(s, epoch, stats, stop, hooks)
+        stats.seconds += time.perf_counter() - started
+        if not completed:  # stop requested: checkpoint mid-epoch and leave
+            s.save_checkpoint(epoch, stats.to_state())
+            barrier(ctx)
+            if ctx.is_main:
+                print(f"stopped at epoch {epoch} step {s.step}; checkpoint saved in {s.run_dir / 'checkpoints'}. "
+                      "Run the same command again to resume.", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        _finish_epoch(s, epoch, stats)
+        stats = EpochStats()
+    if ctx.is_main:
+        best = s.best
+        print(f"done: {s.run_dir} (best val top-1 {best['val_top1']:.4f} at epoch {best['epoch']}, "
+              f"{best['weights']} weights)" if best else f"done: {s.run_dir}", flush=True)
+
+
+def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: TrainHooks) -> bool:
+    """One epoch from s.micro_done on. False when a stop was requested (state is at a step boundary)."""
+    from tqdm import tqdm
+
+    recipe, ctx = s.recipe, s.ctx
+    set_train_mode(s.net_unwrapped, s.frozen)
+    accum = recipe.accum_steps
+    total_micro = s.steps_per_epoch * accum
+    batches = s.train_batches(epoch, start=s.micro_done)
+    bar = tqdm(total=total_micro, initial=s.micro_done, desc=f"epoch {epoch}", disable=not s.progress,
+               leave=False, dynamic_ncols=True)
+    group_loss = torch.zeros((), device=ctx.device)
+    group_bad = torch.zeros((), device=ctx.device)
+    group_correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    in_group = 0
+    tick = time.perf_counter()
+    try:
+        for inputs, labels in batches:
+            if s.micro_done >= total_micro:
+                break  # the images left over after the last full optimizer step
+            if hooks.on_micro_batch is not None:
+                inputs = hooks.on_micro_batch(epoch, s.micro_done, inputs)
+            inputs, labels = inputs.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            if s.channels_last and inputs.ndim == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if s.mixup is not None:
+                inputs, targets = s.mix(inputs, labels)
+                labels = labels[: len(inputs)]
+            in_group += 1
+            sync = in_group == accum
+            # Under DDP, gradients are averaged across processes only on the last micro-batch of a step.
+            no_sync = s.net.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+            with no_sync:
+                with s.autocast():
+                    logits = s.net(inputs)
+                    loss = s.criterion(logits, targets)
+                (loss / accum).backward()
+            loss = loss.detach().float()
+            group_bad += ~torch.isfinite(loss)
+            group_loss += loss * len(labels)
+            group_correct += (logits.detach().argmax(-1) == labels).sum()
+            stats.seen += len(labels)
+            s.micro_done += 1
+            bar.update(1)
+            if not sync:
+                continue
+            in_group = 0
+            # One small all-reduce per step: the loss, a NaN/inf flag and a stop request, so all
+            # processes agree on whether to go on (one rank stopping alone would hang the others).
+            flags = all_reduce_sum(torch.stack([group_bad, torch.tensor(float(stop.requested), device=ctx.device)]), ctx)
+            bad, stop_votes = flags.tolist()
+            if bad:
+                s.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(
+                    f"loss became NaN or infinite at epoch {epoch} step {s.step} (micro-batch {s.micro_done - 1} "
+                    f"of the epoch, lr {current_lr(s.optimizer):.3g}). The run stopped; the last good checkpoint "
+                    f"is {s.run_dir / 'checkpoints'}. Lower --lr, raise --warmup-epochs, or set --grad-clip, "
+                    "then start a new --out (or rerun to resume from that checkpoint)")
+            group_loss_sum = group_loss.item()
+            stats.loss_sum += group_loss_sum
+            stats.correct += int(group_correct)
+            group_loss.zero_(), group_bad.zero_(), group_correct.zero_()
+            if recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(s.trainable, recipe.grad_clip)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            s.step += 1
+            s.scheduler.step_update(num_updates=s.step)
+            if s.ema is not None:
+                s.ema.update(s.net_unwrapped, step=s.step)
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{group_loss_sum / max(1, len(labels) * accum):.3f}",
+                            acc=f"{stats.correct / max(1, stats.seen):.3f}",
+                            img_s=f"{len(labels) * accum * ctx.world_size / max(1e-9, now - tick):.1f}")
+            tick = now
+            if stop_votes:
+                return False
+    finally:
+        bar.close()
+    s.optimizer.zero_grad(set_to_none=True)  # a partial last group (files skipped) is left out
+    stats.skipped.extend(s.epoch_skipped())
+    return True
+
+
+def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
+    """Validate raw and EMA weights, then write metrics, last/best checkpoints and resume.pt (rank 0)."""
+    ctx = s.ctx
+    totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64), ctx)
+    loss_sum, correct, seen = totals.tolist()
+    skipped = s.gather_skipped(stats.skipped)
+    s.epoch, s.micro_done = epoch + 1, 0
+    line = None
+    if ctx.is_main:
+        raw = s.evaluate(s.net_unwrapped)
+        ema = s.evaluate(s.ema.module) if s.ema is not None else None
+        line = {
+            "epoch": epoch, "step": s.step,
+            "train_loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
+            "val_loss": raw["loss"], "val_top1": raw["top1"], "val_top5": raw["top5"],
+            "ema_val_loss": ema["loss"] if ema else None, "ema_val_top1": ema["top1"] if ema else None,
+            "ema_val_top5": ema["top5"] if ema else None,
+            "lr": current_lr(s.optimizer), "epoch_time": stats.seconds,
+            "images_per_s": seen / max(1e-9, stats.seconds),
+            "skipped_files": len(skipped),
+        }
+        if skipped:
+            line["skipped"] = skipped
+        s.history.append(line)
+        candidates = [("raw", raw)] + ([("ema", ema)] if ema else [])
+        source, metrics = max(candidates, key=lambda c: (c[1]["top1"], -c[1]["loss"]))
+        if raw["count"] == 0:  # no validation images: best is simply the latest
+            s.best = {"epoch": epoch, "weights": "raw", "val_top1": 0.0, "val_loss": 0.0}
+            s.save_model("best", "raw", epoch)
+        elif not s.best or (metrics["top1"], -metrics["loss"]) > (s.best["val_top1"], -s.best["val_loss"]):
+            s.best = {"epoch": epoch, "weights": source, "val_top1": metrics["top1"], "val_loss": metrics["loss"]}
+            s.save_model("best", source, epoch)
+        s.save_model("last", "raw", epoch)
+    s.save_checkpoint(s.epoch, None)
+    if ctx.is_main:
+        append_metrics(s.run_dir / "metrics.jsonl", line)
+        ema_text = f" | ema top-1 {line['ema_val_top1']:.4f}" if line["ema_val_top1"] is not None else ""
+        print(f"epoch {epoch}: train loss {line['train_loss']:.4f} | val loss {line['val_loss']:.4f} "
+              f"top-1 {line['val_top1']:.4f} top-5 {line['val_top5']:.4f}{ema_text} | lr {line['lr']:.3g} | "
+              f"{line['epoch_time']:.1f}s, {line['images_per_s']:.1f} img/s", flush=True)
+        if skipped:
+            print(f"  skipped {len(skipped)} file(s) that could not be decoded: "
+                  + ", ".join(item["path"] for item in skipped[:5]), file=sys.stderr, flush=True)
+    barrier(ctx)
+
+
+@torch.no_grad()
+def evaluate(net, batches, device, autocast, channels_last: bool) -> dict:
+    """Plain cross-entropy (no smoothing) and top-1 / top-5 accuracy over `batches`."""
+    was_training = net.training
+    net.eval()
+    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    for inputs, labels in batches:
+        inputs, labels = inputs.to(device), labels.to(device)
+        if channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = net(inputs)
+        logits = logits.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        k = min(5, logits.shape[-1])
+        ranked = logits.topk(k, dim=-1).indices
+        top1 += int((ranked[:, 0] == labels).sum())
+        top5 += int((ranked == labels[:, None]).any(-1).sum())
+        seen += len(labels)
+    net.train(was_training)
+    if not seen:
+        return {"loss": math.nan, "top1": 0.0, "top5": 0.0, "count": 0}
+    return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "count": seen}
+
+
+def rng_states_of_all_ranks(ctx) -> list:
+    """Every rank's RNG state (rank 0 writes them all, so each rank resumes its own streams)."""
+    state = capture_rng_state()
+    if not ctx.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+

@@ -1,0 +1,181 @@
+"""The training recipe: one dataclass holds every choice a run makes.
+
+Defaults suit fine-tuning ImageNet-pretrained weights on a small dataset (Stanford Dogs,
+~100-150 training images per breed): a low learning rate with layer-wise decay so the
+pretrained early layers move least, a short warmup, strong augmentation and an EMA of the
+weights. A recipe round-trips through YAML (`config.yaml` in the run directory), so a run can
+always be rebuilt from its own folder. No torch import here: the CLI parses recipes cheaply.
+"""
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from ..data.transforms import AugmentConfig
+from ..errors import DogbreedsError
+
+PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need a GradScaler; bf16 does not
+FREEZE_HELP = "'none', 'backbone' (train the head on cached features) or 'last_n_stages:N'"
+
+
+@dataclass
+class Recipe:
+    # --- model ---
+    model: str = "convnext_tiny"      # any create_model name: timm names, roadmap_stepN
+    weights: str | None = None        # weights file/dir/tag for create_model; None = random init
+    drop_path: float = 0.1            # stochastic depth; 0.1 is ConvNeXt-T's fine-tuning value
+    input_size: int | None = None     # None = the weights' own size (224 for ImageNet weights)
+    # --- data ---
+    data: str = ""                    # dataset root (Stanford Dogs layout, CSV or breed folders)
+    breeds: str = "top20"             # 'top20', 'all', a comma list, or a file of breed ids
+    seed: int = 0                     # drives the split, init, shuffling and augmentation
+    val_fraction: float = 0.1         # carved from the training images, stratified per breed
+    test_fraction: float = 0.2        # only used when the data has no official test list
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # RandAugment, erasing, mixup/cutmix, label smoothing
+    workers: int = 4                  # decoding processes; 0 decodes in the training process
+    # --- optimisation ---
+    epochs: int = 30                  # a small dataset converges in tens of epochs from pretrained weights
+    batch_size: int = 64              # images per optimizer step, over all processes and accumulation steps
+    accum_steps: int = 1              # micro-batches per step: same maths, less memory per forward
+    lr: float = 1e-4                  # peak AdamW lr for the head; fine-tuning wants ~10x below from-scratch
+    min_lr: float = 1e-6              # cosine floor
+    weight_decay: float = 0.05        # AdamW; not applied to norms and biases
+    warmup_epochs: float = 1.0        # linear warmup, so Adam's moments settle before full-size steps
+    layer_decay: float | None = 0.75  # lr x 0.75 per block from the head down; None = same lr everywhere
+    ema_decay: float | None = 0.999   # EMA of the weights (timm ModelEmaV3, warmed up); None = off.
+                                      # 0.999 ~ a 1000-step horizon: a few epochs of a 2,000-image set
+    grad_clip: float | None = 1.0     # max global grad norm: insurance against an early bad batch
+    freeze: str = "none"              # 'none' | 'backbone' | 'last_n_stages:N' (see docs/training.md)
+    # --- machine ---
+    device: str = "auto"              # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
+    precision: str = "auto"           # 'auto': bf16 autocast on bf16 GPUs / CPUs with native bf16, else fp32
+    channels_last: bool = True        # NHWC memory layout: faster convolutions on GPUs with tensor cores
+    deterministic: bool = False       # torch.use_deterministic_algorithms: bit-identical reruns, slower
+    out: str = "runs/convnext_tiny"   # the run directory
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise DogbreedsError(f"recipe {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a whole number >= 1")
+        if self.batch_size % self.accum_steps:
+            bad("batch_size", f"must be divisible by accum_steps={self.accum_steps} "
+                              "(batch_size is the images per optimizer step)")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            bad("lr", "must be a positive finite number")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", f"must be within [0, lr={self.lr}]")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            bad("warmup_epochs", f"must be within [0, epochs={self.epochs}]")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            bad("layer_decay", "must be in (0, 1], or None to turn it off")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            bad("ema_decay", "must be in (0, 1), or None to turn EMA off")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            bad("grad_clip", "must be > 0, or None to turn clipping off")
+        if not 0 <= self.drop_path < 1:
+            bad("drop_path", "must be in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            bad("val_fraction", "must be in [0, 1)")
+        if self.input_size is not None and self.input_size < 16:
+            bad("input_size", "must be at least 16 pixels (or None for the weights' own size)")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"choose one of {PRECISIONS}")
+        if self.workers < 0:
+            bad("workers", "must be >= 0")
+        parse_freeze(self.freeze)
+
+    # --- YAML round trip ---
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        d["augment"]["rrc_scale"] = list(self.augment.rrc_scale)
+        d["augment"]["rrc_ratio"] = list(self.augment.rrc_ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "recipe") -> "Recipe":
+        d = {k: v for k, v in d.items() if k not in RUN_METADATA_KEYS}
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DogbreedsError(f"{origin}: unknown recipe settings {unknown}; "
+                                 f"known: {sorted(f.name for f in fields(cls))}")
+        try:
+            if isinstance(d.get("augment"), dict):
+                d["augment"] = AugmentConfig.from_dict(d["augment"])
+        except ValueError as exc:
+            raise DogbreedsError(f"{origin}: augment: {exc}") from None
+        return cls(**d)
+
+    def to_yaml(self, extra: dict | None = None) -> str:
+        import yaml
+
+        return yaml.safe_dump({**self.to_dict(), **(extra or {})}, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise DogbreedsError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DogbreedsError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise DogbreedsError(f"{path} must hold a mapping of recipe settings, got {type(data).__name__}")
+        return cls.from_dict(data, origin=str(path))
+
+    def with_overrides(self, **overrides) -> "Recipe":
+        """A copy with the given fields changed; mixup/cutmix/label_smoothing go into `augment`."""
+        augment_overrides = {k: overrides.pop(k) for k in list(overrides) if k in AUGMENT_SHORTCUTS}
+        recipe = replace(self, **overrides)
+        if augment_overrides:
+            recipe = replace(recipe, augment=replace(recipe.augment, **augment_overrides))
+        return recipe
+
+    # Fields that do not change the numbers a run produces: they may differ on resume.
+    RESUME_FREE = ("workers", "out", "device")
+
+    def resume_mismatches(self, saved: "Recipe") -> list[str]:
+        mine, theirs = self.to_dict(), saved.to_dict()
+        return [f"{k}: saved {theirs[k]!r}, now {mine[k]!r}"
+                for k in mine if k not in self.RESUME_FREE and mine[k] != theirs.get(k)]
+
+
+# Augmentation settings the CLI exposes directly (the rest come from --augment PRESET / YAML).
+AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing")
+# Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
+RUN_METADATA_KEYS = ("versions", "world_size")
+
+
+def parse_freeze(spec: str) -> tuple[str, int]:
+    """'none' -> ('none', 0); 'backbone' -> ('backbone', 0); 'last_n_stages:2' -> ('last_n_stages', 2)."""
+    if spec in ("none", "backbone"):
+        return spec, 0
+    match = re.fullmatch(r"last_n_stages:(\d+)", spec or "")
+    if not match:
+        raise DogbreedsError(f"recipe freeze={spec!r}: choose {FREEZE_HELP}")
+    return "last_n_stages", int(match.group(1))
+
+
+def environment_versions() -> dict:
+    import timm
+    import torch
+
+    from ..cli import _version
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "dogbreeds": _version()}

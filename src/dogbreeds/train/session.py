@@ -1,0 +1,315 @@
+"""Everything one training run holds: data, model, optimizer, EMA, position; and how it saves.
+
+Built in a fixed order so a resumed run is the same object as the one that was interrupted:
+seed -> data -> model -> freeze -> optimizer/scheduler/EMA -> (resume state) -> per-rank RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, DogbreedsError
+from .checkpoint import (atomic_write_text, load_resume_state, restore_rng_state, save_resume_state,
+                         write_metrics)
+from .distributed import DistContext, ShardedSampler
+from .optim import apply_freeze, build_optimizer, build_scheduler
+from .recipe import Recipe, environment_versions, parse_freeze
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware. Without them oneDNN emulates bf16,
+    which is slower than fp32, so 'auto' must not choose it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        supported = cpu_has_native_bf16()
+    else:
+        supported = False
+    if precision == "bf16" and not supported:
+        raise DogbreedsError(f"precision=bf16 on {device}: this device has no native bf16 "
+                             "(it would be emulated, slower than fp32); use --precision fp32 or auto")
+    return torch.bfloat16 if supported else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Session:
+    def __init__(self, recipe: Recipe, ctx: DistContext):
+        self.recipe, self.ctx = recipe, ctx
+        self.run_dir = Path(recipe.out).expanduser()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = ctx.is_main and sys.stderr.isatty()
+        self.epoch, self.micro_done, self.step = 0, 0, 0
+        self.partial, self.best, self.history = None, None, []
+        world = ctx.world_size * recipe.accum_steps
+        if recipe.batch_size % world:
+            raise DogbreedsError(f"--batch-size {recipe.batch_size} must be divisible by processes x accum-steps "
+                                 f"= {ctx.world_size} x {recipe.accum_steps}")
+        self.micro_batch = recipe.batch_size // world
+
+        saved = self._saved_state()
+        if recipe.deterministic:
+            # cuBLAS needs this workspace setting for deterministic matmuls (read when it initialises).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = not recipe.deterministic
+        seed_everything(recipe.seed)  # same on every rank: identical initial weights
+
+        from ..data.sources import load_dataset
+        from ..models.factory import create_model
+
+        self.dataset = load_dataset(recipe.data, breeds=recipe.breeds, seed=recipe.seed,
+                                    val_fraction=recipe.val_fraction, test_fraction=recipe.test_fraction)
+        self.classes = self.dataset.classes
+        if len(self.classes) < 2:
+            raise DataError(f"{recipe.data} with --breeds {recipe.breeds!r} gives {len(self.classes)} breed(s); "
+                            "a classifier needs at least two")
+        model_kwargs = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+        self.model = create_model(recipe.model, num_classes=len(self.classes), weights=recipe.weights, **model_kwargs)
+        self.preprocessing = self.model.preprocessing
+        if recipe.input_size:
+            self.preprocessing = self.preprocessing.with_input_size(recipe.input_size)
+            self.model.preprocessing = self.preprocessing  # the checkpoint must say the size it trained at
+        self.frozen = apply_freeze(self.model, recipe.freeze)
+        self.model.to(ctx.device)
+        self.channels_last = recipe.channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        dtype = autocast_dtype(recipe.precision, ctx.device)
+        if dtype is None:
+            self.autocast = contextlib.nullcontext
+        else:
+            self.autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype)
+        self.precision = "bf16" if dtype else "fp32"
+        if ctx.is_main:
+            self._write_run_files()
+
+        self.head_only = parse_freeze(recipe.freeze)[0] == "backbone"
+        if self.head_only:
+            self._setup_features()
+        else:
+            self._setup_images()
+        self.trainable = [p for p in self.net_unwrapped.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.net_unwrapped, recipe, use_layer_decay=not self.head_only)
+        self.scheduler = build_scheduler(self.optimizer, recipe, self.steps_per_epoch)
+        self.ema = None
+        if recipe.ema_decay and ctx.is_main:  # only rank 0 evaluates and saves, so only it keeps an EMA
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.net_unwrapped, decay=recipe.ema_decay, use_warmup=True)
+        if saved is not None:
+            self._restore(saved)
+        else:
+            seed_everything(recipe.seed * 1000 + ctx.rank + 1)  # ranks draw different drop_path / mixup
+        if ctx.is_main:
+            write_metrics(self.run_dir / "metrics.jsonl", self.history)
+            print(f"{'resuming' if saved else 'training'} {recipe.model} ({self.precision}, {ctx.device}, "
+                  f"{ctx.world_size} process(es)) on {len(self.dataset.train)} train / {len(self.dataset.val)} val "
+                  f"images, {len(self.classes)} breeds, {self.steps_per_epoch} steps/epoch"
+                  + (f", from epoch {self.epoch} step {self.step}" if saved else ""), flush=True)
+
+    # --- the two ways to feed the loop ---
+
+    def _setup_images(self) -> None:
+        from ..data.loaders import make_loader
+        from ..data.transforms import build_eval_transform, build_mixup, build_train_transform, mix_batch
+
+        recipe, ctx = self.recipe, self.ctx
+        pin = ctx.device.type == "cuda"
+        self.sampler = ShardedSampler(len(self.dataset.train), ctx, recipe.seed)
+        self.train_loader = make_loader(self.dataset.train, build_train_transform(self.preprocessing, recipe.augment),
+                                        self.micro_batch, shuffle=False, seed=recipe.seed, workers=recipe.workers,
+                                        drop_last=True, sampler=self.sampler, pin_memory=pin)
+        self.val_loader = make_loader(self.dataset.val, build_eval_transform(self.preprocessing), self.micro_batch,
+                                      shuffle=False, seed=recipe.seed, workers=recipe.workers, pin_memory=pin)
+        self.mixup = build_mixup(recipe.augment, len(self.classes))
+        self.mix = lambda images, labels: mix_batch(self.mixup, images, labels)
+        if self.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.criterion = SoftTargetCrossEntropy()  # Mixup's soft targets already carry the smoothing
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing)
+        self.net_unwrapped = self.model
+        self.net = self.model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        self._set_steps(len(self.sampler) // self.micro_batch, f"{len(self.sampler)} training images per process")
+
+    def _setup_features(self) -> None:
+        from ..data.transforms import build_eval_transform
+        from .features import FeatureBatches, cached_features, extract_features, feature_cache_key
+
+        recipe, ctx = self.recipe, self.ctx
+        if ctx.distributed:
+            raise DogbreedsError("freeze=backbone trains only the head on cached features, in seconds: "
+                                 "run it as one process (without torchrun)")
+        if ctx.is_main:
+            print("freeze=backbone: features come from the eval transform, computed once; augmentation, "
+                  "mixup/cutmix, drop_path and layer decay do not apply (label smoothing does)", flush=True)
+        splits = {"train": self.dataset.train, "val": self.dataset.val}
+        key = feature_cache_key(recipe.model, recipe.weights, self.preprocessing.to_dict(), splits)
+        transform = build_eval_transform(self.preprocessing)
+
+        def compute() -> dict:
+            out = {}
+            for name, records in splits.items():
+                x, y, skipped = extract_features(self.model, records, transform, self.micro_batch, recipe.workers,
+                                                 recipe.seed, ctx.device, self.autocast, self.channels_last,
+                                                 self.progress)
+                out.update({f"{name}_x": x, f"{name}_y": y, f"{name}_skipped": skipped})
+            return out
+
+        self.features = cached_features(self.run_dir / "features", key, compute)
+        self.train_features = FeatureBatches(self.features["train_x"], self.features["train_y"], self.micro_batch,
+                                             recipe.seed, shuffle=True)
+        self.val_features = FeatureBatches(self.features["val_x"], self.features["val_y"], self.micro_batch,
+                                           recipe.seed, shuffle=False)
+        self.mixup = None
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing)
+        self.net = self.net_unwrapped = self.model.get_classifier()
+        self._set_steps(len(self.train_features), f"{len(self.features['train_y'])} training images")
+
+    def _set_steps(self, micro_batches: int, what: str) -> None:
+        self.steps_per_epoch = micro_batches // self.recipe.accum_steps
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{what} do not fill one optimizer step of --batch-size {self.recipe.batch_size}: "
+                            "lower --batch-size (or add images)")
+
+    def train_batches(self, epoch: int, start: int):
+        """(inputs, labels) micro-batches of `epoch`, from micro-batch `start` on."""
+        if self.head_only:
+            yield from self.train_features.batches(epoch, start)
+            return
+        self.train_loader.set_epoch(epoch)
+        self.sampler.start = start * self.micro_batch
+        for batch in self.train_loader:
+            yield batch.images, batch.labels
+
+    def epoch_skipped(self) -> list[dict]:
+        if self.head_only:
+            return list(self.features["train_skipped"])
+        return [{"path": s.path, "reason": s.reason} for s in self.train_loader.skipped]
+
+    def gather_skipped(self, skipped: list[dict]) -> list[dict]:
+        if not self.ctx.distributed:
+            return skipped
+        import torch.distributed as dist
+
+        everyone = [None] * self.ctx.world_size
+        dist.all_gather_object(everyone, skipped)
+        return sorted({item["path"]: item for part in everyone for item in part}.values(), key=lambda i: i["path"])
+
+    def evaluate(self, net) -> dict:
+        from .loop import evaluate
+
+        if self.head_only:
+            batches = self.val_features.batches(0)
+        else:
+            batches = ((b.images, b.labels) for b in self.val_loader)
+        return evaluate(net, batches, self.ctx.device, self.autocast, self.channels_last)
+
+    # --- saving and resuming ---
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
+        atomic_write_text(self.run_dir / "config.yaml", self.recipe.to_yaml(extra))
+        atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes.to_json(), indent=2) + "\n")
+        atomic_write_text(self.run_dir / "split.json", json.dumps(self.dataset.split_summary(), indent=1) + "\n")
+
+    def _saved_state(self) -> dict | None:
+        path = self.ckpt_dir / "resume.pt"
+        if not path.is_file():
+            return None
+        config = self.run_dir / "config.yaml"
+        if not config.is_file():
+            raise DogbreedsError(f"{path} exists but {config} is missing: the run cannot be checked; "
+                                 "use a new --out, or delete the checkpoints folder to start over")
+        mismatches = self.recipe.resume_mismatches(Recipe.from_yaml(config))
+        if mismatches:
+            raise DogbreedsError(
+                f"{self.run_dir} holds a run with a different recipe, so it cannot be resumed:\n  "
+                + "\n  ".join(mismatches)
+                + f"\nResume it with its own settings (--config {config}), or train into a new --out")
+        return load_resume_state(path)
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.epoch, self.micro_done, self.step = state["epoch"], state["micro_done"], state["step"]
+        self.partial, self.best, self.history = state["partial"], state["best"], list(state["history"])
+        rng = state["rng"]
+        if len(rng) == self.ctx.world_size:
+            restore_rng_state(rng[self.ctx.rank])
+        else:
+            print(f"note: the run was saved by {len(rng)} process(es), now {self.ctx.world_size}: random "
+                  "streams restart from the seed (the result will differ slightly from an unbroken run)",
+                  file=sys.stderr)
+            seed_everything(self.recipe.seed * 1000 + self.ctx.rank + 1 + 7919 * self.step)
+
+    def save_checkpoint(self, epoch: int, partial: dict | None) -> None:
+        """resume.pt (all ranks take part: RNG states are gathered). With `partial`, a mid-epoch
+        stop: last.safetensors gets the current weights too."""
+        from .loop import rng_states_of_all_ranks
+
+        rng = rng_states_of_all_ranks(self.ctx)
+        if not self.ctx.is_main:
+            return
+        if partial is not None:
+            self.save_model("last", "raw", epoch, completed=False)
+        state = {
+            "epoch": epoch, "micro_done": self.micro_done if partial is not None else 0, "step": self.step,
+            "partial": partial, "world_size": self.ctx.world_size,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": rng, "best": self.best, "history": self.history,
+        }
+        save_resume_state(self.ckpt_dir / "resume.pt", state)
+
+    def export_model(self, source: str) -> torch.nn.Module:
+        """The full network with the raw or the EMA weights, ready for save_model_checkpoint."""
+        if source == "raw" or self.ema is None:
+            return self.model
+        if not self.head_only:
+            return self.ema.module
+        model = copy.deepcopy(self.model)
+        model.get_classifier().load_state_dict(self.ema.module.state_dict())
+        return model
+
+    def save_model(self, kind: str, source: str, epoch: int, completed: bool = True) -> None:
+        """checkpoints/<kind>.safetensors (+ .json sidecar); `extra` says which weights and when."""
+        from ..models.checkpoint_format import save_model_checkpoint
+
+        extra = {"epoch": epoch, "epoch_completed": completed, "step": self.step, "weights": source,
+                 "recipe": self.recipe.to_dict()}
+        save_model_checkpoint(self.export_model(source), self.ckpt_dir / f"{kind}.safetensors", self.classes, extra)
