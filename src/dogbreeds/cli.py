@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "dogbreeds.infer.cli",
     "dogbreeds.serve.cli",
     "dogbreeds.roadmap.cli",
+    "dogbreeds.bench.cli",
 )
 
 
