@@ -16,7 +16,7 @@ from dogbreeds.errors import DogbreedsError, WeightsError
 from dogbreeds.preprocessing import Preprocessing
 
 from .formats import ConvertedWeights
-from .formats.arch import classifier_prefix
+from .formats.arch import classifier_prefix, match_architecture
 
 log = logging.getLogger("dogbreeds")
 
@@ -86,8 +86,13 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
                  for k in sd if k in target and sd[k].shape != target[k].shape]
     if missing or unexpected or misshaped:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        source = converted.model_name.split(".")[0]
+        if converted.format == "timm" and source == arch:  # the name came from the caller: ask the shapes
+            found = match_architecture(converted.state_dict)
+            source = found[0] if found else None
+        looks_like = f" (the file holds {source} weights)" if source and source != arch else ""
         raise WeightsError(
-            f"{path}: {converted.format} weights (for {converted.model_name}) do not fit {arch}: "
+            f"{path}: {converted.format} weights{looks_like} do not fit {arch}: "
             + "; ".join(f"{label} {_short(keys)}" for label, keys in
                         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys)
             + ". Pass the matching model name, or name=None to use the file's own architecture"
