@@ -190,3 +190,135 @@ def format_summary(result: dict) -> str:
             f"{', flip TTA' if result['tta'] else ''}): top-1 {100 * result['top1']:.1f}%  "
             f"top-5 {100 * result['top5']:.1f}%  loss {result['loss']:.3f}  ECE {result['ece']:.3f}\n"
             f"wrote {result.get('eval_path', '')}")
+
+
+# --- the comparison report (DIR/report.md) -------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_differences(recipes: dict[str, dict]) -> tuple[list[str], dict]:
+    """(settings whose value differs between models, settings shared by all: name -> value).
+    `out` (each run's own folder) is left out: it always differs and changes no number."""
+    flat = {name: _flatten(r) for name, r in recipes.items()}
+    keys = sorted({k for f in flat.values() for k in f} - {"out"})
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+    first = next(iter(flat.values()))
+    shared = {k: first.get(k) for k in keys if k not in differ}
+    return differ, shared
+
+
+def _split_fingerprint(run_dir: Path) -> tuple:
+    """Which files each split holds; equal fingerprints mean the models saw the same split."""
+    summary = _read_json(run_dir / "split.json")
+    return tuple(tuple(summary["files"][s]) for s in SPLITS), summary
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def write_compare_report(out: Path, options, rows: list[dict], machine: dict, seconds: float) -> Path:
+    out = Path(out)
+    fig_dir = out / "figures"
+    names = [row["plan"].run_name for row in rows]
+    histories = {}
+    for row in rows:
+        from .compare import read_history
+
+        lines = read_history(row["run_dir"])
+        histories[row["plan"].model] = {
+            "epoch": [line["epoch"] + 1 for line in lines],
+            "val_top1": [line["val_top1"] for line in lines],
+            "val_loss": [line["val_loss"] for line in lines],
+            "train_loss": [line["train_loss"] for line in lines],
+        }
+    figures.plot_training_curves(histories, fig_dir / "curves.png")
+    figures.plot_accuracy_vs_gmacs(
+        [{"name": row["plan"].model, "gmacs": row["gmacs"], "top1": row["eval"]["top1"], "params_m": row["params_m"]}
+         for row in rows], fig_dir / "accuracy_vs_gmacs.png",
+        title="Test top-1 vs GMACs at each run's input size (bubble area ~ parameters)")
+    for row, name in zip(rows, names):
+        result = row["eval"]
+        figures.plot_confusion_matrix(result["confusion_matrix"], ClassInfo(tuple(result["classes"])).names,
+                                      fig_dir / f"confusion_{name}.png",
+                                      title=f"{row['plan'].model}: test confusion (top-1 {_pct(result['top1'])})")
+
+    fingerprints = [_split_fingerprint(row["run_dir"]) for row in rows]
+    same_split = all(f[0] == fingerprints[0][0] for f in fingerprints)
+    summary = fingerprints[0][1]
+    counts = summary["counts"]
+    differ, shared = recipe_differences({row["plan"].model: row["recipe"].to_dict() for row in rows})
+
+    lines = [
+        "# Model comparison",
+        "",
+        f"Data: `{options.data}` ({summary['source']}), breeds `{options.breeds}` ({summary['num_classes']} breeds), "
+        f"seed {options.seed}: {counts['train']} train / {counts['val']} val / {counts['test']} test images "
+        f"(test split: {summary['test_split']}). "
+        + ("Every model used exactly the same split (file lists in each run's split.json are identical)."
+           if same_split else "**WARNING: the runs' split.json file lists differ; the numbers are not comparable.**"),
+        "",
+        f"Mode: {'--quick' if options.quick else 'full'}{', --no-pretrained' if options.no_pretrained else ''}. "
+        f"Chance is {_pct(1 / summary['num_classes'])}. Wall time of this command: {seconds / 60:.1f} min "
+        f"(a resumed or skipped run counts only the time spent in this call).",
+        "",
+        "## Results on the test split",
+        "",
+        "| model | initialisation | input px | test top-1 | top-5 | loss | ECE | params (M) | GMACs @input | GMACs @224 "
+        "| images/s | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        result = row["eval"]
+        lines.append(
+            f"| {row['plan'].model} | {row['plan'].note} | {row['input_size']} | {_pct(result['top1'])} | "
+            f"{_pct(result['top5'])} | {result['loss']:.3f} | {result['ece']:.3f} | {row['params_m']:.2f} | "
+            f"{row['gmacs']:.3f} | {row['gmacs_224']:.2f} | {row['images_per_s']:.0f} | "
+            f"{row['train_seconds'] / 60:.1f} min |")
+    lines += [
+        "",
+        f"Test set: {rows[0]['eval']['n_images']} images"
+        + "".join(f", {row['eval']['skipped']} skipped for {row['plan'].model}" for row in rows if row['eval']['skipped'])
+        + ". Loss is the mean negative log-likelihood of the true breed; ECE uses 15 equal-width confidence bins. "
+        "images/s: eval mode, batch 16, fp32, random input at the run's input size, on the CPU "
+        f"({machine['threads']} torch thread(s), {machine['cpu_count']} cores visible, torch {machine['torch']}); "
+        "the models were measured in turn in one process, median of the rounds. Train time is the sum of the "
+        "epochs' times from metrics.jsonl (validation excluded).",
+        "",
+        "## Training curves",
+        "",
+        "![validation top-1 and loss per epoch](figures/curves.png)",
+        "",
+        "## Accuracy vs compute",
+        "",
+        "![test top-1 against GMACs, bubble area proportional to parameters](figures/accuracy_vs_gmacs.png)",
+        "",
+        "## Confusion matrices (test split; rows true breed, columns predicted)",
+        "",
+    ]
+    for row, name in zip(rows, names):
+        lines += [f"### {row['plan'].model}", "", f"![confusion matrix of {row['plan'].model}](figures/confusion_{name}.png)", ""]
+    lines += ["## What differed between runs", ""]
+    if differ:
+        lines += ["| setting | " + " | ".join(row["plan"].model for row in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        for key in differ:
+            values = [_flatten(row["recipe"].to_dict()).get(key) for row in rows]
+            lines.append(f"| {key} | " + " | ".join(f"`{v}`" for v in values) + " |")
+    else:
+        lines.append("Only the run folder (`out`).")
+    lines += ["", "Everything else was identical (besides each run's own `out` folder):", "",
+              ", ".join(f"`{k}={v}`" for k, v in shared.items()), "",
+              "## Runs", ""]
+    lines += [f"- {row['plan'].model}: `{row['run_dir']}` (requested as `{row['plan'].requested}`)" for row in rows]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
