@@ -187,7 +187,7 @@ def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: Train
             if bad:
                 s.optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(
-                    f"loss became NaN or infinite at epoch {epoch} step {s.step} (micro-batch {s.micro_done - 1} "
+                    f"loss became NaN or infinite at epoch {epoch} step {s.step} (steps count from 0 over the run; micro-batch {s.micro_done - 1} "
                     f"of the epoch, lr {current_lr(s.optimizer):.3g}). The run stopped; the last good checkpoint "
                     f"is {s.run_dir / 'checkpoints'}. Lower --lr, raise --warmup-epochs, or set --grad-clip, "
                     "then start a new --out (or rerun to resume from that checkpoint)")

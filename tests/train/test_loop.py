@@ -1,0 +1,132 @@
+"""train(recipe) in-process on tiny real photos: the run directory, modes, and failures."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dogbreeds.data.records import ClassInfo
+from dogbreeds.errors import DataError, DogbreedsError
+from dogbreeds.models.factory import create_model, load_run
+from dogbreeds.train import features as features_module
+from dogbreeds.train.loop import TrainHooks, TrainingDiverged, train
+from dogbreeds.train.recipe import Recipe
+from dogbreeds.train.session import seed_everything
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr", "epoch_time",
+               "images_per_s", "skipped_files"}
+
+
+def _initial_weights(recipe: Recipe) -> dict:
+    """The weights train() starts from: same seed, same constructor."""
+    seed_everything(recipe.seed)
+    return create_model(recipe.model, num_classes=3, drop_path_rate=recipe.drop_path).state_dict()
+
+
+def test_run_directory_holds_everything_later_steps_read(tiny_data, tiny_recipe, tmp_path):
+    recipe = tiny_recipe(tiny_data, tmp_path / "run", epochs=2)
+    run = train(recipe)
+    assert run == tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert METRIC_KEYS <= set(lines[0]) and all(0 <= line["val_top1"] <= 1 for line in lines)
+    assert lines[1]["lr"] < lines[0]["lr"]
+    assert Recipe.from_yaml(run / "config.yaml") == recipe
+    assert ClassInfo.load(run / "classes.json") == load_run(run).classes
+    split = json.loads((run / "split.json").read_text())
+    assert split["counts"]["train"] == 18 and split["counts"]["val"] == 6
+    sidecar = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert sidecar["preprocessing"]["input_size"] == 32 and sidecar["model"] == "convnext_atto"
+    assert sidecar["extra"]["weights"] in ("raw", "ema")
+    best_epoch = max(lines, key=lambda line: max(line["val_top1"], line["ema_val_top1"]))["epoch"]
+    assert sidecar["extra"]["epoch"] == best_epoch
+    loaded = load_run(run)
+    assert loaded.preprocessing.input_size == 32 and not loaded.model.training
+    assert (run / "checkpoints" / "resume.pt").is_file()
+    # weights moved, and a finished run rerun is a no-op that keeps them
+    last = load_file(run / "checkpoints" / "last.safetensors")
+    assert not torch.equal(last["stages.0.blocks.0.conv_dw.weight"],
+                           _initial_weights(recipe)["stages.0.blocks.0.conv_dw.weight"])
+    train(recipe)
+    assert all(torch.equal(v, load_file(run / "checkpoints" / "last.safetensors")[k]) for k, v in last.items())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_frozen_backbone_trains_the_head_on_cached_features(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe(tiny_data, tmp_path / "frozen", freeze="backbone", epochs=3, lr=1e-2)
+    run = train(recipe)
+    cached = list((run / "features").glob("*.pt"))
+    assert len(cached) == 1
+    weights, initial = load_file(run / "checkpoints" / "last.safetensors"), _initial_weights(recipe)
+    changed = {k for k in weights if not torch.equal(weights[k], initial[k])}
+    assert changed == {"head.fc.weight", "head.fc.bias"}
+    # Same model, weights, size and files: the second run reads the cache instead of the photos.
+    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: pytest.fail("features recomputed"))
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    train(recipe)
+    assert torch.equal(load_file(run / "checkpoints" / "last.safetensors")["head.fc.weight"], weights["head.fc.weight"])
+
+
+def test_last_n_stages_trains_only_the_last_stages_and_head(tiny_data, tiny_recipe, tmp_path):
+    recipe = tiny_recipe(tiny_data, tmp_path / "partial", freeze="last_n_stages:1", epochs=1)
+    weights, initial = load_file(train(recipe) / "checkpoints" / "last.safetensors"), _initial_weights(recipe)
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in weights if not torch.equal(weights[k], initial[k])}
+    assert changed == {"stages.3", "head.norm", "head.fc"}
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data, tiny_recipe, tmp_path):
+    common = dict(epochs=1, drop_path=0.0, ema_decay=None, augment=Recipe().augment.preset("none"))
+    one = train(tiny_recipe(tiny_data, tmp_path / "one", batch_size=4, accum_steps=1, **common))
+    two = train(tiny_recipe(tiny_data, tmp_path / "two", batch_size=4, accum_steps=2, **common))
+    a, b = (load_file(run / "checkpoints" / "last.safetensors") for run in (one, two))
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tiny_data, tiny_recipe, tmp_path):
+    def poison(epoch, index, images):
+        return images * float("nan") if (epoch, index) == (1, 2) else images
+
+    recipe = tiny_recipe(tiny_data, tmp_path / "nan", epochs=3)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1 step 6 ") as info:
+        train(recipe, TrainHooks(on_micro_batch=poison))
+    assert "--lr" in str(info.value)
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    state = torch.load(checkpoints / "resume.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 4
+    last = load_file(checkpoints / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in last.values() if v.is_floating_point())
+    assert all(torch.equal(v, state["model"][k]) for k, v in last.items())
+    # Without the poison, rerunning resumes from that checkpoint and finishes.
+    train(recipe)
+    assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("message", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB",
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"])
+def test_out_of_memory_suggests_smaller_micro_batches(tiny_data, tiny_recipe, tmp_path, message):
+    def explode(epoch, index, images):
+        raise RuntimeError(message)
+
+    with pytest.raises(DogbreedsError, match="--batch-size") as info:
+        train(tiny_recipe(tiny_data, tmp_path / "oom"), TrainHooks(on_micro_batch=explode))
+    assert "--accum-steps 2" in str(info.value)
+
+
+def test_resume_with_a_different_recipe_names_the_difference(tiny_data, tiny_recipe, tmp_path):
+    train(tiny_recipe(tiny_data, tmp_path / "run", epochs=1))
+    with pytest.raises(DogbreedsError, match=r"lr: saved 0.001, now 0.005") as info:
+        train(tiny_recipe(tiny_data, tmp_path / "run", epochs=1, lr=5e-3, workers=2))
+    assert "--config" in str(info.value)
+
+
+def test_one_breed_is_not_a_classifier(tiny_data, tiny_recipe, tmp_path):
+    with pytest.raises(DataError, match="at least two"):
+        train(tiny_recipe(tiny_data, tmp_path / "one", breeds="top1"))
+
+
+def test_unknown_model_is_create_models_error(tiny_data, tiny_recipe, tmp_path):
+    with pytest.raises(DogbreedsError, match="convnext_atoo"):
+        train(tiny_recipe(tiny_data, tmp_path / "bad", model="convnext_atoo"))
