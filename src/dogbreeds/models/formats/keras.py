@@ -44,16 +44,20 @@ def load_keras_weights(path: str | Path, name: str | None = None) -> ConvertedWe
     if len(layers) != len(kfile.layers):
         raise WeightsError(f"{path}: several layers share one name; cannot map the weights unambiguously")
     prefix = convnext.find_prefix(set(layers))
-    if prefix is not None:
-        converted = _convnext(kfile, layers, prefix)
-    elif mobilenetv2.is_mobilenetv2(set(layers)):
-        converted = _mobilenetv2(kfile, layers, name)
-    else:
+    family = "convnext" if prefix is not None else "mobilenetv2" if mobilenetv2.is_mobilenetv2(set(layers)) else None
+    if family is None:
         raise WeightsError(
             f"{path}: not a supported Keras architecture. Found {kfile.describe_layers()}. "
             f"Supported: {SUPPORTED}."
         )
-    if name is not None and name not in (converted.model_name, converted.model_name.split("_")[0]):
+    if name is not None and not name.startswith(family):
+        raise WeightsError(f"{path}: holds a Keras {family} model, not the requested {name!r}; drop the name "
+                           f"or pass a {family} model name")
+    if family == "convnext":
+        converted = _convnext(kfile, layers, prefix)
+    else:
+        converted = _mobilenetv2(kfile, layers, name)
+    if name is not None and name not in (converted.model_name, family):
         raise WeightsError(f"{path}: holds a Keras model that maps to timm {converted.model_name!r}, "
                            f"not the requested {name!r}; drop the name or pass {converted.model_name!r}")
     return converted
