@@ -121,3 +121,15 @@ def test_offline_download_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     message = str(info.value)
     assert "download" in message and "failed" in message
     assert "weights=" in message and "--weights" in message
+
+
+def test_a_tag_passed_as_weights_says_where_tags_go():
+    with pytest.raises(WeightsError, match=r"create_model\('convnext_tiny.fb_in22k'\)"):
+        create_model("convnext_tiny", weights="fb_in22k")
+
+
+def test_roadmap_models_are_reachable():
+    model = create_model("roadmap_step0", num_classes=4)
+    assert model.dogbreeds_name == "roadmap_step0" and model.num_classes == 4
+    with pytest.raises(DogbreedsError, match="did you mean roadmap_step1, "):
+        create_model("roadmap_stepp1")

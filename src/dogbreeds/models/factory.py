@@ -58,6 +58,9 @@ def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs:
 
     if name:
         _check_name(name)
+    if not path.exists() and name and f"{name}.{path}" in timm.list_pretrained(f"{name}.*"):
+        raise WeightsError(f"weights={str(path)!r} is not a file; to download timm's pretrained weights put the "
+                           f"tag in the model name: create_model('{name}.{path}') or --model {name}.{path}")
     converted = convert_weights(path, name)
     arch = name or converted.model_name
     model_kwargs = {**converted.model_kwargs, **kwargs}
@@ -148,7 +151,7 @@ def _first_line(exc: BaseException) -> str:
 def _check_name(name: str) -> tuple[str, str]:
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        known = timm.list_models() + [f"roadmap_step{i}" for i in range(12)]
+        known = sorted(set(timm.list_models()) | {f"roadmap_step{i}" for i in range(12)})
         close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `dogbreeds models` or timm.list_models()"
         if arch.startswith("roadmap_") and importlib.util.find_spec(ROADMAP_MODULE) is None:
