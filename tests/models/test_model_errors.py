@@ -133,3 +133,8 @@ def test_roadmap_models_are_reachable():
     assert model.dogbreeds_name == "roadmap_step0" and model.num_classes == 4
     with pytest.raises(DogbreedsError, match="did you mean roadmap_step1, "):
         create_model("roadmap_stepp1")
+
+
+def test_pretrained_and_weights_together_is_refused(tmp_path):
+    with pytest.raises(DogbreedsError, match="not both"):
+        create_model("convnext_atto", weights=tmp_path / "x.pth", pretrained=True)

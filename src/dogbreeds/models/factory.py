@@ -38,6 +38,8 @@ def create_model(name: str | None = None, num_classes: int | None = None, weight
     kwargs:      passed to timm.create_model (e.g. drop_path_rate) and remembered for rebuilding.
     """
     _register_roadmap()
+    if weights is not None and pretrained:
+        raise DogbreedsError(f"pass either pretrained=True (download) or weights={str(weights)!r} (local file), not both")
     if weights is not None:
         return _from_weights(name, num_classes, Path(weights).expanduser(), kwargs)
     if not name:
