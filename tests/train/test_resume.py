@@ -1,0 +1,111 @@
+"""Nothing lost: SIGKILL at any moment, or Ctrl-C, then rerun -> bit-identical to an unbroken run.
+
+Each run is `python -m dogbreeds.cli train ...` in a subprocess, on tiny real photos with the
+full augmentation (RandAugment, erasing, mixup/cutmix), drop_path and EMA, so every random
+stream and every piece of state must come back exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+
+
+def _command(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dogbreeds.cli", "train", "--data", str(data), "--model", "convnext_atto",
+            "--breeds", "all", "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", "2",
+            "--input-size", "32", "--workers", "0", "--precision", "fp32", "--deterministic", "--lr", "1e-3",
+            "--warmup-epochs", "0.5", "--val-fraction", "0.2", "--test-fraction", "0.2", "--drop-path", "0.1",
+            "--ema-decay", "0.9", "--no-channels-last"]
+
+
+def _start(data: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(_command(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish(data: Path, out: Path) -> str:
+    done = subprocess.run(_command(data, out), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path} appeared: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.01)
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    for name in ("last.safetensors", "best.safetensors"):
+        mine, theirs = load_file(run / "checkpoints" / name), load_file(reference / "checkpoints" / name)
+        assert mine.keys() == theirs.keys()
+        different = [k for k in theirs if not torch.equal(mine[k], theirs[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+    def metrics(path):  # timings differ, the numbers must not
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k not in ("epoch_time", "images_per_s")} for line in lines]
+
+    assert metrics(run) == metrics(reference)
+    assert len(metrics(run)) == EPOCHS
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    started = time.monotonic()
+    _finish(tiny_data, out)
+    return out, time.monotonic() - started
+
+
+def test_sigkill_after_first_checkpoint_and_at_a_random_moment_then_resume_is_bit_identical(
+        tiny_data, tmp_path, reference):
+    out = tmp_path / "run"
+    # 1. kill -9 the moment the first epoch's checkpoint appears
+    process = _start(tiny_data, out)
+    _wait_for(out / "checkpoints" / "resume.pt", process)
+    process.kill()
+    process.wait()
+    assert torch.load(out / "checkpoints" / "resume.pt", weights_only=True)["epoch"] < EPOCHS
+    # 2. resume, and kill -9 again at a random moment (maybe mid-write of a checkpoint)
+    seed = random.randrange(10**6)
+    process = _start(tiny_data, out)
+    time.sleep(random.Random(seed).uniform(0.1, 1.0) * reference[1])
+    killed = process.poll() is None
+    process.kill()
+    process.wait()
+    print(f"random kill: seed {seed}, killed={killed}")
+    # 3. resume to the end
+    assert "resuming" in _finish(tiny_data, out)
+    _assert_same_run(out, reference[0])
+
+
+def test_ctrl_c_saves_mid_epoch_exits_cleanly_and_resumes_bit_identically(tiny_data, tmp_path, reference):
+    out = tmp_path / "run"
+    process = _start(tiny_data, out)
+    _wait_for(out / "checkpoints" / "resume.pt", process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoints" / "resume.pt", weights_only=True)
+    assert state["partial"] is not None and 0 < state["micro_done"], "expected a mid-epoch checkpoint"
+    assert "resuming" in _finish(tiny_data, out)
+    _assert_same_run(out, reference[0])
