@@ -130,3 +130,21 @@ def test_one_breed_is_not_a_classifier(tiny_data, tiny_recipe, tmp_path):
 def test_unknown_model_is_create_models_error(tiny_data, tiny_recipe, tmp_path):
     with pytest.raises(DogbreedsError, match="convnext_atoo"):
         train(tiny_recipe(tiny_data, tmp_path / "bad", model="convnext_atoo"))
+
+
+def test_files_that_cannot_be_decoded_are_skipped_and_reported_per_epoch(tiny_data, tiny_recipe, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for breed in sorted(p for p in data.iterdir() if p.is_dir()):
+        for i in range(3):
+            (breed / f"zz_broken_{i}.jpg").write_bytes(b"this is not a JPEG" * 10)
+    run = train(tiny_recipe(data, tmp_path / "run", epochs=1, augment=Recipe().augment.preset("quick")))
+    split = json.loads((run / "split.json").read_text())
+    broken_in_train = sorted(f for f in split["files"]["train"] if "zz_broken" in f)
+    assert broken_in_train, "the seeded split should put some broken files into train"
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # the epoch drops the images that do not fill a last step, so a broken one may go unseen
+    assert 1 <= line["skipped_files"] <= len(broken_in_train)
+    assert all("zz_broken" in item["path"] and item["reason"] for item in line["skipped"])

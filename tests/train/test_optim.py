@@ -92,12 +92,22 @@ def test_schedule_warms_up_then_follows_cosine_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-def test_precision_auto_uses_bf16_on_cpu_only_with_native_support(monkeypatch):
+def test_precision_auto_uses_bf16_on_cpu_only_with_amx(monkeypatch):
     cpu = torch.device("cpu")
     assert session.autocast_dtype("fp32", cpu) is None
-    monkeypatch.setattr(session, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(session, "cpu_bf16_support", lambda: None)
     assert session.autocast_dtype("auto", cpu) is None
     with pytest.raises(DogbreedsError, match="no native bf16"):
         session.autocast_dtype("bf16", cpu)
-    monkeypatch.setattr(session, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(session, "cpu_bf16_support", lambda: "avx512_bf16")
+    assert session.autocast_dtype("auto", cpu) is None  # no faster than fp32: keep fp32
+    assert session.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(session, "cpu_bf16_support", lambda: "amx")
     assert session.autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_this_machine_trains_in_fp32_by_default():
+    """The CI/dev CPU has AVX512-BF16 but no AMX: 'auto' must not autocast to bf16 here."""
+    if session.cpu_bf16_support() == "amx":
+        pytest.skip("this CPU has AMX: bf16 is the right default")
+    assert session.autocast_dtype("auto", torch.device("cpu")) is None

@@ -19,7 +19,7 @@ HELP = {
     "batch_size": "images per optimizer step, over all processes and accumulation steps",
     "accum_steps": "micro-batches per optimizer step (less memory, same effective batch)",
     "freeze": "none | backbone (head only, on cached features: fast on CPU) | last_n_stages:N",
-    "precision": "auto (bf16 where the hardware has it natively) | fp32 | bf16",
+    "precision": "auto (bf16 on bf16 GPUs and AMX CPUs, else fp32) | fp32 | bf16",
     "layer_decay": "lr multiplier per twelfth of the depth, head to stem ('none' turns it off)",
     "ema_decay": "EMA decay of the weights ('none' turns EMA off)",
     "grad_clip": "max gradient norm ('none' turns clipping off)",

@@ -7,7 +7,6 @@ builds the pieces; this module runs them.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -41,6 +40,7 @@ def train(recipe: Recipe, hooks: TrainHooks | None = None) -> Path:
     from .session import Session
 
     ctx = init_distributed(recipe.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         session = Session(recipe, ctx)
         with _stop_on_signals() as stop:
@@ -57,6 +57,7 @@ def train(recipe: Recipe, hooks: TrainHooks | None = None) -> Path:
             f"micro-batches (e.g. --accum-steps {recipe.accum_steps * 2}), or lower --input-size. ({str(exc).splitlines()[0]})"
         ) from None
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)  # a process-wide switch: leave it as found
         shutdown_distributed(ctx)
 
 
@@ -236,14 +237,14 @@ def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
             "ema_val_top5": ema["top5"] if ema else None,
             "lr": current_lr(s.optimizer), "epoch_time": stats.seconds,
             "images_per_s": seen / max(1e-9, stats.seconds),
-            "skipped_files": len(skipped),
+            "skipped_files": len(skipped), "val_images": raw["count"],
         }
         if skipped:
             line["skipped"] = skipped
         s.history.append(line)
         candidates = [("raw", raw)] + ([("ema", ema)] if ema else [])
         source, metrics = max(candidates, key=lambda c: (c[1]["top1"], -c[1]["loss"]))
-        if raw["count"] == 0:  # no validation images: best is simply the latest
+        if raw["count"] == 0:  # no validation images (val_fraction=0): best is simply the latest
             s.best = {"epoch": epoch, "weights": "raw", "val_top1": 0.0, "val_loss": 0.0}
             s.save_model("best", "raw", epoch)
         elif not s.best or (metrics["top1"], -metrics["loss"]) > (s.best["val_top1"], -s.best["val_loss"]):
@@ -283,8 +284,8 @@ def evaluate(net, batches, device, autocast, channels_last: bool) -> dict:
         top5 += int((ranked == labels[:, None]).any(-1).sum())
         seen += len(labels)
     net.train(was_training)
-    if not seen:
-        return {"loss": math.nan, "top1": 0.0, "top5": 0.0, "count": 0}
+    if not seen:  # loss 0 keeps metrics.jsonl valid JSON; "count" says there was nothing to measure
+        return {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}
     return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "count": seen}
 
 

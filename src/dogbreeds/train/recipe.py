@@ -50,7 +50,7 @@ class Recipe:
     freeze: str = "none"              # 'none' | 'backbone' | 'last_n_stages:N' (see docs/training.md)
     # --- machine ---
     device: str = "auto"              # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
-    precision: str = "auto"           # 'auto': bf16 autocast on bf16 GPUs / CPUs with native bf16, else fp32
+    precision: str = "auto"           # 'auto': bf16 autocast on bf16 GPUs and AMX CPUs, else fp32
     channels_last: bool = True        # NHWC memory layout: faster convolutions on GPUs with tensor cores
     deterministic: bool = False       # torch.use_deterministic_algorithms: bit-identical reruns, slower
     out: str = "runs/convnext_tiny"   # the run directory
