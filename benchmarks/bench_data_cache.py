@@ -9,7 +9,8 @@ repeats and the ratio, for:
   pixels  decode + resize to int(224 / 0.875) = 256 vs reading the cached row (no transform)
   eval    the eval transform at 224 (resize 256, centre crop 224, normalise)
   train   the ConvNeXt training transform at 224 (RandomResizedCrop, flip, RandAugment, erasing)
---workers N > 0 also times a full `make_loader` epoch with N worker processes.
+--workers N > 0 also times a full `make_loader` epoch (batch 64) with N worker processes.
+torch runs with one thread, as in a DataLoader worker.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from dogbreeds.data.cache import ImageCache, prepare_cache
 from dogbreeds.data.loaders import RecordDataset, make_loader
@@ -58,6 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
+    # Time what one loader worker does: DataLoader workers run torch with one thread, and on a
+    # small shared machine torch's default intra-op threads only add contention.
+    torch.set_num_threads(1)
 
     paths = sorted(str(p) for p in (args.data / "Images").glob("*/*.jpg"))[: args.images]
     records = [ImageRecord(p, 0, "any", "train") for p in paths]

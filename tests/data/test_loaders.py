@@ -28,14 +28,26 @@ def _epoch(loader):
     return [(b.images, b.labels, b.indices) for b in loader]
 
 
-def test_same_seed_and_epoch_same_tensors_with_0_or_2_workers(records):
-    transform = build_train_transform(PP, AugmentConfig())
-    in_process = _epoch(make_loader(records, transform, 4, shuffle=True, seed=7, epoch=3, workers=0))
-    in_workers = _epoch(make_loader(records, transform, 4, shuffle=True, seed=7, epoch=3, workers=2))
-    assert len(in_process) == 3
-    for (images_a, labels_a, idx_a), (images_b, labels_b, idx_b) in zip(in_process, in_workers):
+def _assert_same_epoch(a, b):
+    assert len(a) == len(b)
+    for (images_a, labels_a, idx_a), (images_b, labels_b, idx_b) in zip(a, b):
         assert torch.equal(idx_a, idx_b) and torch.equal(labels_a, labels_b)
         assert torch.equal(images_a, images_b)
+
+
+def test_same_seed_and_epoch_same_tensors_with_0_or_2_workers(records):
+    transform = build_train_transform(PP, AugmentConfig())
+    main_loader = make_loader(records, transform, 4, shuffle=True, seed=7, epoch=3, workers=0)
+    worker_loader = make_loader(records, transform, 4, shuffle=True, seed=7, epoch=3, workers=2)
+    in_process, in_workers = _epoch(main_loader), _epoch(worker_loader)
+    assert len(in_process) == 3
+    _assert_same_epoch(in_process, in_workers)
+    # The workers persist between epochs; the next epoch must still reach them.
+    main_loader.set_epoch(4)
+    worker_loader.set_epoch(4)
+    next_epoch = _epoch(worker_loader)
+    _assert_same_epoch(_epoch(main_loader), next_epoch)
+    assert not torch.equal(next_epoch[0][0], in_workers[0][0])
     # Every record exactly once, labels matching the records.
     indices = torch.cat([i for _, _, i in in_process])
     assert sorted(indices.tolist()) == list(range(len(records)))

@@ -38,12 +38,16 @@ def _check_preprocessing(preprocessing: Preprocessing) -> None:
         )
 
 
-def _to_normalised_tensor(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    # Same arithmetic as torchvision ToTensor + Normalize, without the PIL round trip. The
-    # one copy (HWC uint8 -> CHW float32) also detaches the result from read-only inputs
-    # (PIL-backed arrays, the cache's memory map).
-    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255)
-    return tensor.sub_(mean).div_(std)
+def _to_normalised_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    # torchvision ToTensor + Normalize's float32 arithmetic, done in numpy: no PIL round trip,
+    # and no torch intra-op threads, which make these small ops ~20x slower on a busy
+    # machine when loading runs in the main process. The one copy (HWC uint8 -> CHW float32)
+    # also detaches the result from read-only inputs (PIL-backed arrays, the cache's memmap).
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw /= np.float32(255)
+    chw -= mean
+    chw /= std
+    return torch.from_numpy(chw)
 
 
 def _check_image(image) -> np.ndarray:
@@ -60,8 +64,8 @@ class EvalTransform:
         _check_preprocessing(preprocessing)
         self.preprocessing = preprocessing
         self.resize_size = eval_resize_size(preprocessing)
-        self._mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
-        self._std = torch.tensor(preprocessing.std).view(3, 1, 1)
+        self._mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(preprocessing.std, dtype=np.float32).reshape(3, 1, 1)
 
     def __call__(self, image: np.ndarray, boxes: Sequence[Box] = ()) -> torch.Tensor:
         image = _check_image(image)
