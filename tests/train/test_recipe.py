@@ -75,3 +75,13 @@ def test_resume_mismatches_ignore_only_harmless_fields():
     assert saved.resume_mismatches(Recipe(data="/d", workers=0, out="runs/b", device="cpu")) == []
     changed = Recipe(data="/d", lr=1e-3).resume_mismatches(saved)
     assert len(changed) == 1 and changed[0].startswith("lr:")
+
+
+def test_registering_the_train_command_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dogbreeds.cli import build_parser; build_parser(); "
+            "from dogbreeds.train.recipe import Recipe; Recipe.__dataclass_fields__; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
