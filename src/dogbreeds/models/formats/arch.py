@@ -4,6 +4,7 @@ Models are built on the `meta` device here: no memory, no init cost, shapes only
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import timm
@@ -79,16 +80,26 @@ def head_classes(sd: dict, prefix: str | None) -> int:
 def match_architecture(sd: dict, candidates=INFERABLE) -> tuple[str, int] | None:
     """First candidate whose non-head keys and shapes equal the file's -> (name, classes)."""
     for name in candidates:
-        try:
-            model = meta_model(name)
-        except Exception:  # a candidate this timm version lacks
+        signature = _body_signature(name)
+        if signature is None:
             continue
-        prefix = classifier_prefix(model)
-        target = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _is_head(k, prefix)}
+        prefix, target = signature
         body = {k: tuple(v.shape) for k, v in sd.items() if not _is_head(k, prefix)}
         if target == body:
             return name, head_classes(sd, prefix)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _body_signature(name: str):
+    """(classifier prefix, {key: shape} without the head) of a timm model; None if unknown.
+    Cached: building dozens of meta models per lookup adds up, and shapes never change."""
+    try:
+        model = meta_model(name)
+    except Exception:  # a candidate this timm version lacks
+        return None
+    prefix = classifier_prefix(model)
+    return prefix, {k: tuple(v.shape) for k, v in model.state_dict().items() if not _is_head(k, prefix)}
 
 
 def _is_head(key: str, prefix: str | None) -> bool:

@@ -10,6 +10,7 @@ import logging
 import pickle
 import pickletools
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,10 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 def _torch_load(path: Path, kind: str):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not parse; a failure is reported below anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _needs_code(path, kind, str(exc)):
             raise WeightsError(
