@@ -136,11 +136,12 @@ def _mobilenetv2(kfile: KerasFile, layers: dict[str, KerasLayer], name: str | No
             break
         mismatches[model_name] = problem
     else:
+        example = next(iter(mismatches.items()))
         raise WeightsError(
             f"{path}: a Keras MobileNetV2 ({mobilenetv2.keras_alpha_hint(layers, _backbone_container(kfile, 'Conv1'))}) "
-            f"whose channel widths match none of timm's MobileNetV2 widths "
-            f"{sorted(mobilenetv2.TIMM_WIDTHS)} ({'; '.join(f'{k}: {v}' for k, v in mismatches.items())}). "
-            f"Supported: {SUPPORTED}."
+            f"whose channel widths match none of timm's MobileNetV2 widths {sorted(mobilenetv2.TIMM_WIDTHS)} "
+            f"(e.g. {example[0]}: {example[1]}); timm cannot build this width by name, so it cannot be "
+            f"imported - retrain with one of those widths. Supported: {SUPPORTED}."
         )
     container = _backbone_container(kfile, "Conv1")
     size = _input_size(kfile) or mobilenetv2.input_size_from_name(container) or 224

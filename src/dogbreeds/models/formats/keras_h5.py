@@ -48,8 +48,8 @@ class KerasLayer:
     config: dict | None = None  # layer config from model_config (legacy full-model files only)
 
     def describe(self) -> str:
-        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.weights.items())
-        return f"{self.name} ({self.kind}{': ' + shapes if shapes else ''})"
+        kernel = self.weights.get("kernel")
+        return f"{self.name} ({self.kind}{f' kernel {tuple(kernel.shape)}' if kernel is not None else ''})"
 
 
 @dataclass
@@ -64,11 +64,18 @@ class KerasFile:
     def by_name(self) -> dict[str, KerasLayer]:
         return {layer.name: layer for layer in self.layers}
 
-    def describe_layers(self, limit: int = 12) -> str:
+    def describe_layers(self, limit: int = 8) -> str:
+        """Short summary for error messages: counts per layer type, then the first few layers."""
         weighted = [layer for layer in self.layers if layer.weights and layer.kind not in _NESTED_MODEL_KINDS]
+        if not weighted:
+            return "no layers with weights"
+        counts: dict[str, int] = {}
+        for layer in weighted:
+            counts[layer.kind] = counts.get(layer.kind, 0) + 1
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         shown = ", ".join(layer.describe() for layer in weighted[:limit])
-        more = f", ... ({len(weighted) - limit} more)" if len(weighted) > limit else ""
-        return f"{len(weighted)} layers with weights: {shown}{more}" if weighted else "no layers with weights"
+        more = ", ..." if len(weighted) > limit else ""
+        return f"{len(weighted)} layers with weights ({kinds}): {shown}{more}"
 
 
 def snake_case(class_name: str) -> str:
