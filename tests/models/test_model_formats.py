@@ -116,6 +116,18 @@ def test_timm_checkpoint_with_name_and_new_head(atto, photo, tmp_path, caplog):
         assert torch.equal(ours.eval().forward_features(photo), atto.forward_features(photo))
 
 
+def test_headless_model_drops_the_file_head(atto, photo, tmp_path, caplog):
+    path = tmp_path / "atto.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(atto.state_dict(), str(path))
+    with caplog.at_level(logging.INFO, logger="dogbreeds"):
+        features = create_model(None, num_classes=0, weights=path)
+    assert "dropped" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(features.eval()(photo), atto.forward_head(atto.forward_features(photo), pre_logits=True))
+
+
 # ---------------------------------------------------------------- Hugging Face transformers
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from dogbreeds.errors import DogbreedsError, WeightsError
 from dogbreeds.preprocessing import Preprocessing
 
 from .formats import ConvertedWeights
-from .formats.arch import classifier_prefix, match_architecture
+from .formats.arch import classifier_prefix, match_architecture, meta_model
 
 log = logging.getLogger("dogbreeds")
 
@@ -79,6 +79,10 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
     head = classifier_prefix(model)
     model_classes = int(getattr(model, "num_classes", 0) or 0)
     sd = dict(converted.state_dict)
+    if head is None and converted.num_classes:
+        # A headless model (num_classes=0, a feature extractor): drop the file's classifier,
+        # whose name we learn from the file's own architecture.
+        head = classifier_prefix(meta_model(converted.model_name, **converted.model_kwargs))
     reinit_head = head is not None and converted.num_classes != model_classes
     if reinit_head:
         sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
@@ -105,8 +109,8 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
     sd = {k: v for k, v in sd.items() if k in target}
     model.load_state_dict(sd, strict=False)  # strictness checked above, minus head/step counters
     if reinit_head:
-        log.info("%s: head has %d classes in the file, model has %d: head re-initialised",
-                 path, converted.num_classes, model_classes)
+        log.info("%s: head has %d classes in the file, model has %d: head %s", path, converted.num_classes,
+                 model_classes, "re-initialised" if model_classes else "dropped (feature extractor)")
 
 
 def _fit_singleton_dims(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
