@@ -28,6 +28,8 @@ def test_heat_map_is_informative_and_photo_sized(architecture, request, photos):
     assert explanation.target == explanation.top[0]  # default: the top breed
     png = explanation.png_bytes()
     assert png.startswith(b"\x89PNG")
+    # the library's hooks are gone: later predictions must not record activations
+    assert not expected_layer._forward_hooks and not expected_layer._backward_hooks
 
 
 def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):

@@ -59,11 +59,16 @@ def find_target_layers(model, layer: str | None = None) -> list:
 
 
 class Explainer:
-    """Reusable Grad-CAM for one PyTorch predictor. Thread-safe (one CAM at a time), because
-    the library's hooks keep per-call activations on the shared model."""
+    """Grad-CAM for one PyTorch predictor.
 
-    def __init__(self, predictor: Predictor, layer: str | None = None, alpha: float = 0.45):
-        from pytorch_grad_cam import GradCAM
+    The library's hooks are registered for one call and released right after (a hook left on
+    the model would record activations on every later prediction). With `copy_model=True`
+    (the service) the CAM runs on a private copy of the model, so predictions running in
+    other threads never pass through the hooks; CAM calls themselves take turns (a lock).
+    """
+
+    def __init__(self, predictor: Predictor, layer: str | None = None, alpha: float = 0.45, copy_model: bool = False):
+        import copy
 
         model = getattr(predictor.backend, "model", None)
         if model is None:
@@ -73,7 +78,8 @@ class Explainer:
             )
         self.predictor = predictor
         self.alpha = alpha
-        self._cam = GradCAM(model=model, target_layers=find_target_layers(model, layer))
+        self.model = copy.deepcopy(model).eval() if copy_model else model
+        self.target_layers = find_target_layers(self.model, layer)
         self._lock = threading.Lock()
 
     def resolve_breed(self, breed: str) -> int:
@@ -89,6 +95,7 @@ class Explainer:
 
     def explain(self, image, breed: str | None = None, top_k: int = 5) -> Explanation:
         import torch
+        from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         photo = self.predictor.decode(image)
@@ -98,8 +105,8 @@ class Explainer:
         index = top[0].index if breed is None else self.resolve_breed(breed)
         classes = self.predictor.classes
         target = BreedScore(index, classes.breed_ids[index], classes.names[index], float(probs[index]))
-        with self._lock:
-            cam = self._cam(input_tensor=inputs, targets=[ClassifierOutputTarget(index)])[0].astype(np.float32)
+        with self._lock, GradCAM(model=self.model, target_layers=self.target_layers) as grad_cam:
+            cam = grad_cam(input_tensor=inputs, targets=[ClassifierOutputTarget(index)])[0].astype(np.float32)
         heatmap = paste_on_photo(cam, photo.shape[:2], self.predictor.preprocessing)
         inside = _inside_mask(photo.shape[:2], self.predictor.preprocessing)
         return Explanation(overlay_heatmap(photo, heatmap, self.alpha, inside), heatmap, cam, target, top)

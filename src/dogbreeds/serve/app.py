@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     predictor.max_pixels = settings.max_pixels
     batcher = MicroBatcher(predictor.forward, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     admission = _Admission(settings.max_queue + settings.max_batch)
-    explainer_holder: dict = {}
+    explainer_holder: dict = {"lock": threading.Lock()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -182,8 +183,9 @@ def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: 
     from ..errors import DogbreedsError
     from ..infer.explain import Explainer
 
-    if "explainer" not in holder:  # grad-cam is imported on first use only
-        holder["explainer"] = Explainer(predictor)
+    with holder["lock"]:  # built on first use only (imports grad-cam, copies the model)
+        if "explainer" not in holder:
+            holder["explainer"] = Explainer(predictor, copy_model=True)
     try:
         return holder["explainer"].explain(data, breed=breed)
     except ImageDecodeError:
