@@ -138,3 +138,8 @@ def test_roadmap_models_are_reachable():
 def test_pretrained_and_weights_together_is_refused(tmp_path):
     with pytest.raises(DogbreedsError, match="not both"):
         create_model("convnext_atto", weights=tmp_path / "x.pth", pretrained=True)
+
+
+def test_num_classes_defaults():
+    assert create_model("convnext_atto").num_classes == 1000
+    assert create_model("convnext_atto", num_classes=0).num_classes == 0

@@ -32,7 +32,8 @@ def create_model(name: str | None = None, num_classes: int | None = None, weight
     name:        timm model name, optionally with a pretrained tag ('convnext_tiny.fb_in22k_ft_in1k').
                  May be None when `weights` is given: the file says the architecture.
     num_classes: output classes. None keeps the head of the weights (or of the pretrained tag),
-                 else 1000. A head of another size is re-initialised (and logged).
+                 else 1000; 0 gives a headless feature extractor. A head of another size is
+                 re-initialised (and logged).
     weights:     a local file or folder in any supported format (see docs/models.md).
     pretrained:  download timm's default pretrained weights (a tag in `name` implies it).
     kwargs:      passed to timm.create_model (e.g. drop_path_rate) and remembered for rebuilding.
@@ -48,7 +49,7 @@ def create_model(name: str | None = None, num_classes: int | None = None, weight
     if tag or pretrained:
         model = _download(name, num_classes, kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes or 1000, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=1000 if num_classes is None else num_classes, **kwargs)
     cfg = model.pretrained_cfg
     source = "timm:" + ".".join(filter(None, (cfg.get("architecture", arch), cfg.get("tag"))))
     pre = Preprocessing.from_timm_cfg(cfg, source=source)
@@ -66,7 +67,7 @@ def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs:
     converted = convert_weights(path, name)
     arch = name or converted.model_name
     model_kwargs = {**converted.model_kwargs, **kwargs}
-    wanted = num_classes if num_classes is not None else (converted.num_classes or 1000)
+    wanted = converted.num_classes if num_classes is None else num_classes  # None: keep the file's head
     model = timm.create_model(arch, pretrained=False, num_classes=wanted, **model_kwargs)
     load_converted(model, converted, path)
     pre = converted.preprocessing or Preprocessing.from_timm_cfg(model.pretrained_cfg, source=f"timm:{arch}")
