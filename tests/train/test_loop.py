@@ -148,3 +148,26 @@ def test_files_that_cannot_be_decoded_are_skipped_and_reported_per_epoch(tiny_da
     # the epoch drops the images that do not fill a last step, so a broken one may go unseen
     assert 1 <= line["skipped_files"] <= len(broken_in_train)
     assert all("zz_broken" in item["path"] and item["reason"] for item in line["skipped"])
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    import os
+
+    from dogbreeds.train.checkpoint import atomic_write_text
+
+    target = tmp_path / "config.yaml"
+    atomic_write_text(target, "a: 1\n")
+    atomic_write_text(target, "a: 2\n")
+    assert target.read_text() == "a: 2\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        from dogbreeds.train.checkpoint import atomic_write
+        atomic_write(target, fail)
+    assert target.read_text() == "a: 2\n" and len(list(tmp_path.iterdir())) == 1
