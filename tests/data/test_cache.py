@@ -125,3 +125,13 @@ def test_prepare_command_over_real_data(mini_root, tmp_path, monkeypatch):
     assert len(cache) == len(chihuahuas)
     cached, _ = cache.read(str(chihuahuas[-1]))
     np.testing.assert_array_equal(cached, resize_short_side(decode_image(chihuahuas[-1]), 64, "bicubic"))
+
+
+def test_find_cache_picks_the_default_folder_for_the_models_sizing(photos, tmp_path):
+    from dogbreeds.data.cache import default_cache_dir, find_cache
+
+    prepare_cache(photos[:1], default_cache_dir(tmp_path, SHORT, "bicubic"), SHORT, "bicubic", workers=1,
+                  progress=False)
+    found = find_cache(tmp_path, PP)
+    assert found is not None and found.short_side == SHORT and len(found) == 1
+    assert find_cache(tmp_path, Preprocessing(224)) is None  # needs 256: not prepared
