@@ -131,7 +131,11 @@ def _download_to_part(url: str, part: Path, archive: Archive, timeout: float, pr
         raise _Interrupted(f"{type(exc).__name__}: {exc}") from exc
 
     with response:
-        resumed = have and response.status == 206 and _content_range_start(response) == have
+        resumed = bool(have) and response.status == 206 and _content_range_start(response) == have
+        if response.status == 206 and not resumed:
+            part.unlink(missing_ok=True)  # a range we did not ask for: cannot be appended
+            raise _Interrupted(f"the server sent an unexpected range ({response.headers.get('Content-Range')}); "
+                               "restarting from zero")
         if not resumed:
             have = 0  # a plain 200 means the server ignored Range: the body is the whole file
         with open(part, "ab" if resumed else "wb") as out, tqdm(
