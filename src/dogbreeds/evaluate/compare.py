@@ -216,13 +216,11 @@ def run_compare(options: CompareOptions) -> Path:
     rows = []
     for plan, recipe in zip(plans, recipes):
         run_dir = Path(recipe.out)
-        run_started = time.perf_counter()
         if run_is_finished(recipe):
             print(f"[compare] {plan.model}: finished run found in {run_dir}, not training again", flush=True)
         else:
             print(f"[compare] training {plan.model} ({plan.note}) -> {run_dir}", flush=True)
             train(recipe)
-        train_seconds = time.perf_counter() - run_started
         eval_path = run_dir / "eval" / "test.json"
         best = run_dir / "checkpoints" / "best.safetensors"
         if eval_path.is_file() and best.is_file() and eval_path.stat().st_mtime >= best.stat().st_mtime:
@@ -230,7 +228,6 @@ def run_compare(options: CompareOptions) -> Path:
         else:
             result = evaluate_run(run_dir, options.data, "test", batch_size=32)
         rows.append({"plan": plan, "recipe": recipe, "run_dir": run_dir, "eval": result,
-                     "seconds_this_call": train_seconds,
                      "train_seconds": sum(line.get("epoch_time", 0.0) for line in read_history(run_dir))})
 
     loaded = {row["plan"].run_name: load_run(row["run_dir"]) for row in rows}

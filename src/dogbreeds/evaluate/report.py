@@ -226,13 +226,13 @@ def _pct(value) -> str:
 
 
 def write_compare_report(out: Path, options, rows: list[dict], machine: dict, seconds: float) -> Path:
+    from .compare import read_history
+
     out = Path(out)
     fig_dir = out / "figures"
     names = [row["plan"].run_name for row in rows]
     histories = {}
     for row in rows:
-        from .compare import read_history
-
         lines = read_history(row["run_dir"])
         histories[row["plan"].model] = {
             "epoch": [line["epoch"] + 1 for line in lines],
