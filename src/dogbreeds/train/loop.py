@@ -181,23 +181,20 @@ def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: Train
             if not sync:
                 continue
             in_group = 0
-            # One small all-reduce per step: the loss, a NaN/inf flag and a stop request, so all
-            # processes agree on whether to go on (one rank stopping alone would hang the others).
+            # One small all-reduce per step: a NaN/inf flag and a stop request, so all processes
+            # agree on whether to go on (one rank stopping alone would hang the others).
             flags = all_reduce_sum(torch.stack([group_bad, torch.tensor(float(stop.requested), device=ctx.device)]), ctx)
             bad, stop_votes = flags.tolist()
             if bad:
-                s.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(
-                    f"loss became NaN or infinite at epoch {epoch} step {s.step} (steps count from 0 over the run; micro-batch {s.micro_done - 1} "
-                    f"of the epoch, lr {current_lr(s.optimizer):.3g}). The run stopped; the last good checkpoint "
-                    f"is {s.run_dir / 'checkpoints'}. Lower --lr, raise --warmup-epochs, or set --grad-clip, "
-                    "then start a new --out (or rerun to resume from that checkpoint)")
+                _diverged(s, epoch, "loss")
             group_loss_sum = group_loss.item()
             stats.loss_sum += group_loss_sum
             stats.correct += int(group_correct)
             group_loss.zero_(), group_bad.zero_(), group_correct.zero_()
             if recipe.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(s.trainable, recipe.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(s.trainable, recipe.grad_clip)
+                if not torch.isfinite(norm):  # a finite loss can still give inf gradients
+                    _diverged(s, epoch, "gradient norm")
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             s.step += 1
@@ -216,6 +213,15 @@ def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: Train
     s.optimizer.zero_grad(set_to_none=True)  # a partial last group (files skipped) is left out
     stats.skipped.extend(s.epoch_skipped())
     return True
+
+
+def _diverged(s, epoch: int, what: str):
+    s.optimizer.zero_grad(set_to_none=True)  # the step is not taken: the weights stay finite
+    raise TrainingDiverged(
+        f"{what} became NaN or infinite at epoch {epoch} step {s.step} (steps count from 0 over the run; "
+        f"micro-batch {s.micro_done - 1} of the epoch, lr {current_lr(s.optimizer):.3g}). The run stopped; "
+        f"the last good checkpoint is in {s.run_dir / 'checkpoints'}. Lower --lr, raise --warmup-epochs or "
+        "set --grad-clip, and train into a new --out (rerunning unchanged resumes from that checkpoint)")
 
 
 def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
