@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that light paths, such as ONNX prediction, never load torch):
 
-    create_model(name, num_classes=1000, weights=None, **kwargs)
+    create_model(name=None, num_classes=None, weights=None, **kwargs)
     load_run(path) -> LoadedModel (model, classes, preprocessing)
     Predictor.from_run(path).predict(images)
     Preprocessing, ClassInfo, ImageRecord, decode_image
