@@ -171,3 +171,13 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
         from dogbreeds.train.checkpoint import atomic_write
         atomic_write(target, fail)
     assert target.read_text() == "a: 2\n" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_decoding_workers_do_not_change_the_result(tiny_data, tiny_recipe, tmp_path):
+    """Augmentation is seeded per sample, and the loader never touches the training process's
+    random streams, so --workers is free to change (it may differ on resume)."""
+    runs = [train(tiny_recipe(tiny_data, tmp_path / f"w{workers}", epochs=1, workers=workers))
+            for workers in (0, 2)]
+    a, b = (load_file(run / "checkpoints" / "last.safetensors") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
