@@ -76,3 +76,16 @@ def test_export_command_reports_the_measured_difference(convnext_run, photos, tm
     assert main(["export", str(convnext_run), "--out", str(out), "--check-images", str(photos[0]), str(photos[1])]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "max |probability difference|" in printed and "opset 17" in printed
+
+
+def test_cli_defaults_agree_with_the_library_and_bad_values_are_refused(convnext_run, photos, capsys):
+    import pytest
+
+    from dogbreeds.infer import cli
+    from dogbreeds.infer.predictor import DEFAULT_LOW_CONFIDENCE_THRESHOLD
+
+    assert cli.DEFAULT_THRESHOLD == DEFAULT_LOW_CONFIDENCE_THRESHOLD  # kept apart only to import nothing heavy
+    for bad in (["--top", "0"], ["--batch-size", "-1"], ["--threshold", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", str(convnext_run), str(photos[0]), *bad])
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err

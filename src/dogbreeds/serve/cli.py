@@ -10,6 +10,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def register(subparsers) -> None:
+    from ..infer.cli import DEFAULT_THRESHOLD, positive_int, probability
+
     p = subparsers.add_parser(
         "serve", help="REST service + web page (POST /v1/predict, GET /docs, / in a browser)",
         description="Serve a model over HTTP. RUN_OR_MODEL is a run directory, a checkpoint, or an .onnx "
@@ -18,13 +20,14 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="RUN_OR_MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request waits for others to batch with (default 10)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond the running batch; more are answered 503 (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit in MB (default 10)")
-    p.add_argument("--threshold", type=float, default=0.3, help="low-confidence threshold (default 0.3)")
+    p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
+                   help=f"low-confidence threshold (default {DEFAULT_THRESHOLD})")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
