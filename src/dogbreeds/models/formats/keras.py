@@ -83,14 +83,15 @@ def _head_layers(kfile: KerasFile, in_backbone) -> tuple[list[KerasLayer], list[
             pools.append(layer)
         elif layer.kind in ("activation", "softmax"):
             activation = (layer.config or {}).get("activation", "softmax" if layer.kind == "softmax" else None)
-            if activation not in ("linear", "softmax"):
+            if activation not in ("linear", "softmax") and kfile.structure_known:
                 unsupported.append(f"{layer.name} ({layer.kind} {activation!r})")
-        else:
+        elif layer.weights or kfile.structure_known:
             unsupported.append(layer.describe())
     if len(dense) > 1:
         unsupported.append(f"{len(dense)} Dense layers ({', '.join(d.describe() for d in dense)}); only one "
                            f"Dense classifier is supported")
-    if dense and len(pools) != 1:
+    # Weights-only legacy files do not show the pooling layer of a nested head: GAP is assumed there.
+    if dense and len(pools) != 1 and (pools or kfile.structure_known):
         unsupported.append(f"{len(pools)} GlobalAveragePooling2D layers before the Dense classifier; exactly one "
                            f"is supported")
     if unsupported:
@@ -161,7 +162,7 @@ def _convnext(kfile: KerasFile, layers: dict[str, KerasLayer], prefix: str) -> C
         raise WeightsError(f"{path}: expected one LayerNormalization after the ConvNeXt stages, found "
                            f"{[n.name for n in norms]}. Supported: {SUPPORTED}.")
     norm = norms[0]
-    if _norm_before_pooling(norm, pools[0] if pools else None, prefix):
+    if _norm_before_pooling(norm, pools[0] if pools else None, prefix, bool(dense), kfile.structure_known):
         # include_top=False, pooling=None: Keras normalises every pixel, then the wrapper pools.
         model_kwargs["head_norm_first"] = True
         state.update(convnext.layer_norm(norm, "norm_pre", path))
@@ -176,8 +177,9 @@ def _convnext(kfile: KerasFile, layers: dict[str, KerasLayer], prefix: str) -> C
     mean_std = convnext.normalization_mean_std(layers.get(f"{prefix}_prestem_normalization"), path)
     source = f"keras ConvNeXt ({path.name})"
     if mean_std is None:
-        warnings.warn(f"{path}: Keras ConvNeXt without its in-model Normalization (include_preprocessing="
-                      f"False); assuming ImageNet mean/std inputs - check how this model was trained", stacklevel=3)
+        warnings.warn(f"{path}: no in-model Normalization layer found in this Keras ConvNeXt (built with "
+                      f"include_preprocessing=False, or a weights-only file that does not list it); assuming "
+                      f"ImageNet mean/std inputs - check how this model was trained", stacklevel=3)
         mean_std = (IMAGENET_MEAN, IMAGENET_STD)
         source += ", ImageNet mean/std assumed"
     size = _input_size(kfile) or 224
@@ -187,11 +189,15 @@ def _convnext(kfile: KerasFile, layers: dict[str, KerasLayer], prefix: str) -> C
     return _converted(model_name, state, num_classes, preprocessing, model_kwargs)
 
 
-def _norm_before_pooling(norm: KerasLayer, pool: KerasLayer | None, prefix: str) -> bool:
+def _norm_before_pooling(norm: KerasLayer, pool: KerasLayer | None, prefix: str, has_dense: bool,
+                         structure_known: bool) -> bool:
     if norm.name == f"{prefix}_head_layernorm":
         return False  # include_top=True: GlobalAveragePooling2D -> LayerNorm -> Dense
     if pool is None:
-        return True  # include_top=False, pooling=None and no classifier: per-pixel LayerNorm
+        # Features only (include_top=False, pooling=None): per-pixel LayerNorm. But weights-only
+        # legacy files do not list a nested model's weightless layers: there a Dense with no
+        # visible pooling means the pooling sits inside the backbone (pooling="avg").
+        return not (has_dense and not structure_known)
     if pool.container != norm.container:
         return True  # pooling lives in the wrapper, so the backbone's LayerNorm ran first
     if norm.config is not None and pool.config is not None:

@@ -106,6 +106,9 @@ def convert_backbone(layers: dict[str, KerasLayer], p: str, path) -> tuple[dict[
                 elif keras_part == "layernorm":
                     state.update(layer_norm(layer, f"{timm_block}.{timm_part}", path))
                 elif keras_part == "layer_scale":
+                    if "gamma" not in layer.weights:
+                        raise WeightsError(f"{path}: expected a LayerScale with one variable, found {layer.describe()}"
+                                           f" with {sorted(layer.weights)}")
                     state[f"{timm_block}.gamma"] = layer.weights["gamma"]
                 else:
                     state.update(dense(layer, f"{timm_block}.{timm_part}", path))

@@ -60,6 +60,9 @@ class KerasFile:
     layers: list[KerasLayer]
     input_shape: tuple | None = None  # (H, W, C) from the config's InputLayer when known
     keras_version: str | None = None
+    # False for legacy weights-only files: no config, so weightless layers of nested models
+    # (pooling, dropout) are invisible and layer kinds are inferred from variable names.
+    structure_known: bool = True
 
     def by_name(self) -> dict[str, KerasLayer]:
         return {layer.name: layer for layer in self.layers}
@@ -155,9 +158,13 @@ def _input_shape_from_config(config: dict) -> tuple | None:
     return None
 
 
-def _infer_kind(weights: dict[str, np.ndarray]) -> str:
-    """Kind from variable names, for legacy weights-only files that carry no config."""
+def _infer_kind(name: str, weights: dict[str, np.ndarray]) -> str:
+    """Kind from variable and layer names, for legacy weights-only files that carry no config."""
     keys = set(weights)
+    if not weights:
+        return re.sub(r"_\d+$", "", name)  # Keras' automatic names are <class key>_<n>
+    if name.endswith("_layer_scale") and len(weights) == 1:
+        return "layer_scale"
     if "moving_mean" in keys:
         return "batch_normalization"
     if keys == {"gamma", "beta"}:
@@ -184,6 +191,7 @@ def _read_legacy(path: Path, handle) -> KerasFile:
         described.pop(model_name, None)  # the outermost model itself is not a layer
 
     weights_by_layer: dict[str, dict[str, np.ndarray]] = {}
+    nested_in: dict[str, str] = {}  # layer -> top-level (nested model) group, for files without config
     top_names = [_text(n) for n in weights_group.attrs.get("layer_names", [])]
     for top_name in top_names:
         group = weights_group[top_name]
@@ -194,6 +202,8 @@ def _read_legacy(path: Path, handle) -> KerasFile:
             if var_name == "depthwise_kernel":  # Keras 2 name; Keras 3 calls it kernel
                 var_name = "kernel"
             array = np.asarray(group[weight_name][()], dtype=np.float32)
+            if layer_name != top_name:
+                nested_in[layer_name] = top_name
             layer_weights = weights_by_layer.setdefault(layer_name, {})
             if var_name in layer_weights:
                 raise WeightsError(
@@ -205,15 +215,20 @@ def _read_legacy(path: Path, handle) -> KerasFile:
     layers: list[KerasLayer] = []
     for name, (kind, cfg, container, index) in described.items():
         layers.append(KerasLayer(name, kind, container, index, weights_by_layer.pop(name, {}), cfg))
-    for order, (name, weights) in enumerate(weights_by_layer.items()):  # no config: weights-only file
-        layers.append(KerasLayer(name, _infer_kind(weights), "", order, weights, None))
+    if config is None:  # weights-only file: top-level layers (even weightless) are all we know
+        for name in top_names:
+            if name not in weights_by_layer:
+                layers.append(KerasLayer(name, _infer_kind(name, {}), "", len(layers), {}, None))
+    for name, weights in weights_by_layer.items():
+        layers.append(KerasLayer(name, _infer_kind(name, weights), nested_in.get(name, ""), len(layers), weights, None))
     for layer in layers:
         if layer.kind == "layer_scale" and len(layer.weights) == 1:
             # Keras 3 calls LayerScale's only variable "variable", Keras 2 "Variable"/"gamma".
             layer.weights = {"gamma": next(iter(layer.weights.values()))}
     input_shape = _input_shape_from_config(config) if config is not None else None
     return KerasFile(path, "legacy-h5", model_name, layers, input_shape,
-                     _text(keras_version) if keras_version is not None else None)
+                     _text(keras_version) if keras_version is not None else None,
+                     structure_known=config is not None)
 
 
 # ---------------------------------------------------------------- Keras 3 .weights.h5
