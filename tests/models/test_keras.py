@@ -320,3 +320,7 @@ def test_name_must_agree_with_the_file(small_mobilenet_h5):
     assert load_keras_weights(small_mobilenet_h5, name="mobilenetv2").model_name == "mobilenetv2_035"
     with pytest.raises(WeightsError, match="convnext_tiny"):
         load_keras_weights(small_mobilenet_h5, name="convnext_tiny")
+    with pytest.raises(WeightsError, match="mobilenetv2_110d"):
+        load_keras_weights(small_mobilenet_h5, name="mobilenetv2_110d")
+    with pytest.raises(WeightsError, match="none of timm's MobileNetV2 widths"):
+        load_keras_weights(small_mobilenet_h5, name="mobilenetv2_100")  # a 0.35 file

@@ -130,6 +130,9 @@ def _mobilenetv2(kfile: KerasFile, layers: dict[str, KerasLayer], name: str | No
     model_kwargs = {"pad_type": "same", "bn_eps": eps_values.pop() if eps_values else 1e-3}
 
     candidates = [n for n in mobilenetv2.TIMM_WIDTHS.values() if name in (None, "mobilenetv2", n)]
+    if not candidates:
+        raise WeightsError(f"{path}: {name!r} is not a MobileNetV2 a Keras file can map to; use one of "
+                           f"{sorted(mobilenetv2.TIMM_WIDTHS.values())} or no name")
     mismatches = {}
     for model_name in candidates:
         problem = _mismatch_with_timm(state, model_name, num_classes, model_kwargs)
