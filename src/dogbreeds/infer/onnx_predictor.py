@@ -26,6 +26,9 @@ class OnnxBackend:
         if not self.path.is_file():
             raise WeightsError(f"{self.path}: no such ONNX file; create one with `dogbreeds export RUN --out {self.path.name}`")
         options = onnxruntime.SessionOptions()
+        # Idle intra-op threads sleep instead of spinning: spinning steals the cores that image
+        # decoding (CLI batches, the service's decode threads) needs on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:
