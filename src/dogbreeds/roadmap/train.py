@@ -54,7 +54,8 @@ class RoadmapTraining:
             data=str(self.data), breeds=self.breeds, seed=self.seed,
             augment=AugmentConfig.preset(self.augment), workers=self.workers,
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, min_lr=self.lr / 100,
-            weight_decay=self.weight_decay, warmup_epochs=min(1.0, float(self.epochs)),
+            weight_decay=self.weight_decay,
+            warmup_epochs=min(1.0, self.epochs / 5),  # a 1-epoch run must not spend it all warming up
             layer_decay=None,  # layer-wise decay protects pretrained layers; there are none here
             ema_decay=None,  # an EMA needs far more steps than a short sweep takes
             device=self.device, out=str(self.run_dir(step)),
