@@ -65,6 +65,7 @@ def test_export_checks_on_the_runs_own_test_photos(photos, tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"root": str(root), "files": {
         "test": [str(p.relative_to(root)) for p in photos[:3]] + ["gone/missing.jpg"], "val": [], "train": []}}))
     assert _check_photos(tmp_path, None) == photos[:3]
+    assert _check_photos(tmp_path / "checkpoints" / "best.safetensors", None) == photos[:3]  # a run's checkpoint
     assert _check_photos(tmp_path, [str(photos[4].parent)])[0].parent == photos[4].parent
 
 

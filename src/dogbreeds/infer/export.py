@@ -155,10 +155,12 @@ def _check_photos(run: Path, given: list[str] | None) -> list[Path]:
         if not photos:
             raise ExportCheckError(f"no images found in --check-images {given}; pass photo files or folders")
         return photos[:16]
-    split_file = run / "split.json"
-    if run.is_dir() and split_file.is_file():
+    # A checkpoint file sits in <run>/checkpoints/: its run's split.json is two levels up.
+    run_dir = run if run.is_dir() else run.parent.parent
+    split_file = run_dir / "split.json"
+    if split_file.is_file():
         split = json.loads(split_file.read_text())
-        root = Path(split.get("root", run))
+        root = Path(split.get("root", run_dir))
         for part in ("test", "val", "train"):
             found = [root / f for f in split.get("files", {}).get(part, [])]
             found = [p for p in found if p.is_file()][:DEFAULT_CHECK_COUNT]
