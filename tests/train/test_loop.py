@@ -181,3 +181,30 @@ def test_decoding_workers_do_not_change_the_result(tiny_data, tiny_recipe, tmp_p
             for workers in (0, 2)]
     a, b = (load_file(run / "checkpoints" / "last.safetensors") for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_feature_cache_key_changes_with_anything_the_features_depend_on(tiny_data, tmp_path):
+    import os
+
+    from dogbreeds.data.sources import load_dataset
+    from dogbreeds.train.features import feature_cache_key
+
+    splits = {"train": load_dataset(tiny_data, breeds="all").train}
+    pre = {"input_size": 32}
+    key = feature_cache_key("convnext_atto", None, pre, splits)
+    assert key == feature_cache_key("convnext_atto", None, dict(pre), splits)
+    assert key != feature_cache_key("convnext_femto", None, pre, splits)
+    assert key != feature_cache_key("convnext_atto", None, {"input_size": 48}, splits)
+    assert key != feature_cache_key("convnext_atto", None, pre, {"train": splits["train"][1:]})
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    with_weights = feature_cache_key("convnext_atto", str(weights), pre, splits)
+    weights.write_bytes(b"xy")  # a replaced weights file under the same name
+    assert with_weights != feature_cache_key("convnext_atto", str(weights), pre, splits)
+    photo = splits["train"][0].path
+    stat = os.stat(photo)
+    try:
+        os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edited photo
+        assert key != feature_cache_key("convnext_atto", None, pre, splits)
+    finally:
+        os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -65,6 +65,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 
     assert metrics(run) == metrics(reference)
     assert len(metrics(run)) == EPOCHS
+    assert not list((run / "checkpoints").glob(".*.tmp")), "a killed write left a temporary file behind"
 
 
 @pytest.fixture(scope="module")

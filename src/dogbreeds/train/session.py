@@ -268,7 +268,11 @@ class Session:
                 f"{self.run_dir} holds a run with a different recipe, so it cannot be resumed:\n  "
                 + "\n  ".join(mismatches)
                 + f"\nResume it with its own settings (--config {config}), or train into a new --out")
-        return load_resume_state(path)
+        state = load_resume_state(path)
+        if self.ctx.is_main:  # temporary files of writes that a kill cut short
+            for leftover in self.ckpt_dir.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+        return state
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
