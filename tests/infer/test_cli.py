@@ -38,10 +38,13 @@ def test_predict_with_a_missing_model_is_a_clear_error(tmp_path, photos, capsys)
 
 
 def test_explain_writes_an_overlay_the_size_of_the_photo(convnext_run, photos, tmp_path, capsys):
+    # The mini set's photos are 224x224; a wide crop checks the paste-back of the centre crop.
+    wide = tmp_path / "wide.jpg"
+    Image.open(photos[2]).crop((0, 40, 224, 170)).save(wide, quality=95)
     out = tmp_path / "heat.png"
     target = "Maltese dog"
-    assert main(["explain", str(convnext_run), str(photos[2]), "--out", str(out), "--breed", target]) == 0
-    assert Image.open(out).size == Image.open(photos[2]).size
+    assert main(["explain", str(convnext_run), str(wide), "--out", str(out), "--breed", target]) == 0
+    assert Image.open(out).size == (224, 130)
     assert f"Grad-CAM for {target}" in capsys.readouterr().out
 
 
