@@ -5,6 +5,8 @@ Public API (imported lazily so that light paths, such as ONNX prediction, never 
     create_model(name=None, num_classes=None, weights=None, **kwargs)
     load_run(path) -> LoadedModel (model, classes, preprocessing)
     Predictor.from_run(path).predict(images)
+    train(Recipe(...)) -> run directory
+    load_dataset(root, breeds='top20') -> Dataset
     Preprocessing, ClassInfo, ImageRecord, decode_image
 """
 from __future__ import annotations
@@ -22,6 +24,9 @@ _LAZY = {
     "ClassInfo": "dogbreeds.data.records",
     "ImageRecord": "dogbreeds.data.records",
     "decode_image": "dogbreeds.data.decode",
+    "train": "dogbreeds.train",
+    "Recipe": "dogbreeds.train",
+    "load_dataset": "dogbreeds.data.sources",
 }
 
 __all__ = sorted(_LAZY)
