@@ -1,0 +1,9 @@
+"""Inference side by side (timm eager, dogbreeds engine, HF, Keras, onnxruntime, int8) against the
+matmul ceiling; prints the table and writes docs/performance.md. Same as
+`dogbreeds bench --parts inference`; extra arguments are passed on (e.g. --quick, --batches 1,16)."""
+import sys
+
+from dogbreeds.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--parts", "inference", *sys.argv[1:]]))

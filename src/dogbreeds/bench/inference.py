@@ -1,0 +1,269 @@
+"""Inference side by side: every path on the same batch, interleaved (A B C A B C ...), medians.
+
+Paths per model (all fp32 unless labelled):
+  timm eager NCHW        what a user gets by default (the baseline of every ratio)
+  timm channels_last     the simplest lever
+  dogbreeds torch        build_engine(kind="torch"): conv-MLP layout + channels_last
+  dogbreeds engine       build_engine(kind="auto"): the default of predict/evaluate/serve
+  onnxruntime plain      the timm model exported as is, default SessionOptions
+  HF transformers        ConvNextForImageClassification / MobileNetV2ForImageClassification, random init
+  Keras (torch backend)  keras.applications ConvNeXtTiny / MobileNetV2, weights=None, NHWC input
+  int8 (separate)        build_engine(kind="int8"): dynamic int8 matmuls; changes the numbers
+  torch.compile          build_engine(kind="torch-compile"), only with --compile (minutes to compile)
+Weights are random: speed does not depend on them. The int8 agreement check uses real photos.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+BASELINE = "timm eager NCHW"
+ENGINE = "dogbreeds engine (auto)"
+INT8 = "int8 dynamic (separate path)"
+HF_CLASSES = {"convnext_tiny": ("ConvNextForImageClassification", "ConvNextConfig", {}),
+              "mobilenetv2_100": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {})}
+KERAS_APPS = {"convnext_tiny": "ConvNeXtTiny", "mobilenetv2_100": "MobileNetV2"}
+
+
+@dataclass
+class Path_:
+    name: str
+    run: Callable[[np.ndarray], object] | None  # None: unavailable (reason in note)
+    note: str = ""
+    times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per call
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    path: str
+    ms: float | None
+    images_per_s: float | None
+    ratio: float | None
+    fraction_of_ceiling: float | None
+    note: str = ""
+    gflop_per_image: float = 0.0
+
+
+def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tuple[list[Path_], float]:
+    """Every path for timm model `name`; returns them and the model's GFLOP per 224 image."""
+    import timm
+    import torch
+
+    from ..infer.engine import OrtEngine, build_engine, export_onnx_logits
+    from ..models.flops import count_gmacs
+
+    model = timm.create_model(name, pretrained=False).eval()
+    model.dogbreeds_name = name
+    gflop = 2 * count_gmacs(model, 224)
+    paths = [Path_(BASELINE, _torch_call(model, channels_last=False))]
+    cl_model = timm.create_model(name, pretrained=False).eval()
+    cl_model.load_state_dict(model.state_dict())
+    paths.append(Path_("timm channels_last", _torch_call(cl_model.to(memory_format=torch.channels_last), True)))
+    paths.append(_try("dogbreeds torch (conv-MLP, channels_last)", lambda: build_engine(model, kind="torch").run, log))
+    engine = [None]
+
+    def make_engine():
+        start = time.perf_counter()
+        engine[0] = build_engine(model, kind="auto", cache_dir=cache_dir)
+        log(f"  {name}: engine built in {time.perf_counter() - start:.1f}s ({engine[0]})")
+        return engine[0].run
+    paths.append(_try(ENGINE, make_engine, log))
+
+    def plain_ort():
+        plain = cache_dir / f"{name}-plain.onnx"
+        if not plain.is_file():
+            export_onnx_logits(model, plain, 224)
+        return OrtEngine(plain, tuned=False).run
+    paths.append(_try("onnxruntime plain (default options)", plain_ort, log))
+    paths.append(_try("HF transformers", lambda: _hf_call(name), log))
+    paths.append(_try("Keras 3 (torch backend)", lambda: _keras_call(name), log))
+    paths.append(_try(INT8, lambda: build_engine(model, kind="int8", cache_dir=cache_dir).run, log))
+    if with_compile:
+        compiled = []
+
+        def make_compiled():
+            compiled.append(build_engine(model, kind="torch-compile"))
+            return compiled[0].run
+        path = _try("torch.compile (inductor, freezing)", make_compiled, log)
+        if compiled:
+            path.note = "compile time: see log"
+            path.compiled = compiled[0]
+        paths.append(path)
+    return paths, gflop
+
+
+def _try(name: str, make, log) -> Path_:
+    """A path whose set-up failed stays in the table as 'unavailable', with the reason."""
+    try:
+        return Path_(name, make())
+    except Exception as exc:  # any library's failure: reported, never hidden
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        log(f"  {name}: unavailable ({reason})")
+        return Path_(name, None, f"unavailable: {reason}")
+
+
+def _torch_call(model, channels_last: bool):
+    import torch
+
+    def run(batch: np.ndarray):
+        x = torch.from_numpy(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def _hf_call(name: str):
+    import torch
+    import transformers
+
+    model_cls, config_cls, extra = HF_CLASSES[name]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(num_labels=1000, **extra)).eval()
+
+    def run(batch: np.ndarray):
+        with torch.inference_mode():
+            return model(pixel_values=torch.from_numpy(batch)).logits
+    return run
+
+
+def _keras_call(name: str):
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import torch
+
+    if keras.backend.backend() != "torch":
+        raise RuntimeError(f"keras was already imported with the {keras.backend.backend()!r} backend; "
+                           "run the benchmark with KERAS_BACKEND=torch")
+    model = getattr(keras.applications, KERAS_APPS[name])(weights=None, input_shape=(224, 224, 3), classes=1000)
+    nhwc = {}
+
+    def run(batch: np.ndarray):
+        # Keras applications take NHWC; the transpose is done once per batch, outside the timing.
+        key = batch.__array_interface__["data"][0]
+        if key not in nhwc:
+            nhwc[key] = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 2, 3, 1)))
+        with torch.no_grad():
+            return model(nhwc[key], training=False)
+    return run
+
+
+def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path, with_compile: bool,
+            ceiling, log=print) -> list[Result]:
+    """Time every path of every model at every batch size, interleaved, and sample the ceiling
+    once per round; return one Result per (model, batch, path)."""
+    results = []
+    rng = np.random.default_rng(0)
+    for name in models:
+        paths, gflop = build_paths(name, cache_dir, with_compile, log)
+        live = [p for p in paths if p.run is not None]
+        for batch in batches:
+            x = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+            for p in live:  # warm-up (and, for torch.compile, the compilation)
+                start = time.perf_counter()
+                p.run(x)
+                if getattr(p, "compiled", None) is not None:
+                    p.note = f"first call (compile) {time.perf_counter() - start:.0f}s"
+            for r in range(rounds * 3 if batch == 1 else rounds):  # batch 1 is cheap: more rounds
+                order = live if r % 2 == 0 else live[::-1]  # alternate the order: no path always runs first
+                for p in order:
+                    start = time.perf_counter()
+                    p.run(x)
+                    p.times.setdefault(batch, []).append(time.perf_counter() - start)
+                ceiling.sample()
+            base = np.median(next(p for p in paths if p.name == BASELINE).times[batch])
+            for p in paths:
+                if p.run is None:
+                    results.append(Result(name, batch, p.name, None, None, None, None, p.note, gflop))
+                    continue
+                seconds = float(np.median(p.times[batch]))
+                ips = batch / seconds
+                results.append(Result(name, batch, p.name, seconds * 1000, ips, base / seconds,
+                                      ips * gflop / ceiling.gflops, p.note, gflop))
+            log(f"  {name} batch {batch}: " + ", ".join(f"{r.path} {r.ratio:.2f}x" for r in results[-len(paths):] if r.ratio))
+    # fractions use the ceiling of the whole run (more samples than there were when each was logged)
+    for r in results:
+        if r.images_per_s is not None:
+            r.fraction_of_ceiling = r.images_per_s * r.gflop_per_image / ceiling.gflops
+    return results
+
+
+def sample_photos(root: Path, count: int) -> list[Path]:
+    """`count` real photos spread over the breeds of a Stanford Dogs layout (deterministic)."""
+    files = sorted((root / "Images").glob("*/*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"no photos under {root}/Images/*/*.jpg; pass --photos pointing at Stanford Dogs")
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | None, log=print) -> list[dict]:
+    """Top-1 agreement of the int8 path with fp32 on real photos, for a trained MobileNetV2
+    (the real Keras weights, if present) and a random-init ConvNeXt-T (argmax over 1000 logits:
+    a weaker test, since random logits are close together)."""
+    import timm
+
+    from ..data.decode import decode_image
+    from ..infer.engine import build_engine
+    from ..infer.preprocess_np import NumpyEvalTransform
+    from ..models.factory import create_model
+
+    subjects = []
+    if keras_weights is not None and keras_weights.is_file():
+        subjects.append(("MobileNetV2, real Keras weights (19 breeds, 160 px)",
+                         create_model(None, num_classes=19, weights=keras_weights)))
+    else:
+        log(f"  int8 agreement: no real MobileNetV2 weights at {keras_weights}; skipped")
+    convnext = timm.create_model("convnext_tiny", pretrained=False).eval()
+    convnext.preprocessing = create_model("convnext_tiny").preprocessing
+    subjects.append(("ConvNeXt-T, random init (1000 logits)", convnext))
+    rows = []
+    for label, model in subjects:
+        model.eval()
+        transform = NumpyEvalTransform(model.preprocessing)
+        batch = np.stack([transform(decode_image(p)) for p in photos])
+        fp32 = build_engine(model, kind="auto", cache_dir=cache_dir)
+        int8 = build_engine(model, kind="int8", cache_dir=cache_dir)
+        a = np.concatenate([fp32.run(batch[i:i + 16]) for i in range(0, len(batch), 16)])
+        b = np.concatenate([int8.run(batch[i:i + 16]) for i in range(0, len(batch), 16)])
+        agree = float((a.argmax(1) == b.argmax(1)).mean())
+        rows.append({"model": label, "photos": len(photos), "top1_agreement": agree,
+                     "max_abs_logit_diff": float(np.abs(a - b).max())})
+        log(f"  int8 agreement {label}: {agree:.1%} on {len(photos)} photos")
+    return rows
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.model, r.batch) for r in results}, key=lambda g: (g[0], g[1]))
+    names = list(dict.fromkeys(r.path for r in results))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.6), squeeze=False)
+    for ax, (model, batch) in zip(axes[0], groups):
+        rows = {r.path: r for r in results if r.model == model and r.batch == batch}
+        values = [rows[n].ratio or 0 if n in rows else 0 for n in names]
+        colors = ["tab:orange" if n == ENGINE else "tab:gray" if n == INT8 else "tab:blue" for n in names]
+        ax.barh(range(len(names)), values, color=colors)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{model}, batch {batch}", fontsize=9)
+        ax.set_xlabel("speed vs timm eager NCHW (x)")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)
+    fig.suptitle("Inference throughput relative to timm eager (fp32, same run, medians)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,155 @@
+"""The inference engine gives the torch model's numbers on real photos, and caches its export.
+
+Correctness only: speed is measured by `dogbreeds bench`, never asserted here.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dogbreeds.infer.engine import EngineBackend, build_engine, inference_layout, softmax
+
+INPUT_SIZE = 96  # small inputs keep the exports and sessions quick
+
+
+def _tiny(name: str, num_classes: int = 10):
+    """A tiny model; ConvNeXt-atto with timm's default Linear MLPs (like ConvNeXt-T; atto's own
+    default is conv_mlp=True), so the engine's layout rewrite is exercised."""
+    from dogbreeds.models.factory import create_model
+
+    torch.manual_seed(0)
+    kwargs = {"conv_mlp": False} if name.startswith("convnext") else {}
+    model = create_model(name, num_classes=num_classes, **kwargs).eval()
+    model.preprocessing = model.preprocessing.with_input_size(INPUT_SIZE)
+    return model
+
+
+@pytest.fixture(scope="module")
+def photo_batch(mini_root) -> np.ndarray:
+    """Two real photos of different breeds, preprocessed the model's way (numpy eval transform)."""
+    from dogbreeds.data.decode import decode_image
+    from dogbreeds.infer.preprocess_np import NumpyEvalTransform
+    from dogbreeds.preprocessing import Preprocessing
+
+    breeds = sorted(p for p in (mini_root / "Images").iterdir())[:2]
+    transform = NumpyEvalTransform(Preprocessing(input_size=INPUT_SIZE))
+    return np.stack([transform(decode_image(sorted(b.glob("*.jpg"))[0])) for b in breeds])
+
+
+def _reference(model, batch: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(batch)).numpy()
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv2_050"])
+@pytest.mark.parametrize("kind", ["auto", "onnxruntime", "torch"])
+def test_engine_matches_torch_on_real_photos(name, kind, photo_batch, tmp_path):
+    model = _tiny(name)
+    expected = _reference(model, photo_batch)
+    engine = build_engine(model, kind=kind, cache_dir=tmp_path)
+    got = engine.run(photo_batch)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(engine.probabilities(photo_batch), softmax(expected), atol=1e-5)
+    # batch size the export never saw
+    np.testing.assert_allclose(engine.run(photo_batch[:1]), expected[:1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_engine_matches_torch(photo_batch):
+    model = _tiny("convnext_atto")
+    engine = build_engine(model, kind="torch-compile")
+    np.testing.assert_allclose(engine.run(photo_batch), _reference(model, photo_batch), atol=1e-4, rtol=0)
+    assert engine.compile_seconds  # the first call compiled and was timed
+
+
+def test_int8_engine_is_a_separate_labelled_path(photo_batch, tmp_path):
+    model = _tiny("convnext_atto")
+    engine = build_engine(model, kind="int8", cache_dir=tmp_path)
+    assert engine.kind == "int8" and engine.path.name.endswith("-int8.onnx")
+    got, expected = engine.run(photo_batch), _reference(model, photo_batch)
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    # int8 changes the numbers, but only a little
+    assert np.abs(got - expected).max() < 0.1 * (1 + np.abs(expected).max())
+
+
+def test_conv_mlp_layout_keeps_the_numbers(photo_batch):
+    model = _tiny("convnext_atto")
+    rebuilt = inference_layout(model)
+    assert not any(b.use_conv_mlp for b in model.modules() if hasattr(b, "use_conv_mlp"))
+    assert all(b.use_conv_mlp for b in rebuilt.modules() if hasattr(b, "use_conv_mlp"))
+    assert rebuilt.preprocessing == model.preprocessing
+    np.testing.assert_allclose(_reference(rebuilt, photo_batch), _reference(model, photo_batch), atol=1e-5, rtol=0)
+    mobilenet = _tiny("mobilenetv2_050")
+    assert inference_layout(mobilenet) is mobilenet  # nothing to change
+
+
+def test_export_is_cached_and_a_changed_model_reexports(tmp_path):
+    model = _tiny("convnext_atto")
+    first = build_engine(model, kind="auto", cache_dir=tmp_path)
+    second = build_engine(model, kind="auto", cache_dir=tmp_path)
+    assert first.exported and not second.exported and first.path == second.path
+    with torch.no_grad():
+        model.head.fc.bias.add_(1.0)
+    third = build_engine(model, kind="auto", cache_dir=tmp_path)
+    assert third.exported and third.path != first.path
+
+
+def test_unknown_kind_names_the_choices():
+    with pytest.raises(Exception, match="unknown engine kind 'fastest'.*onnxruntime"):
+        build_engine(_tiny("convnext_atto"), kind="fastest")
+
+
+def _save_run(root: Path, model, mini_root: Path) -> Path:
+    from dogbreeds.data.records import ClassInfo
+    from dogbreeds.models.checkpoint_format import save_model_checkpoint
+
+    breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[: model.num_classes]
+    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
+    return root
+
+
+def test_backend_from_run_reuses_the_export_without_loading_the_model(tmp_path, mini_root, monkeypatch):
+    from dogbreeds.data.decode import decode_image
+    from dogbreeds.infer.predictor import Predictor, TorchBackend
+
+    model = _tiny("convnext_atto")
+    run = _save_run(tmp_path / "run", model, mini_root)
+    first = EngineBackend.from_run(run)
+    assert first.engine.exported and first.engine.path.parent == run / "export"
+
+    import dogbreeds.models.factory as factory
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached export must not load the torch model")
+    monkeypatch.setattr(factory, "load_run", no_loading)
+    second = EngineBackend.from_run(run)
+    assert second.engine.path == first.engine.path and not second.engine.exported
+    monkeypatch.undo()
+
+    # same predictions as the torch backend on a real photo (each with its own preprocessing)
+    photo = sorted((mini_root / "Images").glob("*/*.jpg"))[0]
+    image = decode_image(photo)
+    torch_backend = TorchBackend.from_run(run)
+    expected = torch_backend.forward(torch_backend.preprocess(image)[None])
+    np.testing.assert_allclose(second.forward(second.preprocess(image)[None]), expected, atol=1e-3)
+    top = Predictor(second).predict([photo], top_k=3)[0]
+    assert top.ok and len(top.top) == 3
+
+    # a changed checkpoint gets a new export
+    with torch.no_grad():
+        model.head.fc.bias.add_(1.0)
+    _save_run(run, model, mini_root)
+    third = EngineBackend.from_run(run)
+    assert third.engine.exported and third.engine.path != first.engine.path
+
+
+def test_engine_module_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, dogbreeds.infer.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
