@@ -55,7 +55,7 @@ def register(subparsers) -> None:
     compare.add_argument("--quick", action="store_true",
                          help="minutes on a CPU: pretrained models train the head on cached features at 128 px "
                               "(10 epochs); from-scratch models are swapped for the smallest family member "
-                              "(convnext_atto/femto, mobilenetv2_050) at 64 px for 4 epochs")
+                              "(convnext_atto/femto, mobilenetv2_050) at 64 px for 3 epochs")
     compare.add_argument("--no-pretrained", action="store_true",
                          help="drop pretrained tags and train from scratch (for machines without network)")
     compare.add_argument("--weights", action="append", metavar="MODEL=PATH",

@@ -35,7 +35,7 @@ QUICK_SCRATCH_SUBSTITUTES = {
     "mobilenetv2_140": "mobilenetv2_050",
 }
 QUICK_SCRATCH_INPUT = 64      # px; from-scratch training cost grows with the square of this
-QUICK_SCRATCH_EPOCHS = 4
+QUICK_SCRATCH_EPOCHS = 3
 QUICK_PRETRAINED_INPUT = 128  # px; a frozen backbone only runs forward, once per image
 QUICK_PRETRAINED_EPOCHS = 10  # head-only epochs on cached features take seconds
 SPEED_BATCH = 16

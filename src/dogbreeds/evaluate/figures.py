@@ -11,6 +11,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI; must happen before pyplot is imported
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -83,28 +84,30 @@ def plot_training_curves(histories: dict[str, dict[str, list]], path: str | Path
                          title: str = "Validation accuracy and loss per epoch") -> Path:
     """One figure for all models: val top-1 on the left, loss on the right (val solid,
     train dashed). `histories[model] = {"epoch": [...], "val_top1": [...], "val_loss": [...],
-    "train_loss": [...]}`; missing series are simply not drawn."""
+    "train_loss": [...]}`; missing series are simply not drawn. One legend (a colour per
+    model) sits under both panels so it never hides a curve."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    handles = []
     for index, (name, series) in enumerate(histories.items()):
         colour = f"C{index % 10}"
         epochs = series.get("epoch", [])
+        handles.append(matplotlib.lines.Line2D([], [], color=colour, marker="o", markersize=3, label=name))
         if series.get("val_top1"):
-            acc_ax.plot(epochs, [100 * v for v in series["val_top1"]], marker="o", markersize=3,
-                        color=colour, label=name)
+            acc_ax.plot(epochs, [100 * v for v in series["val_top1"]], marker="o", markersize=3, color=colour)
         if series.get("val_loss"):
-            loss_ax.plot(epochs, series["val_loss"], marker="o", markersize=3, color=colour, label=f"{name} val")
+            loss_ax.plot(epochs, series["val_loss"], marker="o", markersize=3, color=colour)
         if series.get("train_loss"):
-            loss_ax.plot(epochs, series["train_loss"], linestyle="--", color=colour, alpha=0.7,
-                         label=f"{name} train")
+            loss_ax.plot(epochs, series["train_loss"], linestyle="--", color=colour, alpha=0.7)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("val top-1 (%)")
     acc_ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("cross-entropy loss")
+    loss_ax.set_title("solid: val, dashed: train (train includes label smoothing)", fontsize=9)
     loss_ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=7)
     fig.suptitle(title)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, max(1, len(handles))),
+               fontsize=8, frameon=False)
     return _save(fig, path)
 
 
