@@ -55,8 +55,8 @@ def plot_confusion_matrix(matrix, names: Sequence[str], path: str | Path, title:
 
 
 def plot_reliability(bins: CalibrationBins, path: str | Path, ece: float, title: str = "Reliability diagram") -> Path:
-    """Accuracy per confidence bin against the diagonal of perfect calibration, with the
-    number of images per bin underneath (empty bins are drawn as gaps)."""
+    """Accuracy per confidence bin beside its mean confidence and the diagonal of perfect
+    calibration, with the number of images per bin underneath (empty bins are left out)."""
     edges = np.asarray(bins.edges)
     width = np.diff(edges)
     centres = edges[:-1] + width / 2
@@ -65,9 +65,10 @@ def plot_reliability(bins: CalibrationBins, path: str | Path, ece: float, title:
     filled = np.asarray(bins.count) > 0
     top.bar(centres[filled], np.asarray(bins.accuracy)[filled], width=width[filled], edgecolor="black",
             color="tab:blue", alpha=0.8, label="accuracy")
-    top.bar(centres[filled], (np.asarray(bins.confidence) - np.asarray(bins.accuracy))[filled],
-            bottom=np.asarray(bins.accuracy)[filled], width=width[filled], color="tab:red", alpha=0.3,
-            edgecolor="tab:red", label="gap to confidence")
+    # Confidence as an unfilled red outline: where red is above blue the model is
+    # over-confident, where blue pokes out above red it is under-confident.
+    top.bar(centres[filled], np.asarray(bins.confidence)[filled], width=width[filled], fill=False,
+            edgecolor="tab:red", linewidth=1.5, label="mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
