@@ -213,6 +213,10 @@ def run_compare(options: CompareOptions) -> Path:
     recipes = [build_recipe(plan, options) for plan in plans]
     check_pretrained_available(plans)
     out.mkdir(parents=True, exist_ok=True)
+    # Wall time of train() per model, summed over compare calls (an interrupted call counts
+    # too), because epoch times leave out feature extraction, validation and checkpoints.
+    timings_path = out / "train_wall_seconds.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     rows = []
     for plan, recipe in zip(plans, recipes):
         run_dir = Path(recipe.out)
@@ -220,7 +224,12 @@ def run_compare(options: CompareOptions) -> Path:
             print(f"[compare] {plan.model}: finished run found in {run_dir}, not training again", flush=True)
         else:
             print(f"[compare] training {plan.model} ({plan.note}) -> {run_dir}", flush=True)
-            train(recipe)
+            train_started = time.perf_counter()
+            try:
+                train(recipe)
+            finally:
+                timings[plan.run_name] = timings.get(plan.run_name, 0.0) + time.perf_counter() - train_started
+                timings_path.write_text(json.dumps(timings, indent=1) + "\n")
         eval_path = run_dir / "eval" / "test.json"
         best = run_dir / "checkpoints" / "best.safetensors"
         if eval_path.is_file() and best.is_file() and eval_path.stat().st_mtime >= best.stat().st_mtime:
@@ -228,6 +237,7 @@ def run_compare(options: CompareOptions) -> Path:
         else:
             result = evaluate_run(run_dir, options.data, "test", batch_size=32)
         rows.append({"plan": plan, "recipe": recipe, "run_dir": run_dir, "eval": result,
+                     "train_wall_seconds": timings.get(plan.run_name),
                      "train_seconds": sum(line.get("epoch_time", 0.0) for line in read_history(run_dir))})
 
     loaded = {row["plan"].run_name: load_run(row["run_dir"]) for row in rows}

@@ -221,6 +221,10 @@ def _split_fingerprint(run_dir: Path) -> tuple:
     return tuple(tuple(summary["files"][s]) for s in SPLITS), summary
 
 
+def _minutes(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def _pct(value) -> str:
     return f"{100 * value:.1f}%"
 
@@ -273,7 +277,7 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
         "## Results on the test split",
         "",
         "| model | initialisation | input px | test top-1 | top-5 | loss | ECE | params (M) | GMACs @input | GMACs @224 "
-        "| images/s | train time |",
+        "| images/s | train time: wall / epochs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -282,7 +286,7 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
             f"| {row['plan'].model} | {row['plan'].note} | {row['input_size']} | {_pct(result['top1'])} | "
             f"{_pct(result['top5'])} | {result['loss']:.3f} | {result['ece']:.3f} | {row['params_m']:.2f} | "
             f"{row['gmacs']:.3f} | {row['gmacs_224']:.2f} | {row['images_per_s']:.0f} | "
-            f"{row['train_seconds'] / 60:.1f} min |")
+            f"{_minutes(row.get('train_wall_seconds'))} / {_minutes(row['train_seconds'])} |")
     lines += [
         "",
         f"Test set: {rows[0]['eval']['n_images']} images"
@@ -290,8 +294,9 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
         + ". Loss is the mean negative log-likelihood of the true breed; ECE uses 15 equal-width confidence bins. "
         "images/s: eval mode, batch 16, fp32, random input at the run's input size, on the CPU "
         f"({machine['threads']} torch thread(s), {machine['cpu_count']} cores visible, torch {machine['torch']}); "
-        "the models were measured in turn in one process, median of the rounds. Train time is the sum of the "
-        "epochs' times from metrics.jsonl (validation excluded).",
+        "the models were measured in turn in one process, median of the rounds. Train time: wall time of "
+        "train() in compare (feature extraction, validation and checkpoints included; n/a when the run was "
+        "trained elsewhere) / sum of the epochs' training time from metrics.jsonl.",
         "",
         "## Training curves",
         "",
