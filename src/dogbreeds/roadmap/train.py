@@ -8,6 +8,7 @@ be done in pieces. The summary is OUT/roadmap.md, OUT/roadmap.json and OUT/roadm
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def collect_results(plan: RoadmapTraining) -> list[dict]:
 def format_results(rows: list[dict], plan: RoadmapTraining) -> str:
     chance = 100 / rows[0]["num_classes"] if rows else float("nan")
     lines = [
-        f"Dogs: {plan.breeds} breeds, {plan.input_size}x{plan.input_size} px, {plan.epochs} epochs from scratch, "
+        f"Dogs: {plan.breeds} breeds, {plan.input_size}x{plan.input_size} px, {plan.epochs} epoch(s) from scratch, "
         f"batch {plan.batch_size}, AdamW lr {plan.lr:g}, '{plan.augment}' augmentation, seed {plan.seed}; "
         f"chance is {chance:.1f}%.",
         "",
@@ -176,7 +177,7 @@ def write_summary(plan: RoadmapTraining, rows: list[dict]) -> None:
     (out / "roadmap.md").write_text(format_results(rows, plan) + "\n")
     if rows:
         plot_roadmap(rows, out / "roadmap.png",
-                     subtitle=f"dogs: {plan.breeds}, {plan.input_size}px, {plan.epochs} epochs from scratch")
+                     subtitle=f"dogs: {plan.breeds}, {plan.input_size}px, {plan.epochs} epoch(s) from scratch")
 
 
 def plot_roadmap(rows: list[dict], path: str | Path, subtitle: str = "") -> Path:
@@ -191,12 +192,20 @@ def plot_roadmap(rows: list[dict], path: str | Path, subtitle: str = "") -> Path
                                                gridspec_kw={"height_ratios": [1, 1]})
     steps = [r["step"] for r in rows]
     dogs = [r["dogs_test_top1"] for r in rows]
-    ax_dogs.plot(steps, dogs, "o-", color="tab:blue", label="dogs test top-1 (this project)")
+    # Error bars: one binomial standard error of the test accuracy, so noise is not read as a trend.
+    errors = [100 * math.sqrt(max(d / 100 * (1 - d / 100), 1e-12) / r["test_images"]) if r.get("test_images") else 0.0
+              for d, r in zip(dogs, rows)]
+    ax_dogs.errorbar(steps, dogs, yerr=errors, fmt="o", color="tab:blue", capsize=3,
+                     label="dogs test top-1 (this project), ±1 standard error")
+    for (s0, d0), (s1, d1) in zip(zip(steps, dogs), zip(steps[1:], dogs[1:])):
+        if s1 == s0 + 1:  # join neighbours only: a line over untrained steps would invent values
+            ax_dogs.plot([s0, s1], [d0, d1], color="tab:blue")
     for s, value in zip(steps, dogs):
-        ax_dogs.annotate(f"{value:.1f}", (s, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax_dogs.annotate(f"{value:.1f}", (s, value), textcoords="offset points", xytext=(7, -3), ha="left", fontsize=8)
     chance = 100 / rows[0]["num_classes"]
     ax_dogs.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
     ax_dogs.set_ylabel("dogs top-1 (%)")
+    ax_dogs.set_ylim(0, max(max(dogs) + max(errors) + 5, 2 * chance))
     ax_dogs.set_title(f"ResNet-50 -> ConvNeXt-T, step by step ({subtitle})", fontsize=10)
     ax_dogs.legend(loc="upper left", fontsize=8)
     ax_dogs.grid(alpha=0.3)
