@@ -51,11 +51,29 @@ def test_without_network_fails_before_training(monkeypatch, tmp_path, mini_root,
 
 
 @pytest.mark.slow
-def test_quick_compare_writes_report_and_resumes(mini_root, tmp_path, capsys):
+def test_quick_compare_writes_report_and_resumes(mini_root, tmp_path, capsys, monkeypatch):
+    import dogbreeds.train.loop as loop
+
     out = tmp_path / "cmp"
     argv = ["compare", "--data", str(mini_root), "--out", str(out), "--models", "convnext_atto,mobilenetv2_100",
             "--quick", "--no-pretrained", "--epochs", "1", "--input-size", "32", "--breeds", "top3", "--workers", "0"]
+    # First call: interrupted (Ctrl-C) when the second model starts training.
+    real_train = loop.train
+
+    def interrupted_on_second_model(recipe, hooks=None):
+        if "mobilenetv2" in recipe.model:
+            raise KeyboardInterrupt
+        return real_train(recipe, hooks)
+
+    monkeypatch.setattr(loop, "train", interrupted_on_second_model)
+    assert main(argv) == 130
+    assert not (out / "report.md").exists()
+    monkeypatch.setattr(loop, "train", real_train)
+    capsys.readouterr()
+    # Second call: the finished first run is skipped, the second is trained, the report written.
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("not training again") == 1 and "training mobilenetv2_050" in printed
     report = (out / "report.md").read_text()
     rows = [line for line in report.splitlines() if re.match(r"\| (convnext_atto|mobilenetv2_050) \|", line)]
     assert len(rows) == 2, report
@@ -71,7 +89,6 @@ def test_quick_compare_writes_report_and_resumes(mini_root, tmp_path, capsys):
     for run in ("convnext_atto", "mobilenetv2_050"):
         result = json.loads((out / "runs" / run / "eval" / "test.json").read_text())
         assert result["n_images"] == json.loads((out / "runs" / run / "split.json").read_text())["counts"]["test"]
-    capsys.readouterr()
-    # Rerunning the same command skips the finished runs instead of training them again.
+    # Third call: both runs are finished; nothing is trained again.
     assert main(argv) == 0
     assert capsys.readouterr().out.count("not training again") == 2
