@@ -130,3 +130,17 @@ def test_bad_requests_say_what_to_do():
         roadmap.RoadmapNet(roadmap.RoadmapConfig(norm="group"))
     with pytest.raises(ValueError, match="4 stage depths.*3 widths"):
         roadmap.RoadmapNet(roadmap.RoadmapConfig(widths=(64, 128, 256)))
+
+
+def test_step11_takes_a_convnext_tiny_weights_file_through_create_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from dogbreeds.models.factory import create_model
+
+    reference = _randomize(meta_model("convnext_tiny").to_empty(device="cpu"), seed=3)
+    path = tmp_path / "convnext_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = create_model("roadmap_step11", weights=path).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-4
