@@ -81,7 +81,7 @@ class RoadmapConfig:
 
 
 # The journey, one change per step (paper Sec. 2.2-2.6, Figure 2).
-STEPS: list[RoadmapConfig] = [RoadmapConfig()] * NUM_STEPS
+STEPS: list[RoadmapConfig] = [RoadmapConfig()] * NUM_STEPS  # each entry set below, from the one before
 STEPS[0] = RoadmapConfig()  # ResNet-50 (torchvision layout), under the modern recipe
 STEPS[1] = replace(STEPS[0], depths=(3, 3, 9, 3))  # stage compute ratio of Swin-T
 STEPS[2] = replace(STEPS[1], stem="patchify")  # non-overlapping 4x4 patches, like a ViT
