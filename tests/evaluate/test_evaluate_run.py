@@ -83,6 +83,20 @@ def test_other_root_resplits_with_the_runs_breeds_and_counts_bad_files(tiny_run,
         assert "load_dataset" in result["records_from"]
         seen, skipped = seen + result["n_images"], skipped + result["skipped"]
     assert skipped == 1 and seen + skipped == 30
+    broken = [f for name in ("train", "val", "test")
+              for f in json.loads((tiny_run / "eval" / f"{name}.json").read_text())["skipped_files"]]
+    assert [f["path"] for f in broken] == [str(victim)]
+
+
+def test_without_split_json_the_config_gives_breeds_and_seed(tiny_run, mini_root, tmp_path):
+    # An older or hand-made run with config.yaml but no split.json: same root, split re-made
+    # from the recorded seed, which (same data, same seed) reproduces the run's test list.
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("eval", "figures", "split.json", "resume.pt"))
+    assert main(["evaluate", str(copy), "--data", str(mini_root)]) == 0
+    result = json.loads((copy / "eval" / "test.json").read_text())
+    assert "re-made" in result["records_from"]
+    assert result["n_images"] == json.loads((tiny_run / "split.json").read_text())["counts"]["test"]
 
 
 def test_wrong_breeds_is_a_clear_error(tiny_run, tmp_path, capsys):

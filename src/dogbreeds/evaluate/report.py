@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from . import figures, metrics
 
 SPLITS = ("train", "val", "test")
 TTA_CHOICES = (None, "flip")
+ECE_BINS = 15
 
 
 def _read_json(path: Path) -> dict:
@@ -39,9 +41,11 @@ def _read_split_settings(run_dir: Path) -> dict:
                         "evaluate a run directory written by `dogbreeds train`")
     import yaml
 
+    # A run's config.yaml is its Recipe: `data` is the root; seed and fractions sit beside it.
     config = yaml.safe_load(config_path.read_text()) or {}
-    data = config.get("data") if isinstance(config.get("data"), dict) else config
-    return {key: data[key] for key in ("root", "seed", "val_fraction", "test_fraction") if key in data}
+    settings = {"root": config.get("data"), "seed": config.get("seed"),
+                "val_fraction": config.get("val_fraction"), "test_fraction": config.get("test_fraction")}
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 def _same_dir(a, b) -> bool:
@@ -63,9 +67,11 @@ def records_for_split(run_dir: Path, data_root: str | Path, split: str, classes:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     settings = _read_split_settings(run_dir)
-    dataset = load_dataset(data_root, breeds=list(classes.breed_ids), seed=int(settings.get("seed", 0)),
-                           val_fraction=float(settings.get("val_fraction") or 0.1),
-                           test_fraction=float(settings.get("test_fraction") or 0.2))
+    # Only what the run recorded is passed on; anything it did not record keeps load_dataset's
+    # own default, the same default training used. (test_fraction is None in split.json when
+    # the data has an official test list, which load_dataset then uses instead.)
+    split_args = {key: settings[key] for key in ("seed", "val_fraction", "test_fraction") if settings.get(key) is not None}
+    dataset = load_dataset(data_root, breeds=list(classes.breed_ids), **split_args)
     if tuple(dataset.classes.breed_ids) != tuple(classes.breed_ids):
         raise DataError(f"breeds under {data_root} differ from {run_dir / 'classes.json'}; "
                         "evaluate on data that holds the run's breeds")
@@ -83,17 +89,15 @@ def records_for_split(run_dir: Path, data_root: str | Path, split: str, classes:
     if missing:
         raise DataError(f"{len(missing)} file(s) of the run's {split} split are no longer under {root} "
                         f"(first: {missing[0]}); restore them, or evaluate a copy of the data elsewhere")
-    from dataclasses import replace
-
     records = [replace(by_relative[f], split=split) for f in listed]
     return records, f"{run_dir / 'split.json'} (the run's own {split} list, {len(records)} files)"
 
 
 def predict_probabilities(model, records: list[ImageRecord], transform, batch_size: int, tta: str | None):
-    """Softmax probabilities for every readable record, their labels, and the skipped count.
+    """Softmax probabilities for every readable record, their labels, and the skipped files.
 
     With tta="flip" the probabilities of the photo and its mirror image are averaged (not the
-    logits: averaging probabilities is what the PoC did and keeps the result a distribution)."""
+    logits), so the result stays a distribution and its loss a proper negative log-likelihood."""
     import torch
 
     from ..data.loaders import make_loader
@@ -110,7 +114,7 @@ def predict_probabilities(model, records: list[ImageRecord], transform, batch_si
                 probs = (probs + torch.softmax(model(torch.flip(images, dims=[3])).float(), dim=1)) / 2
             all_probs.append(probs.numpy())
             all_labels.append(labels.numpy())
-    skipped = len(loader.skipped)  # the loader counts files that failed to decode
+    skipped = loader.skipped.to_list()  # files that failed to decode: path and reason
     probs = np.concatenate(all_probs) if all_probs else np.zeros((0, 0))
     labels = np.concatenate(all_labels) if all_labels else np.zeros((0,), dtype=np.int64)
     return probs, labels, skipped
@@ -134,8 +138,9 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
     transform = build_eval_transform(loaded.preprocessing)
     probs, labels, skipped = predict_probabilities(loaded.model, records, transform, batch_size, tta)
     if len(labels) == 0:
-        raise DataError(f"every image of the {split} split was unreadable ({skipped} skipped); check {data_root}")
-    summary = metrics.summarize(probs, labels)
+        raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
+                        f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
+    summary = metrics.summarize(probs, labels, n_bins=ECE_BINS)
     scores = summary["scores"]
     result = {
         "split": split,
@@ -146,12 +151,13 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "tta": tta,
         "records_from": records_source,
         "n_images": int(len(labels)),
-        "skipped": int(skipped),
+        "skipped": len(skipped),
+        "skipped_files": skipped,
         "top1": summary["top1"],
         "top5": summary["top5"],
         "loss": summary["loss"],
         "ece": summary["ece"],
-        "ece_bins": 15,
+        "ece_bins": ECE_BINS,
         "macro_f1": summary["macro_f1"],
         "classes": list(loaded.classes.breed_ids),
         "per_class": {
