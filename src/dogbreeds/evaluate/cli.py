@@ -57,7 +57,8 @@ def register(subparsers) -> None:
                               "(10 epochs); from-scratch models are swapped for the smallest family member "
                               "(convnext_atto/femto, mobilenetv2_050) at 64 px for 3 epochs")
     compare.add_argument("--no-pretrained", action="store_true",
-                         help="drop pretrained tags and train from scratch (for machines without network)")
+                         help="drop pretrained tags and train from scratch (for machines without network); "
+                              "models given --weights still start from their file")
     compare.add_argument("--weights", action="append", metavar="MODEL=PATH",
                          help="start MODEL from a local weights file (any format create_model reads); repeatable")
     compare.add_argument("--epochs", type=_positive_int, default=None, help="epochs for every model")
