@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import DogbreedsError
+from .inference import ENGINE
 
 DEFAULT_MODELS = "convnext_tiny,mobilenetv2_100"
 PHOTOS = Path("/work/shared/data/stanford-dogs-mini")
@@ -69,6 +70,14 @@ def run_bench(args) -> int:
     if "inference" in parts:
         print("inference (interleaved rounds; ceiling sampled every round):")
         report["inference"] = inference.measure(models, batches, rounds, args.cache_dir, args.compile, ceiling)
+        if "convnext_tiny" in models:
+            import timm
+
+            from ..infer.engine import build_engine
+
+            onnx_path = build_engine(timm.create_model("convnext_tiny").eval(), kind="auto", cache_dir=args.cache_dir).path
+            report["op_profile"] = {"model": "convnext_tiny", "batch": 16 if 16 in batches else batches[-1]}
+            report["op_profile"]["shares"] = inference.op_profile(onnx_path, report["op_profile"]["batch"])
         photos = inference.sample_photos(args.photos, 32 if args.quick else 96)
         report["int8"] = inference.int8_agreement(photos, args.cache_dir, KERAS_WEIGHTS)
     if "training" in parts:
@@ -137,8 +146,6 @@ def goals(report: dict) -> list[str]:
     """Each goal of issue 6, checked against this run's numbers."""
     lines = []
     rows = {(r.model, r.batch, r.path): r for r in report.get("inference", [])}
-    from .inference import ENGINE
-
     for model, batch in sorted({(m, b) for m, b, _ in rows}):
         r = rows.get((model, batch, ENGINE))
         if r is None or r.ratio is None:
@@ -189,16 +196,38 @@ def render(report: dict, out: Path) -> str:
     lines += ["## Goals (checked against this run)", ""] + goals(report) + [""]
     if "inference" in report:
         lines += ["## Inference (fp32 unless labelled)", "",
-                  "| model | batch | path | ms / batch | images/s | vs timm eager | GFLOP/s | of ceiling | note |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "'of ceiling' divides a path's GFLOP/s by the matmul ceiling sampled during the same (model, batch) "
+                  "rounds (shown in the 'ceiling' column), so both saw the same load.", "",
+                  "| model | batch | path | ms / batch | images/s | vs timm eager | GFLOP/s | of ceiling | ceiling | note |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in report["inference"]:
             gf = r.images_per_s * r.gflop_per_image if r.images_per_s else None
             lines.append(f"| {r.model} | {r.batch} | {r.path} | {_f(r.ms, '.1f')} | {_f(r.images_per_s, '.2f')} | "
-                         f"{_f(r.ratio, '.2f')}x | {_f(gf, '.1f')} | {_f(r.fraction_of_ceiling, '.0%')} | {r.note} |")
+                         f"{_f(r.ratio, '.2f')}x | {_f(gf, '.1f')} | {_f(r.fraction_of_ceiling, '.0%')} | "
+                         f"{r.ceiling_gflops:.0f} | {r.note} |")
         from .inference import plot
 
         plot(report["inference"], figures / "perf_inference.png")
         lines += ["", "![inference ratios](figures/perf_inference.png)", ""]
+    if report.get("op_profile"):
+        prof = report["op_profile"]
+        lines += [f"### Where the engine's time goes ({prof['model']}, batch {prof['batch']}, onnxruntime profiler)", "",
+                  "| operator | share of kernel time |", "|---|---:|"]
+        lines += [f"| {op} | {share:.1%} |" for op, share in prof["shares"].items()]
+        gemm = sum(v for k, v in prof["shares"].items() if k.startswith("Conv 1x1"))
+        engine = next((r for r in report.get("inference", []) if r.model == prof["model"] and r.batch == prof["batch"]
+                       and r.path == ENGINE and r.fraction_of_ceiling), None)
+        lines += ["", f"The 1x1 convolutions (the MLPs, i.e. matrix products: {gemm:.0%} of the time) do almost all the "
+                  "FLOPs; GELU, LayerNorm, the depthwise 7x7 convolutions and the layout reorders do almost none and are "
+                  "memory-bound."]
+        if engine is not None and gemm > 0:
+            f = engine.fraction_of_ceiling
+            need = f / (f / 0.85 - (1 - gemm)) if f / 0.85 > 1 - gemm else float("inf")
+            lines += [f"With the other operators' time unchanged, reaching 85% of the ceiling (now {f:.0%}) would need "
+                      f"the 1x1 convolutions to run at {need:.0%} of it. Closing the gap needs GELU fused into the "
+                      "matrix product's epilogue, which onnxruntime's CPU kernels do not do for the exact (erf) GELU "
+                      "ConvNeXt uses (its tanh approximation would change the outputs)."]
+        lines += [""]
     if report.get("int8"):
         lines += ["### int8 dynamic quantisation (separate path)", "",
                   "onnxruntime `quantize_dynamic` of the matrix products (MatMul/Gemm; weights int8, activations "
@@ -252,7 +281,18 @@ LEVERS = """## What the fastest path is, and what was tried
 Why onnxruntime at all: torch's matrix products on this AMD CPU go through MKL, which runs its slow path
 on non-Intel CPUs; see the ceiling line above (torch MKL vs onnxruntime MLAS on the same matmul).
 
+A caution on the batch-1 ratios: on this shared machine (load average far above its 2 cores), torch's
+OpenMP thread barriers wait for threads the scheduler has paused, once per operator; at batch 1, where
+each operator is short, that waiting dominates, so timm eager at batch 1 is slower here than it would
+be on an idle machine and the batch-1 ratios overstate what an idle machine would show. The
+`timm eager NCHW, 1 thread` row measures that effect (onnxruntime's workers do not spin: see 2.).
+
 Levers tried and not chosen:
+
+- **Spinning onnxruntime workers / 1 intra-op thread**: in a separate probe under load, spinning off was
+  as fast or faster in all four cases (ConvNeXt-T and MobileNetV2, batch 1 and 16) at 2 threads; 1 thread
+  was about as fast as 2 only because the machine was oversubscribed. The engine uses physical cores,
+  no spinning (`build_engine(..., threads=N)` overrides).
 
 - **channels_last alone** (`timm channels_last` row): little or no gain for ConvNeXt (its MLPs are Linear
   layers in NHWC already), some for MobileNetV2.

@@ -46,9 +46,10 @@ class Result:
     ms: float | None
     images_per_s: float | None
     ratio: float | None
-    fraction_of_ceiling: float | None
+    fraction_of_ceiling: float | None  # of the ceiling sampled during this (model, batch)'s own rounds
     note: str = ""
     gflop_per_image: float = 0.0
+    ceiling_gflops: float = 0.0
 
 
 def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tuple[list[Path_], float]:
@@ -63,6 +64,8 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
     model.dogbreeds_name = name
     gflop = 2 * count_gmacs(model, 224)
     paths = [Path_(BASELINE, _torch_call(model, channels_last=False))]
+    paths.append(Path_("timm eager NCHW, 1 thread", _torch_call(model, channels_last=False, threads=1),
+                       "sensitivity check: torch's thread barriers on a busy machine"))
     cl_model = timm.create_model(name, pretrained=False).eval()
     cl_model.load_state_dict(model.state_dict())
     paths.append(Path_("timm channels_last", _torch_call(cl_model.to(memory_format=torch.channels_last), True)))
@@ -109,15 +112,21 @@ def _try(name: str, make, log) -> Path_:
         return Path_(name, None, f"unavailable: {reason}")
 
 
-def _torch_call(model, channels_last: bool):
+def _torch_call(model, channels_last: bool, threads: int | None = None):
     import torch
 
     def run(batch: np.ndarray):
         x = torch.from_numpy(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return model(x)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(x)
+        finally:
+            torch.set_num_threads(before)
     return run
 
 
@@ -171,6 +180,7 @@ def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path,
                 p.run(x)
                 if getattr(p, "compiled", None) is not None:
                     p.note = f"first call (compile) {time.perf_counter() - start:.0f}s"
+            first_sample = len(ceiling.samples_best)
             for r in range(rounds * 3 if batch == 1 else rounds):  # batch 1 is cheap: more rounds
                 order = live if r % 2 == 0 else live[::-1]  # alternate the order: no path always runs first
                 for p in order:
@@ -178,21 +188,52 @@ def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path,
                     p.run(x)
                     p.times.setdefault(batch, []).append(time.perf_counter() - start)
                 ceiling.sample()
+            # the ceiling of this group's own rounds: the same load from other processes
+            group_ceiling = float(np.median(ceiling.samples_best[first_sample:]))
             base = np.median(next(p for p in paths if p.name == BASELINE).times[batch])
             for p in paths:
                 if p.run is None:
-                    results.append(Result(name, batch, p.name, None, None, None, None, p.note, gflop))
+                    results.append(Result(name, batch, p.name, None, None, None, None, p.note, gflop, group_ceiling))
                     continue
                 seconds = float(np.median(p.times[batch]))
                 ips = batch / seconds
                 results.append(Result(name, batch, p.name, seconds * 1000, ips, base / seconds,
-                                      ips * gflop / ceiling.gflops, p.note, gflop))
+                                      ips * gflop / group_ceiling, p.note, gflop, group_ceiling))
             log(f"  {name} batch {batch}: " + ", ".join(f"{r.path} {r.ratio:.2f}x" for r in results[-len(paths):] if r.ratio))
-    # fractions use the ceiling of the whole run (more samples than there were when each was logged)
-    for r in results:
-        if r.images_per_s is not None:
-            r.fraction_of_ceiling = r.images_per_s * r.gflop_per_image / ceiling.gflops
     return results
+
+
+def op_profile(onnx_path: Path, batch: int, size: int = 224) -> dict[str, float]:
+    """Share of onnxruntime kernel time per operator type (tuned session, one profiled call after a
+    warm-up). 1x1 and depthwise convolutions are told apart by their node names (timm's)."""
+    import json
+
+    import onnxruntime as ort
+
+    from ..infer.engine import physical_cores
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = physical_cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(onnx_path.parent / "ort_profile")
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    session.run(None, {session.get_inputs()[0].name: x})
+    profile = Path(session.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(profile.read_text()):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        if op == "Conv":
+            op = "Conv depthwise 7x7" if "conv_dw" in event["name"] else ("Conv 1x1 (MLP)" if "mlp" in event["name"]
+                                                                          or "/Mul_output" in event["name"] else "Conv other")
+        totals[op] = totals.get(op, 0.0) + event["dur"]
+    profile.unlink(missing_ok=True)
+    whole = sum(totals.values()) or 1.0
+    return {op: t / whole for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def sample_photos(root: Path, count: int) -> list[Path]:
@@ -259,9 +300,10 @@ def plot(results: list[Result], path: Path) -> None:
         ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{model}, batch {batch}", fontsize=9)
-        ax.set_xlabel("speed vs timm eager NCHW (x)")
+        ax.set_xscale("log")
+        ax.set_xlabel("speed vs timm eager NCHW (x, log scale)")
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)
+            ax.text(v if v else 1.0, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)
     fig.suptitle("Inference throughput relative to timm eager (fp32, same run, medians)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
