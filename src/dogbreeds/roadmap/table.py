@@ -12,7 +12,8 @@ from dataclasses import dataclass
 # modern recipe (300 epochs, AdamW, Mixup/CutMix, RandAugment, ...). Step 0 is ResNet-50 under
 # that recipe (76.1 % with the original 90-epoch recipe). The paper's "FLOPs" are fvcore counts,
 # which are multiply-accumulates: compare them with our GMACs, not with 2 x GMACs.
-# Step 3 combines two of the figure's bars: depthwise conv alone (2.4 GFLOPs, 78.3 %) and
+# Step 3 combines two of the figure's bars: depthwise conv alone (2.4 GFLOPs; about 78.3 %, as read
+# off the figure, not checked against the text) and
 # then width 64 -> 96 (5.3 GFLOPs, 80.5 %); the row holds the latter.
 PAPER_FIGURE2: tuple[tuple[float, float], ...] = (
     # (GFLOPs, ImageNet-1K top-1 %)
