@@ -116,7 +116,7 @@ def build_recipe(plan: ModelPlan, options: CompareOptions):
     out = str(Path(options.out) / "runs" / plan.run_name)
     workers = options.workers if options.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     base = dict(model=plan.model, weights=plan.weights, data=options.data, breeds=options.breeds, seed=options.seed,
-                out=out, workers=workers, precision="fp32")
+                out=out, workers=workers)
     if options.quick:
         base.update(augment=AugmentConfig.preset("quick"), batch_size=32)
         if plan.pretrained:
