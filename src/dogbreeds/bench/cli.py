@@ -75,6 +75,7 @@ def run_bench(args) -> int:
 
             from ..infer.engine import build_engine
 
+            torch.manual_seed(0)  # the weights build_paths used: a cache hit
             onnx_path = build_engine(timm.create_model("convnext_tiny").eval(), kind="auto", cache_dir=args.cache_dir).path
             report["op_profile"] = {"model": "convnext_tiny", "batch": 16 if 16 in batches else batches[-1]}
             report["op_profile"]["shares"] = inference.op_profile(onnx_path, report["op_profile"]["batch"])
@@ -91,6 +92,7 @@ def run_bench(args) -> int:
 
         from ..infer.engine import build_engine
 
+        torch.manual_seed(0)
         model = timm.create_model("convnext_tiny", pretrained=False).eval()
         engine = build_engine(model, kind="auto", cache_dir=args.cache_dir)
         report["scaling"] = scaling.measure(engine.path, [1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64],
@@ -100,15 +102,34 @@ def run_bench(args) -> int:
                          "size": ceiling.size}
     report["machine"]["load_end"] = _load()
     report["minutes"] = (time.time() - started) / 60
+    history = args.cache_dir / "history.jsonl"
+    if not args.quick and {"inference", "training"} <= parts:
+        with history.open("a") as handle:
+            handle.write(json.dumps(headline(report)) + "\n")
+    if history.is_file():
+        report["history"] = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     text = render(report, args.out)
     print(text)
+    raw = args.cache_dir / f"bench-{report['started'].replace(':', '')}.json"
+    raw.write_text(json.dumps(report, default=lambda o: o.__dict__, indent=1))
     if str(args.out) != "-":
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        raw = args.out.with_suffix(".json")
-        raw.write_text(json.dumps(report, default=lambda o: o.__dict__, indent=1))
-        print(f"wrote {args.out}, {raw} and figures in {args.out.parent / 'figures'} ({report['minutes']:.1f} min)")
+        print(f"wrote {args.out} and figures in {args.out.parent / 'figures'}; raw numbers in {raw} "
+              f"({report['minutes']:.1f} min)")
     return 0
+
+
+def headline(report: dict) -> dict:
+    """The numbers the goals are about, for the run-to-run table."""
+    rows = {(r.model, r.batch, r.path): r for r in report.get("inference", [])}
+    cnx16, cnx1 = rows.get(("convnext_tiny", 16, ENGINE)), rows.get(("convnext_tiny", 1, ENGINE))
+    mnv = [r.ratio for (m, b, p), r in rows.items() if m.startswith("mobilenetv2") and p == ENGINE and r.ratio]
+    return {"started": report["started"], "load_start": report["machine"]["load_start"],
+            "convnext_b16_ratio": cnx16.ratio if cnx16 else None,
+            "convnext_b16_of_ceiling": cnx16.fraction_of_ceiling if cnx16 else None,
+            "convnext_b1_ms": cnx1.ms if cnx1 else None, "mobilenet_min_ratio": min(mnv) if mnv else None,
+            "training_ratio": report.get("training", {}).get("ratio")}
 
 
 def _load() -> str:
@@ -260,6 +281,17 @@ def render(report: dict, out: Path) -> str:
                   f"{r['batch_mb']:.0f} |" for r in report["scaling"]]
         plot_scaling(report["scaling"], figures / "perf_scaling.png", "convnext_tiny")
         lines += ["", "![scaling](figures/perf_scaling.png)", ""]
+    if report.get("history"):
+        lines += ["## Run to run", "",
+                  "Headline numbers of every full run on this machine (from the bench cache's history.jsonl; the "
+                  "load from other users changed a lot between runs, and the ratios with it):", "",
+                  "| started (UTC) | load at start | ConvNeXt-T b16 vs eager | of ceiling | ConvNeXt-T b1 ms | "
+                  "MobileNetV2 (lowest) vs eager | training step |", "|---|---|---:|---:|---:|---:|---:|"]
+        for h in report["history"]:
+            lines.append(f"| {h['started']} | {h['load_start']} | {_f(h['convnext_b16_ratio'], '.2f')}x | "
+                         f"{_f(h['convnext_b16_of_ceiling'], '.0%')} | {_f(h['convnext_b1_ms'], '.0f')} | "
+                         f"{_f(h['mobilenet_min_ratio'], '.2f')}x | {_f(h['training_ratio'], '.2f')}x |")
+        lines += [""]
     lines += [LEVERS]
     return "\n".join(lines) + "\n"
 

@@ -60,6 +60,7 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
     from ..infer.engine import OrtEngine, build_engine, export_onnx_logits
     from ..models.flops import count_gmacs
 
+    torch.manual_seed(0)  # the same weights every run, so the cached exports are reused
     model = timm.create_model(name, pretrained=False).eval()
     model.dogbreeds_name = name
     gflop = 2 * count_gmacs(model, 224)
@@ -262,6 +263,9 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
                          create_model(None, num_classes=19, weights=keras_weights)))
     else:
         log(f"  int8 agreement: no real MobileNetV2 weights at {keras_weights}; skipped")
+    import torch
+
+    torch.manual_seed(0)
     convnext = timm.create_model("convnext_tiny", pretrained=False).eval()
     convnext.preprocessing = create_model("convnext_tiny").preprocessing
     subjects.append(("ConvNeXt-T, random init (1000 logits)", convnext))
