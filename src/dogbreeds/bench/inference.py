@@ -290,6 +290,7 @@ def plot(results: list[Result], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = sorted({(r.model, r.batch) for r in results}, key=lambda g: (g[0], g[1]))
     names = list(dict.fromkeys(r.path for r in results))
@@ -298,13 +299,19 @@ def plot(results: list[Result], path: Path) -> None:
         rows = {r.path: r for r in results if r.model == model and r.batch == batch}
         values = [rows[n].ratio or 0 if n in rows else 0 for n in names]
         colors = ["tab:orange" if n == ENGINE else "tab:gray" if n == INT8 else "tab:blue" for n in names]
-        ax.barh(range(len(names)), values, color=colors)
+        # bars grow from 1x (as fast as timm eager) to the left or right
+        ax.barh(range(len(names)), [v - 1 if v else 0 for v in values], left=1, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{model}, batch {batch}", fontsize=9)
         ax.set_xscale("log")
+        shown = [v for v in values if v] + [1.0]
+        ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if min(shown) / 2 <= t <= max(shown) * 2]
+        ax.set_xlim(min(ticks), max(ticks) * 1.6)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("speed vs timm eager NCHW (x, log scale)")
         for i, v in enumerate(values):
             ax.text(v if v else 1.0, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)

@@ -82,6 +82,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     b = [r["batch"] for r in by_batch]
     axes[0].plot(b, [r["images_per_s"] for r in by_batch], "o-")
     axes[0].set(xscale="log", xlabel="batch size (224 px)", ylabel="images/s", title="throughput vs batch")
+    axes[0].set_ylim(bottom=0)
     axes[1].plot(b, [r["peak_rss_mb"] for r in by_batch], "o-", label="peak RSS")
     axes[1].plot(b, [r["batch_mb"] for r in by_batch], "s--", label="peak minus RSS before first batch")
     axes[1].set(xscale="log", xlabel="batch size (224 px)", ylabel="MB", title="peak memory vs batch")
@@ -91,6 +92,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     twin = axes[2].twinx()
     twin.plot(s, [r["peak_rss_mb"] for r in by_size], "s--", color="tab:red", label="peak RSS (MB)")
     axes[2].set(xlabel="input size (batch 16)", ylabel="images/s", title="input size")
+    axes[2].set_ylim(bottom=0)
     twin.set_ylabel("peak RSS (MB)", color="tab:red")
     for ax in axes[:2]:
         ax.set_xticks(b)

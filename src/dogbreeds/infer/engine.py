@@ -247,7 +247,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 
 def build_engine(model, preprocessing=None, kind: str = "auto", cache_dir: str | Path | None = None,
                  threads: int | None = None, checkpoint: str | Path | None = None) -> InferenceEngine:
-    """The engine of `kind` for a torch `model` (left unchanged).
+    """The engine of `kind` for a torch `model` (which is put in eval mode; its weights are not changed).
 
     preprocessing: the model's `Preprocessing` (default `model.preprocessing`); its input size
                    is used for the export's check (the export accepts any size).
@@ -262,7 +262,11 @@ def build_engine(model, preprocessing=None, kind: str = "auto", cache_dir: str |
     preprocessing = preprocessing or getattr(model, "preprocessing", None)
     size = preprocessing.input_size if preprocessing is not None else 224
     if kind in ("torch", "torch-compile"):
-        return TorchEngine(inference_layout(model), threads=threads, compile=kind == "torch-compile")
+        import copy
+
+        fast = inference_layout(model)
+        # a copy, so that converting to channels_last does not change the caller's model
+        return TorchEngine(copy.deepcopy(fast) if fast is model else fast, threads=threads, compile=kind == "torch-compile")
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
