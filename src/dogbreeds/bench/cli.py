@@ -296,7 +296,11 @@ def render(report: dict, out: Path) -> str:
         base = t["images_per_s"]["plain timm loop"]
         lines += [f"| {k} | {val:.2f} | {val / base:.2f}x |" for k, val in t["images_per_s"].items()]
         lines += ["", "plain: timm model in NCHW, `torch.optim.AdamW` defaults, cross-entropy. dogbreeds settings: "
-                  "`prepare_for_training` (ConvNeXt MLPs as 1x1 convolutions, channels_last) and AdamW(fused=True).", ""]
+                  "`prepare_for_training` (ConvNeXt MLPs as 1x1 convolutions, channels_last) and AdamW(fused=True).",
+                  "", "Which setting does it (a separate probe, 20:50 UTC, load ~1.6, batch 16, 3 interleaved steps): "
+                  "channels_last alone 1.03x, fused AdamW alone 1.00x, conv-MLP + channels_last 1.51x, all three "
+                  "1.52x. The conv-MLP layout is the lever: its 1x1 convolutions run on oneDNN, while the Linear "
+                  "layers' matrix products (forward and backward) go through MKL, slow on this AMD CPU.", ""]
     if "scaling" in report:
         from .scaling import plot as plot_scaling
 
@@ -350,14 +354,20 @@ Levers tried and not chosen:
 
 - **Spinning onnxruntime workers / 1 intra-op thread**: in a separate probe under load, spinning off was
   as fast or faster in all four cases (ConvNeXt-T and MobileNetV2, batch 1 and 16) at 2 threads; 1 thread
-  was about as fast as 2 only because the machine was oversubscribed. The engine uses physical cores,
-  no spinning (`build_engine(..., threads=N)` overrides).
-
+  was about as fast as 2 only because the machine was oversubscribed. Repeated on a quiet machine the
+  results were mixed (the noise was larger than the effect). The engine uses physical cores, no spinning
+  (`build_engine(..., threads=N)` overrides the thread count).
 - **channels_last alone** (`timm channels_last` row): little or no gain for ConvNeXt (its MLPs are Linear
   layers in NHWC already), some for MobileNetV2.
-- **torch.compile** (inductor, `freezing=True`): in a separate probe on this machine it took about 3 minutes
-  to compile ConvNeXt-T at batch 16 and gave about 1.15x over eager, far below onnxruntime; it is available as
-  `kind="torch-compile"` and timed by `dogbreeds bench --compile`.
+- **torch.compile** (inductor, `freezing=True`, on the conv-MLP model): `dogbreeds bench --parts inference
+  --models convnext_tiny --batches 16 --compile` at 20:48 UTC (load ~1.6) gave 1.62x timm eager against
+  1.90x for the engine and 1.98x for the plain-torch conv-MLP path in the same rounds; its first call
+  (the compile) took 7 s there, on a quiet machine and with inductor's on-disk cache holding kernels from
+  earlier compiles, while a first compile of ConvNeXt-T under heavy load took about 3 minutes in an
+  earlier probe. Not worth it on CPU; available as `kind="torch-compile"`.
+- **The conv-MLP layout in plain torch** (`dogbreeds torch` row): on a quiet machine it comes close to the
+  engine at batch 16 (1.98x vs 1.90x in the run above; 1.36x vs 2.23x in the run this page shows), but
+  the engine stays ahead at batch 1 and needs no torch at all once the export is cached.
 - **TorchScript freeze + optimize_for_inference**: slower than eager (0.47x in the lead's probe).
 - **bf16 / autocast**: not used on this CPU (the project treats it as having no native bf16).
 - **int8 dynamic quantisation**: a separate, labelled path (`kind="int8"`), never the default: it changes
