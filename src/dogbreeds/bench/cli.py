@@ -210,7 +210,7 @@ def goals(report: dict) -> list[str]:
 
 
 def render(report: dict, out: Path) -> str:
-    figures = out.parent / "figures" if str(out) != "-" else Path("docs/figures")
+    figures = out.parent / "figures" if str(out) != "-" else None  # printing only: no figures written
     m, c = report["machine"], report["ceiling"]
     v = m["versions"]
     lines = [
@@ -248,7 +248,8 @@ def render(report: dict, out: Path) -> str:
                          f"{r.ceiling_gflops:.0f} | {r.note} |")
         from .inference import plot
 
-        plot(report["inference"], figures / "perf_inference.png")
+        if figures is not None:
+            plot(report["inference"], figures / "perf_inference.png")
         lines += ["", "![inference ratios](figures/perf_inference.png)", ""]
     if report.get("op_profile"):
         prof = report["op_profile"]
@@ -310,7 +311,8 @@ def render(report: dict, out: Path) -> str:
                   "| batch | input | ms / batch | images/s | peak RSS (MB) | batch cost (MB) |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['batch']} | {r['size']} | {r['ms']:.0f} | {r['images_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
                   f"{r['batch_mb']:.0f} |" for r in report["scaling"]]
-        plot_scaling(report["scaling"], figures / "perf_scaling.png", "convnext_tiny")
+        if figures is not None:
+            plot_scaling(report["scaling"], figures / "perf_scaling.png", "convnext_tiny")
         lines += ["", "![scaling](figures/perf_scaling.png)", ""]
     if report.get("history"):
         lines += ["## Run to run", "",
