@@ -31,6 +31,11 @@ class Preprocessing:
     interpolation: str = "bicubic"  # "bilinear" | "bicubic" | "nearest"
     source: str = field(default="imagenet", compare=False)  # where this config came from, for logs
 
+    @property
+    def resize_size(self) -> int:
+        """Short side the eval transform resizes to before the centre crop."""
+        return int(self.input_size / self.crop_pct)
+
     def with_input_size(self, input_size: int) -> "Preprocessing":
         return Preprocessing(input_size, self.mean, self.std, self.crop_pct, self.interpolation, self.source)
 

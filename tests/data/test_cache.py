@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dogbreeds.data import cache as cache_module
-from dogbreeds.data.cache import ImageCache, prepare_cache, resize_short_side
+from dogbreeds.data.cache import ImageCache, prepare_cache
+from dogbreeds.data.resize import resize_short_side
 from dogbreeds.data.decode import decode_image
 from dogbreeds.data.loaders import make_loader
 from dogbreeds.data.records import Box, ImageRecord

@@ -27,45 +27,13 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DataError, ImageDecodeError
+from .resize import PIL_INTERPOLATION, resize_short_side
 
 FORMAT = "dogbreeds-image-cache"
 VERSION = 1
 CACHE_DIR_NAME = ".dogbreeds-cache"
-
-_PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(height, width) after scaling the short side to `short_side`, as torchvision's Resize(int)."""
-    if height <= width:
-        return short_side, int(short_side * width / height)
-    return int(short_side * height / width), short_side
-
-
-def resize_short_side(image: np.ndarray, short_side: int, interpolation: str) -> np.ndarray:
-    """Scale an HxWx3 uint8 array so its short side is `short_side`, keeping the aspect ratio.
-
-    The one resize shared by the eval transform and the cache builder, so cached rows are
-    pixel-identical to decoding and resizing on the fly (same as torchvision Resize on PIL).
-    """
-    if interpolation not in _PIL_INTERPOLATION:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {sorted(_PIL_INTERPOLATION)}")
-    height, width = image.shape[:2]
-    new_height, new_width = resized_shape(height, width, short_side)
-    if (new_height, new_width) == (height, width):
-        return image
-    resized = Image.fromarray(image).resize((new_width, new_height), _PIL_INTERPOLATION[interpolation])
-    return np.asarray(resized)
 
 
 def cache_key(path: str | Path) -> str:
@@ -162,7 +130,7 @@ class ImageCache:
         preprocessing = getattr(transform, "preprocessing", None)
         if preprocessing is None:
             return  # a custom callable: nothing known to check against
-        needed = int(preprocessing.input_size / preprocessing.crop_pct)
+        needed = preprocessing.resize_size
         if preprocessing.interpolation != self.interpolation or self.short_side < needed:
             raise DataError(
                 f"the image cache {self.directory} holds {self.interpolation} resizes with short side "
@@ -187,7 +155,7 @@ def default_cache_dir(data_root: str | Path, short_side: int, interpolation: str
 
 def find_cache(data_root: str | Path, preprocessing) -> ImageCache | None:
     """The cache `prepare` wrote by default for this model's sizing under DATA, if there is one."""
-    directory = default_cache_dir(data_root, int(preprocessing.input_size / preprocessing.crop_pct),
+    directory = default_cache_dir(data_root, preprocessing.resize_size,
                                   preprocessing.interpolation)
     return ImageCache.open(directory) if (directory / "index.json").is_file() else None
 
@@ -211,8 +179,8 @@ def prepare_cache(paths: Iterable[str], out_dir: str | Path, short_side: int, in
     """Build or refresh the cache in `out_dir`; unchanged files are copied, not decoded again."""
     from tqdm import tqdm
 
-    if interpolation not in _PIL_INTERPOLATION:
-        raise DataError(f"unknown interpolation {interpolation!r}; choose one of {sorted(_PIL_INTERPOLATION)}")
+    if interpolation not in PIL_INTERPOLATION:
+        raise DataError(f"unknown interpolation {interpolation!r}; choose one of {sorted(PIL_INTERPOLATION)}")
     if short_side < 16:
         raise DataError(f"--size {short_side} is too small; use int(input_size / crop_pct), e.g. 256 for 224 / 0.875")
     out_dir = Path(out_dir)
@@ -285,7 +253,7 @@ def register_cli(data_subparsers) -> None:
     parser.add_argument("--size", type=int, default=256,
                         help="short side in pixels: int(input_size / crop_pct) of the model, e.g. 256 for "
                              "224 / 0.875, 235 for 224 / 0.95 (default: 256)")
-    parser.add_argument("--interpolation", default="bicubic", choices=sorted(_PIL_INTERPOLATION),
+    parser.add_argument("--interpolation", default="bicubic", choices=sorted(PIL_INTERPOLATION),
                         help="resize filter; must be the model's preprocessing interpolation (default: bicubic)")
     parser.add_argument("--breeds", default="all", help="which breeds to cache: all, topN, or a comma list (default: all)")
     parser.add_argument("--out", metavar="DIR",

@@ -21,13 +21,13 @@ import torch
 from PIL import Image, ImageOps
 
 from ..preprocessing import Preprocessing
-from .cache import resize_short_side
+from .resize import resize_short_side
 from .records import Box
 
 
 def eval_resize_size(preprocessing: Preprocessing) -> int:
     """Short side the eval transform resizes to before the centre crop (timm's convention)."""
-    return int(preprocessing.input_size / preprocessing.crop_pct)
+    return preprocessing.resize_size
 
 
 def _check_preprocessing(preprocessing: Preprocessing) -> None:

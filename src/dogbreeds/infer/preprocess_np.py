@@ -8,40 +8,21 @@ input_size with torchvision's offsets, then (x / 255 - mean) / std in CHW order.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
+from ..data.resize import check_interpolation, resize_short_side, resized_shape
 from ..preprocessing import Preprocessing
 
-_RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-def resize_short_side_size(preprocessing: Preprocessing) -> int:
-    return int(preprocessing.input_size / preprocessing.crop_pct)
 
 
 def crop_box(height: int, width: int, preprocessing: Preprocessing) -> tuple[float, float, float, float]:
     """Where the model's input square lies in the original photo: (left, top, right, bottom)
     in original pixel coordinates. Used to paste a Grad-CAM map back onto the photo."""
-    short = resize_short_side_size(preprocessing)
-    new_height, new_width = _resized_shape(height, width, short)
+    short = preprocessing.resize_size
+    new_height, new_width = resized_shape(height, width, short)
     top, left = _crop_offsets(new_height, new_width, preprocessing.input_size)
     scale_y, scale_x = height / new_height, width / new_width
     size = preprocessing.input_size
     return left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y
-
-
-def _resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
-    # torchvision Resize(int): the long side is truncated, not rounded.
-    if height <= width:
-        return short, int(short * width / height)
-    return int(short * height / width), short
 
 
 def _crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
@@ -55,13 +36,9 @@ class NumpyEvalTransform:
     def __init__(self, preprocessing: Preprocessing):
         if not 0 < preprocessing.crop_pct <= 1:
             raise ValueError(f"preprocessing crop_pct must be in (0, 1], got {preprocessing.crop_pct!r}")
-        if preprocessing.interpolation not in _RESAMPLING:
-            raise ValueError(
-                f"unknown interpolation {preprocessing.interpolation!r} in the model's preprocessing; "
-                f"choose one of {sorted(_RESAMPLING)}"
-            )
+        check_interpolation(preprocessing.interpolation)
         self.preprocessing = preprocessing
-        self.resize_size = resize_short_side_size(preprocessing)
+        self.resize_size = preprocessing.resize_size
         self._mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(preprocessing.std, dtype=np.float32).reshape(3, 1, 1)
 
@@ -69,10 +46,8 @@ class NumpyEvalTransform:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
             raise TypeError(f"expected an HxWx3 uint8 RGB array, got {type(image).__name__} {getattr(image, 'shape', '')}")
         height, width = image.shape[:2]
-        new_height, new_width = _resized_shape(height, width, self.resize_size)
-        if (new_height, new_width) != (height, width):
-            resample = _RESAMPLING[self.preprocessing.interpolation]
-            image = np.asarray(Image.fromarray(image).resize((new_width, new_height), resample))
+        image = resize_short_side(image, self.resize_size, self.preprocessing.interpolation)
+        new_height, new_width = image.shape[:2]
         crop = self.preprocessing.input_size
         top, left = _crop_offsets(new_height, new_width, crop)
         pixels = image[top:top + crop, left:left + crop].transpose(2, 0, 1).astype(np.float32) / np.float32(255)
