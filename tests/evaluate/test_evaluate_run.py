@@ -111,3 +111,49 @@ def test_wrong_breeds_is_a_clear_error(tiny_run, tmp_path, capsys):
 def test_missing_run_dir(tmp_path, mini_root, capsys):
     assert main(["evaluate", str(tmp_path / "nope"), "--data", str(mini_root)]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_default_engine_is_the_cached_onnxruntime_export_and_torch_agrees(tiny_run, mini_root):
+    """evaluate scores on the onnxruntime engine by default, its export in RUN/export/, reused on
+    the next call; --engine torch (eager) scores the same tensors: same top-1, and metrics within
+    1e-4 (the export itself is checked against torch when made; measured differences ~1e-6)."""
+    from dogbreeds.evaluate.report import evaluate_run
+
+    fast = evaluate_run(tiny_run, mini_root, split="val")
+    exports = sorted((tiny_run / "export").glob("model-*.onnx"))
+    assert len(exports) == 1 and fast["engine"] == "onnxruntime" and exports[0].name in fast["engine_detail"]
+    modified = exports[0].stat().st_mtime_ns
+    again = evaluate_run(tiny_run, mini_root, split="val", tta="flip")  # the cached export, not a new one
+    assert again["engine"] == "onnxruntime" and exports[0].name in again["engine_detail"]
+    assert sorted((tiny_run / "export").glob("model-*.onnx")) == exports and exports[0].stat().st_mtime_ns == modified
+
+    eager = evaluate_run(tiny_run, mini_root, split="val", engine="torch")
+    assert eager["engine"] == "torch" and eager["n_images"] == fast["n_images"] > 0
+    assert eager["confusion_matrix"] == fast["confusion_matrix"] and eager["top1"] == fast["top1"]
+    for key in ("loss", "ece", "top5"):
+        assert eager[key] == pytest.approx(fast[key], abs=1e-4), key
+
+
+def test_engine_option_on_the_command_line(tiny_run, mini_root, capsys):
+    assert main(["evaluate", str(tiny_run), "--data", str(mini_root), "--split", "val", "--engine", "torch"]) == 0
+    assert json.loads((tiny_run / "eval" / "val.json").read_text())["engine"] == "torch"
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tiny_run), "--data", str(mini_root), "--engine", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_a_model_the_engine_cannot_export_is_an_error_naming_engine_torch(tiny_run, mini_root, tmp_path, monkeypatch, capsys):
+    import torch
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("export", "eval", "figures", "resume.pt"))
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export convnext_atto to ONNX" in err and "frobnicate" in err and "--engine torch" in err
+    assert not (copy / "eval" / "val.json").exists()  # no silent fallback to torch
+    assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val", "--engine", "torch"]) == 0

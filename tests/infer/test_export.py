@@ -15,7 +15,7 @@ from dogbreeds.infer.predictor import Predictor
 def test_export_carries_metadata_and_a_dynamic_batch(convnext_onnx, convnext_run):
     model = onnx.load(str(convnext_onnx))
     props = {p.key: p.value for p in model.metadata_props}
-    torch_predictor = Predictor.from_run(convnext_run)
+    torch_predictor = Predictor.from_run(convnext_run, engine="torch")
     assert props["dogbreeds.output"] == "probabilities"
     assert props["dogbreeds.model"] == "convnext_atto"
     assert json.loads(props["dogbreeds.breed_ids"]) == list(torch_predictor.classes.breed_ids)
@@ -36,7 +36,7 @@ def test_onnx_predictions_match_pytorch_on_real_photos(architecture, request, ph
         report = export_onnx(run, out, check_images=[str(p) for p in photos[:2]])
         assert report.max_abs_diff <= 1e-4 and out.is_file()
     # Independently of the built-in check: all six photos, batch of 5 + 1, both predictors.
-    torch_results = Predictor.from_run(run).predict(photos, top_k=20)
+    torch_results = Predictor.from_run(run, engine="torch").predict(photos, top_k=20)
     onnx_results = Predictor.from_onnx(out).predict(photos, top_k=20, batch_size=5)
     for t, o in zip(torch_results, onnx_results):
         t_probs = {s.breed_id: s.prob for s in t.top}

@@ -32,7 +32,8 @@ def _jpeg(path) -> bytes:
 
 def test_health_breeds_docs_and_page(client, predictor):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["model"] == "convnext_atto" and health["backend"] == "torch"
+    # a run is served on the onnxruntime engine by default (--engine torch: "torch")
+    assert health["status"] == "ok" and health["model"] == "convnext_atto" and health["backend"] == "onnxruntime"
     breeds = client.get("/v1/breeds").json()["breeds"]
     assert [b["breed_id"] for b in breeds] == list(predictor.classes.breed_ids)
     assert client.get("/docs").status_code == 200
@@ -178,3 +179,30 @@ def test_explain_without_a_pytorch_model_is_501(predictor, photos):
         response = client.post("/v1/explain", content=_jpeg(photos[0]))
         assert client.get("/healthz").json()["backend"] == "onnx"
     assert response.status_code == 501 and "run directory" in response.json()["detail"]
+
+
+def test_engine_option_picks_the_backend_and_explain_works_on_both(serve_run, photos, monkeypatch):
+    import uvicorn
+
+    from dogbreeds.cli import main
+    from dogbreeds.infer.engine import EngineBackend
+    from dogbreeds.infer.predictor import TorchBackend
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: apps.append(app))
+    assert main(["serve", str(serve_run)]) == 0
+    assert main(["serve", str(serve_run), "--engine", "torch"]) == 0
+    default, eager = (app.state.predictor for app in apps)
+    assert isinstance(default.backend, EngineBackend) and isinstance(eager.backend, TorchBackend)
+    for app, kind in zip(apps, ("onnxruntime", "torch")):
+        with TestClient(app) as client:
+            assert client.get("/healthz").json()["backend"] == kind
+            response = client.post("/v1/explain?breed=papillon", content=_jpeg(photos[2]))
+            assert response.status_code == 200, response.text
+            assert response.headers["x-breed"] == "papillon"
+            assert Image.open(io.BytesIO(response.content)).size == Image.open(photos[2]).size
+            assert client.post("/v1/predict", content=_jpeg(photos[2])).status_code == 200
+    # Grad-CAM loaded its own torch model: predictions still run on the engine, with no model added
+    assert isinstance(default.backend, EngineBackend) and not hasattr(default.backend, "model")
+    # and the torch backend's own model carries no leftover hooks from the CAM (it ran on a copy)
+    assert not any(m._forward_hooks or m._backward_hooks for m in eager.backend.model.modules())

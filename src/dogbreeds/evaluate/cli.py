@@ -13,8 +13,9 @@ def _positive_int(text: str) -> int:
 
 def _add_threads(parser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, "
-                             "1 can be many times faster than oversubscribed cores")
+                        help="CPU threads: torch's (default: torch's choice), and for scoring on the onnxruntime "
+                             "engine its intra-op threads (default: the physical cores). On a CPU shared with other "
+                             "jobs, 1 can be many times faster than oversubscribed cores")
 
 
 def _set_threads(args) -> None:
@@ -37,6 +38,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--tta", choices=("flip",), default=None,
                           help="test-time augmentation: 'flip' averages the probabilities of the photo and its mirror")
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    evaluate.add_argument("--engine", choices=("auto", "torch"), default="auto",
+                          help="how the model runs: 'auto' (default) = the onnxruntime fast path, exported once and "
+                               "cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager. "
+                               "Both get the same preprocessed images; the eval JSON records which ran")
     _add_threads(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
@@ -75,7 +80,8 @@ def run_evaluate(args) -> int:
     from .report import evaluate_run, format_summary
 
     _set_threads(args)
-    result = evaluate_run(args.run, args.data, split=args.split, tta=args.tta, batch_size=args.batch_size)
+    result = evaluate_run(args.run, args.data, split=args.split, tta=args.tta, batch_size=args.batch_size,
+                          engine=args.engine, threads=args.threads)
     print(format_summary(result))
     return 0
 

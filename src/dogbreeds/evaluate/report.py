@@ -3,6 +3,12 @@
 Which images are scored: the run's own split.json when the data root is the one it was
 trained on (so the test set is exactly the one training held out), else `load_dataset` on the
 new root with the run's breeds and seed. Either way the breeds must match the run's classes.
+
+How the model runs (`engine`): "auto" (default) is the onnxruntime fast path of
+`infer.engine.build_engine`, its ONNX export cached in RUN/export/ (keyed by the checkpoint's
+hash, so `dogbreeds predict` and `serve` reuse it); "torch" is PyTorch eager. Both get the same
+input tensors (the torch eval transform); the engine's export is checked against torch when it
+is made. A model the engine cannot export is an error that names `--engine torch`.
 """
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ..data.records import ClassInfo, ImageRecord
-from ..errors import DataError
+from ..errors import DataError, DogbreedsError
 from . import figures, metrics
 
 SPLITS = ("train", "val", "test")
 TTA_CHOICES = (None, "flip")
+ENGINES = ("auto", "torch")
 ECE_BINS = 15
 
 
@@ -93,27 +100,58 @@ def records_for_split(run_dir: Path, data_root: str | Path, split: str, classes:
     return records, f"{run_dir / 'split.json'} (the run's own {split} list, {len(records)} files)"
 
 
-def predict_probabilities(model, records: list[ImageRecord], transform, batch_size: int, tta: str | None):
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise DogbreedsError(f"unknown engine {engine!r}; choose 'auto' (onnxruntime fast path, export cached in "
+                             "RUN/export/) or 'torch' (PyTorch eager)")
+
+
+class EagerTorch:
+    """`--engine torch`: the model itself in PyTorch eager, behind the engines' `probabilities`."""
+
+    kind = "torch"
+    description = "PyTorch eager"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return torch.softmax(self.model(torch.from_numpy(batch)).float(), dim=1).numpy()
+
+
+def make_engine(loaded, run_dir: Path, engine: str = "auto", threads: int | None = None):
+    """What scores the images: the onnxruntime engine (export cached in RUN/export/) or eager torch."""
+    check_engine(engine)
+    if engine == "torch":
+        return EagerTorch(loaded.model)
+    from ..infer.engine import build_engine
+
+    return build_engine(loaded.model, loaded.preprocessing, kind=engine, cache_dir=run_dir / "export",
+                        threads=threads, checkpoint=loaded.path)
+
+
+def predict_probabilities(engine, records: list[ImageRecord], transform, batch_size: int, tta: str | None):
     """Softmax probabilities for every readable record, their labels, and the skipped files.
 
+    engine: anything with `probabilities(float32 NCHW array) -> N x classes` (`make_engine`).
     With tta="flip" the probabilities of the photo and its mirror image are averaged (not the
     logits), so the result stays a distribution and its loss a proper negative log-likelihood."""
-    import torch
-
     from ..data.loaders import make_loader
 
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown TTA {tta!r}; choose 'flip' or leave it off")
-    model.eval()
     loader = make_loader(records, transform, batch_size=batch_size, shuffle=False, seed=0, epoch=0, workers=0)
     all_probs, all_labels = [], []
-    with torch.inference_mode():
-        for images, labels, _, _ in loader:
-            probs = torch.softmax(model(images).float(), dim=1)
-            if tta == "flip":
-                probs = (probs + torch.softmax(model(torch.flip(images, dims=[3])).float(), dim=1)) / 2
-            all_probs.append(probs.numpy())
-            all_labels.append(labels.numpy())
+    for images, labels, _, _ in loader:
+        batch = images.numpy()
+        probs = engine.probabilities(batch)
+        if tta == "flip":
+            probs = (probs + engine.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
+        all_probs.append(probs)
+        all_labels.append(labels.numpy())
     skipped = loader.skipped.to_list()  # files that failed to decode: path and reason
     probs = np.concatenate(all_probs) if all_probs else np.zeros((0, 0))
     labels = np.concatenate(all_labels) if all_labels else np.zeros((0,), dtype=np.int64)
@@ -121,13 +159,17 @@ def predict_probabilities(model, records: list[ImageRecord], transform, batch_si
 
 
 def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test", tta: str | None = None,
-                 batch_size: int = 32) -> dict:
-    """Score the run's best checkpoint on `split`; writes eval/<split>.json and figures/."""
+                 batch_size: int = 32, engine: str = "auto", threads: int | None = None) -> dict:
+    """Score the run's best checkpoint on `split`; writes eval/<split>.json and figures/.
+
+    engine: "auto" (onnxruntime fast path, export cached in RUN/export/) or "torch" (eager);
+    threads: the engine's intra-op threads (default: physical cores; torch's own setting for "torch")."""
     from ..models.factory import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory not found: {run_dir}")
+    check_engine(engine)  # before the model is loaded
     started = time.perf_counter()
     loaded = load_run(run_dir)
     records, records_source = records_for_split(run_dir, data_root, split, loaded.classes)
@@ -136,7 +178,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
     from ..data.transforms import build_eval_transform
 
     transform = build_eval_transform(loaded.preprocessing)
-    probs, labels, skipped = predict_probabilities(loaded.model, records, transform, batch_size, tta)
+    scorer = make_engine(loaded, run_dir, engine, threads)
+    probs, labels, skipped = predict_probabilities(scorer, records, transform, batch_size, tta)
     if len(labels) == 0:
         raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
                         f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
@@ -149,6 +192,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "model": loaded.name,
         "input_size": loaded.preprocessing.input_size,
         "tta": tta,
+        "engine": scorer.kind,
+        "engine_detail": scorer.description,
         "records_from": records_source,
         "n_images": int(len(labels)),
         "skipped": len(skipped),

@@ -26,6 +26,16 @@ def probability(text: str) -> float:
     return value
 
 
+ENGINE_HELP = ("how a run or checkpoint is run: 'auto' (default) = the onnxruntime fast path, exported once "
+               "and cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager. "
+               "An .onnx file always runs on onnxruntime")
+
+
+def add_engine_option(parser) -> None:
+    """--engine auto|torch, shared by predict and serve (evaluate has its own wording)."""
+    parser.add_argument("--engine", choices=("auto", "torch"), default="auto", help=ENGINE_HELP)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="top breeds for photos (files, folders, globs)",
@@ -42,6 +52,7 @@ def register(subparsers) -> None:
                    help="flag an answer as low confidence ('not sure — maybe not a dog') when the top "
                         f"breed's probability is below this (default {DEFAULT_THRESHOLD})")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    add_engine_option(p)
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("explain", help="Grad-CAM heat map: where the evidence for a breed is",
@@ -69,7 +80,7 @@ def register(subparsers) -> None:
 def _predict(args) -> int:
     from .predictor import Predictor, collect_images
 
-    predictor = Predictor.from_path(args.model, threshold=args.threshold)
+    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold)
     images = collect_images(args.images)
     if not images:
         from ..errors import DogbreedsError
@@ -113,7 +124,10 @@ def _explain(args) -> int:
     from .explain import Explainer, save_png
     from .predictor import Predictor
 
-    explainer = Explainer(Predictor.from_path(args.model), layer=args.layer)
+    # Grad-CAM runs backward through the PyTorch model, so a run is loaded in torch; an .onnx file
+    # is loaded as such, for Explainer's own error.
+    engine = "auto" if str(args.model).lower().endswith(".onnx") else "torch"
+    explainer = Explainer(Predictor.from_path(args.model, engine=engine), layer=args.layer)
     explanation = explainer.explain(args.image, breed=args.breed)
     save_png(explanation.overlay, args.out)
     target = explanation.target

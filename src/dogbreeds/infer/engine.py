@@ -42,6 +42,8 @@ from ..errors import DogbreedsError
 
 KINDS = ("auto", "onnxruntime", "torch", "torch-compile", "int8")
 AUTO_KIND = "onnxruntime"
+# What every "the fast path cannot be built" error ends with: the way out, never a silent fallback.
+USE_TORCH = "use the PyTorch path instead (--engine torch on the command line; engine='torch' or kind='torch' in Python)"
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 LAYOUT_VERSION = "convmlp-v1"  # bump when the inference rewrite changes: old cache entries then miss
@@ -96,7 +98,11 @@ class OrtEngine(InferenceEngine):
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.intra_op_num_threads = self.threads
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types (e.g. a truncated file)
+            raise DogbreedsError(f"onnxruntime cannot load {self.path} ({type(exc).__name__}: {exc}); delete the file "
+                                 f"so that it is exported again, or {USE_TORCH}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.kind = kind or self.kind
         self.description = f"onnxruntime {ort.__version__} {'tuned, ' + str(self.threads) + ' threads' if tuned else 'default options'}: {self.path.name}"
@@ -211,22 +217,29 @@ def export_onnx_logits(model, path: Path, input_size: int) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    # one partial file per process: two processes exporting the same run (serve + evaluate) must not
+    # write into one file; each checks its own, and the last os.replace wins (both hold the same export)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     example = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     model = model.eval()
+    name = getattr(model, "dogbreeds_name", None) or type(model).__name__
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(partial), dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(partial), dynamo=False, opset_version=OPSET,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}})
+        except Exception as exc:  # unsupported operators, tracing failures, a full disk ...
+            raise DogbreedsError(f"cannot export {name} to ONNX for the onnxruntime engine "
+                                 f"({type(exc).__name__}: {exc}); {USE_TORCH}") from exc
         with torch.inference_mode():
             expected = model(example).numpy()
         got = OrtEngine(partial, tuned=False).run(example.numpy())
         diff = float(np.abs(got - expected).max())
         if not diff <= 1e-3 * (1 + float(np.abs(expected).max())):
-            raise DogbreedsError(f"the ONNX export of {type(model).__name__} differs from torch by {diff:.3g} "
-                                 "in logits; use kind='torch' and report the model name")
+            raise DogbreedsError(f"the ONNX export of {name} differs from torch by {diff:.3g} "
+                                 f"in logits; {USE_TORCH}, and report the model name")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -271,10 +284,15 @@ def build_engine(model, preprocessing=None, kind: str = "auto", cache_dir: str |
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise DogbreedsError(f"engine kind {kind!r} needs onnxruntime (pip install onnxruntime); "
-                             "or choose kind='torch'") from exc
+                             f"or {USE_TORCH}") from exc
     key = weights_key(model, checkpoint)
     with tempfile.TemporaryDirectory(prefix="dogbreeds-engine-") as scratch:
         folder = Path(cache_dir) if cache_dir is not None else Path(scratch)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DogbreedsError(f"cannot create the engine's export folder {folder} ({exc}); make it writable, "
+                                 f"or {USE_TORCH}") from exc
         if kind == "onnxruntime":
             path, exported = _cached(cache_path(folder, key, kind), lambda p: export_onnx_logits(inference_layout(model), p, size))
         else:  # int8: quantise the Linear-MLP export, whose matrix products are what int8 speeds up

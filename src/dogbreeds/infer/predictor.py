@@ -1,9 +1,14 @@
 """Predict breeds for photos: `Predictor.from_run(path).predict(images, top_k=5)`.
 
-One `Predictor` drives two interchangeable backends that share everything else (decoding,
+One `Predictor` drives interchangeable backends that share everything else (decoding,
 batching, top-k, the low-confidence flag):
 
-- `TorchBackend`: a run directory or checkpoint file, through `load_run`;
+- `EngineBackend` (engine.py), the default for a run directory or checkpoint file
+  (`engine="auto"`): the fastest path measured here (docs/performance.md), onnxruntime on an
+  ONNX export of the checkpoint, cached in RUN/export/ by the checkpoint's hash (the first
+  start exports; later starts load the cached file without importing torch);
+- `TorchBackend` (`engine="torch"`): the checkpoint in PyTorch eager, through `load_run`;
+  the reference path, and the one Grad-CAM needs (it runs backward through the model);
 - `OnnxBackend` (onnx_predictor.py): an exported `.onnx` file on onnxruntime alone.
 
 This module imports neither torch nor onnxruntime at import time: the ONNX path must never
@@ -30,6 +35,10 @@ DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.3
 LOW_CONFIDENCE_MESSAGE = "not sure — maybe not a dog"
 # Same limit as decode_image's default: refuse decompression bombs before decoding pixels.
 DEFAULT_MAX_PIXELS = 50_000_000
+# `engine=` choices for a run or checkpoint: "auto" = the onnxruntime fast path (EngineBackend),
+# "torch" = PyTorch eager (TorchBackend).
+ENGINES = ("auto", "torch")
+DEFAULT_ENGINE = "auto"
 
 
 @dataclass(frozen=True)
@@ -121,9 +130,18 @@ class Predictor:
         self.max_pixels = max_pixels
 
     @classmethod
-    def from_run(cls, path: str | Path, **kwargs) -> "Predictor":
-        """A run directory (best, else last checkpoint) or a `.safetensors` checkpoint file."""
-        return cls(TorchBackend.from_run(path), **kwargs)
+    def from_run(cls, path: str | Path, engine: str = DEFAULT_ENGINE, **kwargs) -> "Predictor":
+        """A run directory (best, else last checkpoint) or a `.safetensors` checkpoint file.
+
+        engine="auto" (default): the onnxruntime fast path, its export cached in RUN/export/;
+        a model that cannot be exported is an error (nothing falls back on its own).
+        engine="torch": PyTorch eager."""
+        check_engine(engine)
+        if engine == "torch":
+            return cls(TorchBackend.from_run(path), **kwargs)
+        from .engine import EngineBackend
+
+        return cls(EngineBackend.from_run(path, kind=engine), **kwargs)
 
     @classmethod
     def from_onnx(cls, path: str | Path, **kwargs) -> "Predictor":
@@ -132,11 +150,16 @@ class Predictor:
         return cls(OnnxBackend(path), **kwargs)
 
     @classmethod
-    def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
-        """`.onnx` files run on onnxruntime (no torch); anything else goes through `load_run`."""
+    def from_path(cls, path: str | Path, engine: str = DEFAULT_ENGINE, **kwargs) -> "Predictor":
+        """`.onnx` files run on onnxruntime (no torch); anything else is a run or checkpoint,
+        run on `engine` (see `from_run`)."""
+        check_engine(engine)
         if str(path).lower().endswith(".onnx"):
+            if engine == "torch":
+                raise DogbreedsError(f"{path} is an .onnx file, which runs on onnxruntime only; drop --engine torch "
+                                     "(engine='torch'), or pass the run directory or checkpoint it was exported from")
             return cls.from_onnx(path, **kwargs)
-        return cls.from_run(path, **kwargs)
+        return cls.from_run(path, engine=engine, **kwargs)
 
     @property
     def classes(self) -> ClassInfo:
@@ -218,6 +241,12 @@ class Predictor:
             for (slot, name), row in zip(slots, probs):
                 results[slot] = self.make_prediction(name, row, top_k)
         return results  # type: ignore[return-value]
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise DogbreedsError(f"unknown engine {engine!r}; choose 'auto' (onnxruntime fast path, export cached "
+                             "in RUN/export/) or 'torch' (PyTorch eager)")
 
 
 def describe_image(image: Any, index: int) -> str:

@@ -4,7 +4,7 @@
     GET  /healthz          liveness + model name + batcher counters
     GET  /v1/breeds        the classes the model knows
     POST /v1/predict       an image (multipart field `image`, or the raw body) -> top-k JSON
-    POST /v1/explain       an image -> Grad-CAM overlay PNG (PyTorch models only)
+    POST /v1/explain       an image -> Grad-CAM overlay PNG (runs and checkpoints; not .onnx files)
     GET  /docs             OpenAPI docs (FastAPI)
 
 Limits (each answered with a status code and a message, never by growing memory):
@@ -12,6 +12,11 @@ Limits (each answered with a status code and a message, never by growing memory)
          or an image over the pixel limit
     415  not an image (or empty); 422  a corrupt or truncated image, or a missing form field
     503  too many requests in flight (Retry-After says when to try again)
+
+Predictions run on whatever backend the predictor has (for a run: the onnxruntime engine by
+default, `--engine torch` for PyTorch eager). Grad-CAM needs the PyTorch model, so /v1/explain
+runs on a private PyTorch copy: the backend's own model when it has one, else the run's
+checkpoint loaded on the first explain request. An .onnx file has no checkpoint: 501.
 """
 from __future__ import annotations
 
@@ -114,7 +119,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     @app.post("/v1/explain", openapi_extra=_IMAGE_BODY_DOC, response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay, the photo's size"}})
     async def explain(request: Request, breed: str | None = Query(None, description="breed name or id; default: the top one")):
-        if not hasattr(predictor.backend, "model"):
+        if not _can_explain(predictor):
             raise HTTPException(501, "Grad-CAM needs the PyTorch model; serve the run directory instead of the .onnx file")
         with admission:
             name, data = await read_image_upload(request, settings.max_upload_bytes)
@@ -181,11 +186,10 @@ def _decode_and_preprocess(predictor: Predictor, data: bytes, name: str):
 
 def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: str | None):
     from ..errors import DogbreedsError
-    from ..infer.explain import Explainer
 
-    with holder["lock"]:  # built on first use only (imports grad-cam, copies the model)
+    with holder["lock"]:  # built on first use only (imports grad-cam, copies or loads the model)
         if "explainer" not in holder:
-            holder["explainer"] = Explainer(predictor, copy_model=True)
+            holder["explainer"] = _make_explainer(predictor)
     try:
         return holder["explainer"].explain(data, breed=breed)
     except ImageDecodeError:
@@ -194,8 +198,32 @@ def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: 
         raise HTTPException(422, str(exc)) from None
 
 
+def _make_explainer(predictor: Predictor):
+    """Grad-CAM on a PyTorch model that no prediction runs through (its hooks must see only the
+    CAM's own passes): a copy of the backend's model, or the checkpoint behind an engine backend,
+    loaded now (the engine holds no torch model)."""
+    from ..infer.explain import Explainer
+    from ..infer.predictor import TorchBackend
+
+    if hasattr(predictor.backend, "model"):
+        return Explainer(predictor, copy_model=True)
+    torch_predictor = Predictor(TorchBackend.from_run(predictor.backend.path), threshold=predictor.threshold,
+                                max_pixels=predictor.max_pixels)
+    return Explainer(torch_predictor)  # private already: nothing else uses this model
+
+
+def _can_explain(predictor: Predictor) -> bool:
+    """A torch backend, or an engine backend (it keeps the checkpoint path); not an .onnx file."""
+    return hasattr(predictor.backend, "model") or hasattr(predictor.backend, "engine")
+
+
 def _backend_kind(predictor: Predictor) -> str:
-    return "torch" if hasattr(predictor.backend, "model") else "onnx"
+    """What /healthz reports: 'torch' (PyTorch eager), the engine's kind for an engine backend
+    ('onnxruntime'), or 'onnx' (an exported .onnx file)."""
+    if hasattr(predictor.backend, "model"):
+        return "torch"
+    engine = getattr(predictor.backend, "engine", None)
+    return getattr(engine, "kind", "engine") if engine is not None else "onnx"
 
 
 def _ascii(text: str) -> str:

@@ -10,12 +10,14 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def register(subparsers) -> None:
-    from ..infer.cli import DEFAULT_THRESHOLD, positive_int, probability
+    from ..infer.cli import DEFAULT_THRESHOLD, add_engine_option, positive_int, probability
 
     p = subparsers.add_parser(
         "serve", help="REST service + web page (POST /v1/predict, GET /docs, / in a browser)",
-        description="Serve a model over HTTP. RUN_OR_MODEL is a run directory, a checkpoint, or an .onnx "
-                    "file (onnxruntime; no Grad-CAM). Binds 127.0.0.1 unless --host says otherwise.",
+        description="Serve a model over HTTP. RUN_OR_MODEL is a run directory or a checkpoint (predictions on "
+                    "--engine, default the onnxruntime fast path; Grad-CAM on the PyTorch model, loaded on the "
+                    "first /v1/explain request), or an .onnx file (onnxruntime; no Grad-CAM). "
+                    "Binds 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("model", metavar="RUN_OR_MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -28,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit in MB (default 10)")
     p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                    help=f"low-confidence threshold (default {DEFAULT_THRESHOLD})")
+    add_engine_option(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
@@ -42,11 +45,19 @@ def _serve(args) -> int:
         print(f"warning: binding {args.host}: the service will be reachable from other machines; it has no "
               "authentication. Put it behind a reverse proxy with TLS and auth, or use --host 127.0.0.1.",
               file=sys.stderr)
-    predictor = Predictor.from_path(args.model, threshold=args.threshold)
+    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
     app = create_app(predictor, settings)
-    print(f"serving {predictor.backend.name} ({len(predictor.classes)} breeds) on http://{args.host}:{args.port}/ "
+    print(f"serving {predictor.backend.name} ({len(predictor.classes)} breeds, {_describe_backend(predictor)}) "
+          f"on http://{args.host}:{args.port}/ "
           f"(API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _describe_backend(predictor) -> str:
+    engine = getattr(predictor.backend, "engine", None)
+    if engine is not None:
+        return f"engine: {engine.description}"
+    return "PyTorch eager" if hasattr(predictor.backend, "model") else "onnxruntime, .onnx file"
