@@ -6,6 +6,7 @@ skip: a skipped test would hide a page that no longer works.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import tempfile
@@ -19,7 +20,9 @@ from PIL import Image
 from dogbreeds.infer.predictor import Predictor
 from dogbreeds.serve.app import ServeSettings, create_app
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "figures" / "web-page.png"
+# The committed docs/figures/web-page.png is refreshed only on request, so a test run never
+# rewrites a tracked file: DOGBREEDS_UPDATE_SCREENSHOT=1 pytest tests/serve/test_web_page.py
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "figures" / "web-page.png"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1280,820"]
@@ -59,7 +62,7 @@ def server_url(labdog_serve_run):
     thread.join(timeout=10)
 
 
-def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_serve_run, mini_root):
+def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_serve_run, mini_root, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -97,8 +100,9 @@ def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_serve_
     assert len(names) == 5 and set(names) <= set(known), names
     assert names[0] == "Samoyed"  # a real fine-tuned model on a real Samoyed photo
     assert heat_size == list(Image.open(photo).size)
-    _save_small_png(png, SCREENSHOT)
-    assert SCREENSHOT.stat().st_size < 300_000
+    screenshot = DOCS_SCREENSHOT if os.environ.get("DOGBREEDS_UPDATE_SCREENSHOT") == "1" else tmp_path / "web-page.png"
+    _save_small_png(png, screenshot)
+    assert screenshot.stat().st_size < 300_000
 
 
 def _save_small_png(png: bytes, path: Path) -> None:
