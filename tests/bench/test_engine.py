@@ -153,3 +153,35 @@ def test_engine_module_does_not_import_torch():
 
     code = "import sys, dogbreeds.infer.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_engine_and_export_take_a_model_that_already_has_conv_mlps(tmp_path, mini_root, photo_batch):
+    """Training saves ConvNeXt-T with conv_mlp=True in model_kwargs; load_run rebuilds it so.
+    The engine must use such a model as it is (fp32) and give int8 its Linear layout back."""
+    from dogbreeds.infer.engine import linear_layout
+    from dogbreeds.infer.export import export_onnx
+    from dogbreeds.models.factory import create_model, load_run
+
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", num_classes=3, conv_mlp=True).eval()
+    model.preprocessing = model.preprocessing.with_input_size(INPUT_SIZE)
+    run = _save_run(tmp_path / "run", model, mini_root)
+    loaded = load_run(run).model
+    assert loaded.dogbreeds_kwargs == {"conv_mlp": True}
+    assert inference_layout(loaded) is loaded  # already in the fast layout: nothing to rebuild
+    linear = linear_layout(loaded)
+    assert {b.use_conv_mlp for b in linear.modules() if hasattr(b, "use_conv_mlp")} == {False}
+    expected = _reference(loaded, photo_batch)
+    np.testing.assert_allclose(_reference(linear, photo_batch), expected, atol=1e-5, rtol=0)
+
+    engine = EngineBackend.from_run(run, kind="onnxruntime").engine
+    np.testing.assert_allclose(engine.run(photo_batch), expected, atol=1e-4, rtol=0)
+    int8 = build_engine(loaded, kind="int8", cache_dir=tmp_path / "int8")
+    assert np.abs(int8.run(photo_batch) - expected).max() < 0.1 * (1 + np.abs(expected).max())
+    import onnx  # int8 quantised the MLPs' matrix products, which exist only in the Linear layout
+    ops = [node.op_type for node in onnx.load(str(int8.path)).graph.node]
+    blocks = sum(1 for m in loaded.modules() if hasattr(m, "use_conv_mlp"))
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") > blocks, sorted(set(ops))
+
+    report = export_onnx(run, tmp_path / "model.onnx", check_images=[str(p) for p in sorted((mini_root / "Images").glob("*/*.jpg"))[:2]])
+    assert report.max_abs_diff <= report.tolerance

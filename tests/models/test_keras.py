@@ -114,6 +114,17 @@ def test_convnext_tiny_224_logits_match_keras(convnext_tiny_files, which):
     assert np.abs(ours - expected).max() <= TOLERANCE
 
 
+def test_convnext_tiny_keras_into_conv_mlp_model(convnext_tiny_files):
+    """Keras Dense MLP weights are (in, out) Linear layers: they must fit timm's 1x1-conv MLPs
+    too (conv_mlp=True is what training uses for ConvNeXt-T)."""
+    reference, full, _ = convnext_tiny_files
+    model = create_model("convnext_tiny", conv_mlp=True, weights=full).eval()
+    assert model.stages[0].blocks[0].mlp.fc1.weight.ndim == 4
+    pixels = pixels_for(224)
+    expected, ours = keras_out(reference, pixels, "0-255"), our_out(model, pixels)
+    assert np.abs(ours - expected).max() <= TOLERANCE
+
+
 @pytest.mark.slow  # two 110 MB ConvNeXt-Tiny files per case
 @pytest.mark.parametrize("pooling", [None, "avg"])
 def test_convnext_backbone_in_functional_wrapper(tmp_path, pooling):

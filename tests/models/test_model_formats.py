@@ -191,6 +191,29 @@ def test_torchvision_mobilenet_v2(width, name, photo, tmp_path, randomize):
     assert_close(logits(ours, photo), logits(reference, photo))
 
 
+# ---------------------------------------------------------------- every ConvNeXt format into a conv-MLP model
+
+@pytest.fixture(scope="module")
+def torchvision_tiny(tmp_path_factory, randomize):
+    torchvision = pytest.importorskip("torchvision")
+    path = tmp_path_factory.mktemp("tv") / "convnext_tiny-tv.pth"
+    torch.save(randomize(torchvision.models.convnext_tiny(), seed=6).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["official", "transformers", "torchvision"])
+def test_convnext_formats_load_into_conv_mlp_model(source, request, photo):
+    """Training builds ConvNeXt-T with conv_mlp=True: every format's Linear MLP weights must fit it."""
+    path = {"official": lambda: request.getfixturevalue("official_tiny")[0],
+            "transformers": lambda: request.getfixturevalue("hf_tiny")[0],
+            "torchvision": lambda: request.getfixturevalue("torchvision_tiny")}[source]()
+    linear = create_model("convnext_tiny", weights=path)
+    conv = create_model("convnext_tiny", conv_mlp=True, weights=path)
+    assert {b.use_conv_mlp for b in conv.modules() if hasattr(b, "use_conv_mlp")} == {True}
+    assert conv.stages[2].blocks[8].mlp.fc2.weight.ndim == 4 and linear.stages[2].blocks[8].mlp.fc2.weight.ndim == 2
+    assert_close(logits(conv, photo), logits(linear, photo))
+
+
 # ---------------------------------------------------------------- Keras: delegation contract only
 
 def test_keras_h5_is_delegated_by_content(tmp_path, monkeypatch, atto, photo):

@@ -148,23 +148,36 @@ def inference_layout(model):
     """The same network in the layout that runs fastest on CPU (see the module doc).
 
     timm ConvNeXt blocks with Linear MLPs are rebuilt with 1x1-convolution MLPs holding the same
-    weights; any other model comes back unchanged. The rebuilt model is checked against the
-    original on a random batch and an error is raised if they differ.
+    weights; a model that has them already (built with conv_mlp=True, as training does for
+    ConvNeXt-T) and any other model come back unchanged. The rebuilt model is checked against
+    the original on a random batch and an error is raised if they differ.
     """
+    return _convnext_mlp_layout(model, conv_mlp=True)
+
+
+def linear_layout(model):
+    """The reverse of `inference_layout`: ConvNeXt MLPs as Linear layers (timm's default for
+    ConvNeXt-T), for the int8 export, whose dynamic quantisation speeds up matrix products
+    (MatMul/Gemm) but not 1x1 convolutions. Other models come back unchanged."""
+    return _convnext_mlp_layout(model, conv_mlp=False)
+
+
+def _convnext_mlp_layout(model, conv_mlp: bool):
     import timm
     import torch
     from timm.models.convnext import ConvNeXt
 
-    if not isinstance(model, ConvNeXt) or all(getattr(b, "use_conv_mlp", True) for b in model.modules()
+    if not isinstance(model, ConvNeXt) or all(getattr(b, "use_conv_mlp", conv_mlp) == conv_mlp for b in model.modules()
                                                if type(b).__name__ == "ConvNeXtBlock"):
         return model
     arch = model.pretrained_cfg.get("architecture") or getattr(model, "dogbreeds_name", None)
     kwargs = {k: v for k, v in getattr(model, "dogbreeds_kwargs", {}).items() if k != "conv_mlp"}
-    rebuilt = timm.create_model(arch, pretrained=False, num_classes=model.num_classes, conv_mlp=True, **kwargs).eval()
+    rebuilt = timm.create_model(arch, pretrained=False, num_classes=model.num_classes, conv_mlp=conv_mlp, **kwargs).eval()
     target = rebuilt.state_dict()
     source = model.state_dict()
+    layout = "1x1-convolution" if conv_mlp else "Linear"
     if set(source) != set(target):
-        raise DogbreedsError(f"cannot give {arch} 1x1-convolution MLPs: parameter names differ "
+        raise DogbreedsError(f"cannot give {arch} {layout} MLPs: parameter names differ "
                              f"({sorted(set(source) ^ set(target))[:4]}); use kind='torch' for this model")
     rebuilt.load_state_dict({k: v.reshape(target[k].shape) for k, v in source.items()})
     for attr in ("preprocessing", "dogbreeds_name", "dogbreeds_kwargs"):
@@ -178,7 +191,7 @@ def inference_layout(model):
         diff = (model(probe) - rebuilt(probe)).abs().max().item()
     model.train(was_training)
     if not diff <= 1e-4:
-        raise DogbreedsError(f"the 1x1-convolution layout of {arch} differs from the original by {diff:.3g}; "
+        raise DogbreedsError(f"the {layout} layout of {arch} differs from the original by {diff:.3g}; "
                              "use kind='torch' and report the model name")
     return rebuilt
 
@@ -298,7 +311,8 @@ def build_engine(model, preprocessing=None, kind: str = "auto", cache_dir: str |
         else:  # int8: quantise the Linear-MLP export, whose matrix products are what int8 speeds up
             fp32 = folder / f"model-{key}-linear.onnx"
             path, exported = _cached(cache_path(folder, key, kind),
-                                     lambda p: (_cached(fp32, lambda q: export_onnx_logits(model, q, size)), quantize_int8(fp32, p)))
+                                     lambda p: (_cached(fp32, lambda q: export_onnx_logits(linear_layout(model), q, size)),
+                                                quantize_int8(fp32, p)))
         engine = OrtEngine(path, threads=threads, kind=kind)  # the session holds the graph; the file may go
     engine.exported = exported
     return engine

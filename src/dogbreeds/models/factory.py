@@ -115,8 +115,15 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
 
 
 def _fit_singleton_dims(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(C,1,1) -> (C,), (O,I) -> (O,I,1,1): layouts that differ only by size-1 dims hold the
-    same numbers in the same order (layer scale in NCHW code, 1x1 convs vs Linear MLPs)."""
+    """(C,1,1) -> (C,), (O,I) -> (O,I,1,1) and back: layouts that differ only by size-1 dims hold
+    the same numbers in the same order (layer scale in NCHW code; ConvNeXt MLPs as Linear layers
+    or, with timm's conv_mlp=True, as 1x1 convolutions).
+
+    The one place where weight layouts are matched, for every format: converters keep their
+    source's shapes (timm, official, HF, torchvision and Keras ConvNeXt give Linear (O,I) MLP
+    weights; our own checkpoints whatever layout the run trained with), and the shape the model
+    expects decides. So create_model('convnext_tiny', conv_mlp=True, weights=...) loads any of
+    them, and a conv_mlp checkpoint loads into a Linear model."""
     if value.shape != like.shape and value.numel() == like.numel():
         if [d for d in value.shape if d != 1] == [d for d in like.shape if d != 1]:
             return value.reshape(like.shape)

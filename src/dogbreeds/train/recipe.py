@@ -31,6 +31,9 @@ class Recipe:
     weights: str | None = None        # weights file/dir/tag for create_model; None = random init
     drop_path: float = 0.1            # stochastic depth; 0.1 is ConvNeXt-T's fine-tuning value
     input_size: int | None = None     # None = the weights' own size (224 for ImageNet weights)
+    fast_layout: bool = True          # timm ConvNeXt with 1x1-conv MLPs (conv_mlp=True, same weights reshaped):
+                                      # oneDNN convolutions instead of MKL matmuls, which run slowly on AMD
+                                      # CPUs: 1.52x per ConvNeXt-T training step (docs/training.md "Speed")
     # --- data ---
     data: str = ""                    # dataset root (Stanford Dogs layout, CSV or breed folders)
     breeds: str = "top20"             # 'top20', 'all', a comma list, or a file of breed ids
@@ -98,6 +101,8 @@ class Recipe:
             bad("precision", f"choose one of {PRECISIONS}")
         if self.workers < 0:
             bad("workers", "must be >= 0")
+        if not isinstance(self.fast_layout, bool):
+            bad("fast_layout", "must be true or false")
         parse_freeze(self.freeze)
 
     # --- YAML round trip ---

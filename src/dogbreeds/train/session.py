@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,42 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if preferred else None
 
 
+def fast_layout_kwargs(name: str) -> dict:
+    """{"conv_mlp": True} for timm ConvNeXt models whose blocks use Linear MLPs by default
+    (convnext_tiny and larger), else {}.
+
+    The 1x1-convolution MLP holds the same weights, shaped (out, in, 1, 1); its convolutions run
+    on oneDNN while the Linear layers' matrix products go through MKL, which is slow on AMD CPUs.
+    Measured per training step (docs/training.md "Speed"): ConvNeXt-T 1.52x at 224 px, 1.16x at
+    64 px. The small ConvNeXts (atto .. nano) already default to conv_mlp=True in timm, so they
+    are left as timm builds them; other families (MobileNetV2, roadmap_step*) have no such switch.
+    """
+    import timm
+    from timm.models.convnext import ConvNeXt
+
+    from ..models.formats.arch import meta_model
+
+    arch = name.split(".")[0]
+    if not arch.startswith("convnext_") or not timm.is_model(arch):  # convnextv2 (GRN) is not measured
+        return {}
+    model = meta_model(arch)  # on the meta device: shapes only, no memory or init cost
+    if not isinstance(model, ConvNeXt):
+        return {}
+    linear = any(not block.use_conv_mlp for block in model.modules() if hasattr(block, "use_conv_mlp"))
+    return {"conv_mlp": True} if linear else {}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _yaml_keys(path: Path) -> set:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return set(data) if isinstance(data, dict) else set()
 
 
 class Session:
@@ -82,6 +115,7 @@ class Session:
         self.micro_batch = recipe.batch_size // world
 
         saved = self._saved_state()
+        recipe = self.recipe  # _saved_state may keep an older run's model layout
         if recipe.deterministic:
             # cuBLAS needs this workspace setting for deterministic matmuls (read when it initialises).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -99,6 +133,8 @@ class Session:
             raise DataError(f"{recipe.data} with --breeds {recipe.breeds!r} gives {len(self.classes)} breed(s); "
                             "a classifier needs at least two")
         model_kwargs = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+        if recipe.fast_layout:
+            model_kwargs.update(fast_layout_kwargs(recipe.model))
         self.model = create_model(recipe.model, num_classes=len(self.classes), weights=recipe.weights, **model_kwargs)
         self.preprocessing = self.model.preprocessing
         if recipe.input_size:
@@ -262,7 +298,17 @@ class Session:
         if not config.is_file():
             raise DogbreedsError(f"{path} exists but {config} is missing: the run cannot be checked; "
                                  "use a new --out, or delete the checkpoints folder to start over")
-        mismatches = self.recipe.resume_mismatches(Recipe.from_yaml(config))
+        saved_recipe = Recipe.from_yaml(config)
+        if "fast_layout" not in _yaml_keys(config):
+            # The run started before fast_layout existed, with timm's default (Linear) MLPs: its
+            # resume.pt holds 2-D MLP weights and optimizer moments. Keep that layout, so the
+            # resumed run is the same network and stays bit-identical to an unbroken one.
+            saved_recipe = replace(saved_recipe, fast_layout=False)
+            if self.recipe.fast_layout:
+                print(f"note: {config} predates the fast_layout setting: resuming with fast_layout=False "
+                      "(the layout the run started with)", file=sys.stderr)
+                self.recipe = replace(self.recipe, fast_layout=False)
+        mismatches = self.recipe.resume_mismatches(saved_recipe)
         if mismatches:
             raise DogbreedsError(
                 f"{self.run_dir} holds a run with a different recipe, so it cannot be resumed:\n  "
