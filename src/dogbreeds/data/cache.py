@@ -37,7 +37,9 @@ CACHE_DIR_NAME = ".dogbreeds-cache"
 
 
 def cache_key(path: str | Path) -> str:
-    return os.path.abspath(path)
+    # realpath, not abspath: load_dataset resolves its root, so a data folder reached through a
+    # symlink must map to the same entries whichever spelling of the path asks.
+    return os.path.realpath(path)
 
 
 def _file_version(path: str) -> dict | None:
