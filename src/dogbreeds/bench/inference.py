@@ -286,11 +286,11 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from ..plotting import pyplot, save_figure
+
+    plt = pyplot()
 
     groups = sorted({(r.model, r.batch) for r in results}, key=lambda g: (g[0], g[1]))
     names = list(dict.fromkeys(r.path for r in results))
@@ -317,6 +317,4 @@ def plot(results: list[Result], path: Path) -> None:
             ax.text(v if v else 1.0, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)
     fig.suptitle("Inference throughput relative to timm eager (fp32, same run, medians)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -71,10 +71,9 @@ def measure(onnx_path: Path, batches: list[int], sizes: list[int], rounds: int, 
 
 
 def plot(rows: list[dict], path: Path, model: str) -> None:
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by_batch = sorted((r for r in rows if r["size"] == 224), key=lambda r: r["batch"])
     by_size = sorted((r for r in rows if r["batch"] == 16), key=lambda r: r["size"])
@@ -99,9 +98,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
         ax.set_xticklabels([str(v) for v in b])
     fig.suptitle(f"{model}: dogbreeds engine (onnxruntime), fp32, one process per point", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

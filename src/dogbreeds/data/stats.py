@@ -78,10 +78,9 @@ def format_table(stats: BreedStats, top: int) -> str:
 
 def plot_breed_counts(stats: BreedStats, top: int, path: str | Path) -> Path:
     """Write the two-panel bar chart to `path` (PNG or any format matplotlib knows)."""
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     breeds = stats.breeds
     chosen = stats.top(top)
@@ -107,8 +106,4 @@ def plot_breed_counts(stats: BreedStats, top: int, path: str | Path) -> Path:
     top_axis.legend()
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

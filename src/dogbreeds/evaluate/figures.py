@@ -15,17 +15,14 @@ import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..plotting import save_figure  # noqa: E402
 from .metrics import CalibrationBins  # noqa: E402
 
 DPI = 100
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI, tight_bbox=True)
 
 
 def plot_confusion_matrix(matrix, names: Sequence[str], path: str | Path, title: str = "Confusion matrix") -> Path:

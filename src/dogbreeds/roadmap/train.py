@@ -182,11 +182,9 @@ def write_summary(plan: RoadmapTraining, rows: list[dict]) -> None:
 
 def plot_roadmap(rows: list[dict], path: str | Path, subtitle: str = "") -> Path:
     """Two panels over the same steps: dogs test top-1 (ours) above, ImageNet top-1 (paper) below."""
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     all_steps = list(range(NUM_STEPS))
     fig, (ax_dogs, ax_imagenet) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True,
                                                gridspec_kw={"height_ratios": [1, 1]})
@@ -221,8 +219,4 @@ def plot_roadmap(rows: list[dict], path: str | Path, subtitle: str = "") -> Path
     ax_imagenet.set_xticks(all_steps)
     ax_imagenet.set_xticklabels([f"{s}: {STEP_TITLES[s]}" for s in all_steps], rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
