@@ -40,6 +40,10 @@ def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):
     assert explainer.resolve_breed(classes.breed_ids[4]) == 4
     with pytest.raises(DogbreedsError, match="unknown breed 'cat'.*Chihuahua"):
         explainer.resolve_breed("cat")
+    assert explainer.resolve_breed("3") == 3
+    # '²' passes str.isdigit() but int() refuses it: an unknown breed, not a crash (a 500 in the service)
+    with pytest.raises(DogbreedsError, match="unknown breed '²'"):
+        explainer.resolve_breed("²")
     assert explainer.explain(photos[0], breed="papillon").target.breed == "papillon"
 
 

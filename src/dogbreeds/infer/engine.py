@@ -392,7 +392,8 @@ class EngineBackend:
                 elif (run_dir / "classes.json").is_file():
                     classes = ClassInfo.load(run_dir / "classes.json")
                 else:
-                    raise DogbreedsError(f"{checkpoint}: no classes in the sidecar and no classes.json in {run_dir}")
+                    raise DogbreedsError(f"{checkpoint}: no classes in its sidecar {checkpoint.with_suffix('.json')} and no "
+                                         f"classes.json in {run_dir}; copy the run's classes.json there, or {USE_TORCH}")
                 engine = OrtEngine(cached, threads=threads, kind=kind)
                 return cls(engine, classes, Preprocessing.from_dict(meta["preprocessing"]), meta["model"], checkpoint)
         from ..models.factory import load_run

@@ -89,7 +89,7 @@ class Explainer:
         for index, (breed_id, name) in enumerate(zip(classes.breed_ids, classes.names)):
             if wanted in (name.lower(), breed_id.lower().replace("_", " ")):
                 return index
-        if breed.isdigit() and int(breed) < len(classes):
+        if breed.isdecimal() and int(breed) < len(classes):
             return int(breed)
         raise DogbreedsError(f"unknown breed {breed!r}; this model knows: {', '.join(classes.names)}")
 

@@ -185,5 +185,6 @@ def _compare(torch_predictor, onnx_path: Path, photos: list[Path]) -> float:
     batched = onnx_predictor.forward(onnx_inputs)
     single = onnx_predictor.forward(onnx_inputs[:1])
     if batched.shape != reference.shape:
-        raise ExportCheckError(f"ONNX output shape {batched.shape} != PyTorch {reference.shape}")
+        raise ExportCheckError(f"{onnx_path}: ONNX output shape {batched.shape} != PyTorch {reference.shape}; "
+                               "try another --opset or --exporter, and report the model name if it persists")
     return float(max(np.abs(batched - reference).max(), np.abs(single - reference[:1]).max()))

@@ -43,7 +43,8 @@ class OnnxBackend:
                 "carry the classes and preprocessing needed to predict"
             )
         if meta["dogbreeds.output"] != "probabilities":
-            raise WeightsError(f"{self.path}: output is {meta['dogbreeds.output']!r}, expected 'probabilities'")
+            raise WeightsError(f"{self.path}: output is {meta['dogbreeds.output']!r}, expected 'probabilities'; "
+                               "re-export it with `dogbreeds export RUN --out FILE.onnx`")
         self.classes = ClassInfo.from_json(json.loads(meta["dogbreeds.classes"]))
         self.preprocessing = Preprocessing.from_dict(json.loads(meta["dogbreeds.preprocessing"]))
         self.name = meta.get("dogbreeds.model", self.path.stem)

@@ -13,7 +13,6 @@ from ..data.resize import check_interpolation, resize_short_side, resized_shape
 from ..preprocessing import Preprocessing
 
 
-
 def crop_box(height: int, width: int, preprocessing: Preprocessing) -> tuple[float, float, float, float]:
     """Where the model's input square lies in the original photo: (left, top, right, bottom)
     in original pixel coordinates. Used to paste a Grad-CAM map back onto the photo."""
@@ -45,7 +44,6 @@ class NumpyEvalTransform:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
             raise TypeError(f"expected an HxWx3 uint8 RGB array, got {type(image).__name__} {getattr(image, 'shape', '')}")
-        height, width = image.shape[:2]
         image = resize_short_side(image, self.resize_size, self.preprocessing.interpolation)
         new_height, new_width = image.shape[:2]
         crop = self.preprocessing.input_size

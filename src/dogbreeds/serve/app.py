@@ -112,7 +112,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
                 probs = await batcher.submit(inputs)
             except Overloaded as exc:
                 raise HTTPException(503, f"server busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
-            result = predictor.make_prediction(name, probs, min(top, len(predictor.classes))).to_dict()
+            result = predictor.make_prediction(name, probs, top).to_dict()
             result["model"] = predictor.backend.name
             return result
 

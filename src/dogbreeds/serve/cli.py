@@ -4,6 +4,7 @@ Imported at every CLI start: fastapi, uvicorn and the model load only inside the
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -23,16 +24,30 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=10.0,
                    help="how long a request waits for others to batch with (default 10)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond the running batch; more are answered 503 (default 64)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit in MB (default 10)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request body limit in MB (default 10)")
     p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                    help=f"low-confidence threshold (default {DEFAULT_THRESHOLD})")
     add_engine_option(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _serve(args) -> int:
