@@ -6,28 +6,15 @@ import json
 import shutil
 import sys
 
-import numpy as np
 import pytest
-import scipy.io
 from PIL import Image
 
 from dogbreeds import cli
 from dogbreeds.data import cli as data_cli
 
 
-def _write_list(path, files, labels=None):
-    # 1-based labels as in the official lists: the breed folder's position among the folders named
-    if labels is None:
-        folders = sorted({f.split("/")[0] for f in files})
-        labels = [folders.index(f.split("/")[0]) + 1 for f in files]
-    cells = np.empty((len(files), 1), dtype=object)
-    for i, f in enumerate(files):
-        cells[i, 0] = np.array([f])
-    scipy.io.savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": np.array(labels, dtype=float).reshape(-1, 1)})
-
-
 @pytest.fixture()
-def small_stanford(mini_root, tmp_path):
+def small_stanford(mini_root, tmp_path, write_list):
     """Two breeds in the official layout; returns (root, train files, test files)."""
     root = tmp_path / "dogs"
     train, test = [], []
@@ -37,8 +24,8 @@ def small_stanford(mini_root, tmp_path):
         train += files[:4]
         test += files[4:]
     (root / "lists").mkdir()
-    _write_list(root / "lists" / "train_list.mat", train)
-    _write_list(root / "lists" / "test_list.mat", test)
+    write_list(root / "lists" / "train_list.mat", train)
+    write_list(root / "lists" / "test_list.mat", test)
     return root, train, test
 
 
@@ -49,7 +36,7 @@ def test_check_clean_data_exits_zero(small_stanford, capsys):
     assert "summary: 12 images; across splits 0 exact and 0 near-duplicate pair(s); 0 unreadable" in out
 
 
-def test_check_finds_leak_and_broken_file(small_stanford, capsys):
+def test_check_finds_leak_and_broken_file(small_stanford, capsys, write_list):
     root, train, test = small_stanford
     images = root / "Images"
     leak = "n02115913-dhole/leaked_copy.jpg"
@@ -59,7 +46,7 @@ def test_check_finds_leak_and_broken_file(small_stanford, capsys):
         image.resize((200, 200)).save(images / shifted, quality=60)
     broken = "n02115641-dingo/broken.jpg"
     (images / broken).write_bytes(b"I am not a JPEG")
-    _write_list(root / "lists" / "test_list.mat", test + [leak, shifted, broken])
+    write_list(root / "lists" / "test_list.mat", test + [leak, shifted, broken])
 
     assert cli.main(["data", "check", str(root), "--json", "--workers", "1", "--val-fraction", "0"]) == 1
     report = json.loads(capsys.readouterr().out)

@@ -103,44 +103,32 @@ def _mini_stanford_copy(mini_root: Path, dest: Path, breeds: list[str]) -> Path:
     return dest
 
 
-def _write_list(path: Path, files: list[str], labels: list[int] | None = None) -> None:
-    # 1-based labels as in the official lists: the breed folder's position among the folders named
-    if labels is None:
-        folders = sorted({f.split("/")[0] for f in files})
-        labels = [folders.index(f.split("/")[0]) + 1 for f in files]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cells = np.empty((len(files), 1), dtype=object)
-    for i, f in enumerate(files):
-        cells[i, 0] = np.array([f])
-    scipy.io.savemat(str(path), {"file_list": cells, "annotation_list": cells, "labels": np.array(labels, dtype=float).reshape(-1, 1)})
-
-
-def test_list_naming_missing_files_is_an_error(mini_root, tmp_path):
+def test_list_naming_missing_files_is_an_error(mini_root, tmp_path, write_list):
     root = _mini_stanford_copy(mini_root, tmp_path, ["n02115913-dhole"])
     files = sorted(f"n02115913-dhole/{p.name}" for p in (root / "Images" / "n02115913-dhole").iterdir())
     ghosts = [f"n02115913-dhole/ghost_{i}.jpg" for i in range(7)]
-    _write_list(root / "lists" / "train_list.mat", files[:4] + ghosts)
-    _write_list(root / "lists" / "test_list.mat", files[4:])
+    write_list(root / "lists" / "train_list.mat", files[:4] + ghosts)
+    write_list(root / "lists" / "test_list.mat", files[4:])
     with pytest.raises(DataError, match=r"names 7 file\(s\) missing.*ghost_0\.jpg.*\.\.\.") as info:
         load_dataset(root, breeds="all")
     assert "train_list.mat" in str(info.value)
 
 
-def test_lists_whose_labels_disagree_with_folders(mini_root, tmp_path):
+def test_lists_whose_labels_disagree_with_folders(mini_root, tmp_path, write_list):
     root = _mini_stanford_copy(mini_root, tmp_path, ["n02115913-dhole", "n02115641-dingo"])
     files = sorted(f"{p.parent.name}/{p.name}" for p in (root / "Images").glob("*/*.jpg"))
-    _write_list(root / "lists" / "train_list.mat", files, labels=[1] * len(files))  # one label, two breeds
-    _write_list(root / "lists" / "test_list.mat", [])
+    write_list(root / "lists" / "train_list.mat", files, labels=[1] * len(files))  # one label, two breeds
+    write_list(root / "lists" / "test_list.mat", [])
     with pytest.raises(DataError, match=r"label 1 is given to both n02115641-dingo/ and n02115913-dhole/"):
         load_dataset(root, breeds="all")
 
 
-def test_breed_only_in_test_list_has_no_training_image(mini_root, tmp_path):
+def test_breed_only_in_test_list_has_no_training_image(mini_root, tmp_path, write_list):
     root = _mini_stanford_copy(mini_root, tmp_path, ["n02115913-dhole", "n02115641-dingo"])
     dhole = sorted(f"n02115913-dhole/{p.name}" for p in (root / "Images" / "n02115913-dhole").iterdir())
     dingo = sorted(f"n02115641-dingo/{p.name}" for p in (root / "Images" / "n02115641-dingo").iterdir())
-    _write_list(root / "train_list.mat", dhole, labels=[2] * 6)  # lists at the root: how lists.tar unpacks
-    _write_list(root / "test_list.mat", dingo, labels=[1] * 6)
+    write_list(root / "train_list.mat", dhole, labels=[2] * 6)  # lists at the root: how lists.tar unpacks
+    write_list(root / "test_list.mat", dingo, labels=[1] * 6)
     with pytest.raises(DataError, match="no training image: n02115641-dingo"):
         load_dataset(root, breeds="all")
     dhole_only = load_dataset(root, breeds="dhole")

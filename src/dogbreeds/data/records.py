@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -60,7 +60,3 @@ class ClassInfo:
     @classmethod
     def load(cls, path: str | Path) -> "ClassInfo":
         return cls.from_json(json.loads(Path(path).read_text()))
-
-
-def records_to_jsonable(records: list[ImageRecord]) -> list[dict]:
-    return [asdict(r) for r in records]

@@ -86,7 +86,8 @@ def detect_layout(root: str | Path) -> str:
     """'stanford_dogs' | 'csv' | 'folders', or a DataError saying what was expected and found."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"data root does not exist: {root}")
+        raise DataError(f"data root does not exist: {root}; check the path, or fetch Stanford Dogs there with "
+                        f"`dogbreeds data download --dest {root}`")
     if root.is_dir() and stanford_dogs.is_stanford_dogs(root):
         return "stanford_dogs"
     if folders.find_csv(root) is not None:
@@ -124,7 +125,7 @@ def choose_breeds(spec: str | list[str] | tuple[str, ...], counts: dict[str, int
     """Breed ids (sorted) chosen by `spec`: "topN", "all", a comma list of ids or display
     names (case-insensitive), a list of those, or a path to a text file with one per line."""
     if not counts:
-        raise DataError("the dataset has no breeds")
+        raise DataError("the dataset has no breeds: no labelled images were found; check the data root's layout")
     if isinstance(spec, (list, tuple)):
         return _resolve_names(list(spec), counts, origin="breed list")
     text = str(spec).strip()
