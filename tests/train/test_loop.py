@@ -208,3 +208,20 @@ def test_feature_cache_key_changes_with_anything_the_features_depend_on(tiny_dat
         assert key != feature_cache_key("convnext_atto", None, pre, splits)
     finally:
         os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_damaged_feature_cache_and_resume_state_are_named_with_what_to_do(tmp_path):
+    from dogbreeds.train.checkpoint import load_resume_state
+    from dogbreeds.train.features import cached_features
+
+    key = "a" * 64
+    damaged = tmp_path / f"{key[:24]}.pt"
+    damaged.write_bytes(b"not a torch file")
+    with pytest.raises(DogbreedsError, match="Delete it") as info:
+        cached_features(tmp_path, key, lambda: pytest.fail("a damaged cache must not be silently replaced"))
+    assert str(damaged) in str(info.value)
+    foreign = tmp_path / "resume.pt"
+    torch.save({"format": "something-else"}, foreign)
+    with pytest.raises(DogbreedsError, match="not a dogbreeds resume state") as info:
+        load_resume_state(foreign)
+    assert str(foreign) in str(info.value) and "--out" in str(info.value)

@@ -236,9 +236,10 @@ def run_compare(options: CompareOptions) -> Path:
             result = json.loads(eval_path.read_text())
         else:
             result = evaluate_run(run_dir, options.data, "test", batch_size=32)
-        rows.append({"plan": plan, "recipe": recipe, "run_dir": run_dir, "eval": result,
+        history = read_history(run_dir)
+        rows.append({"plan": plan, "recipe": recipe, "run_dir": run_dir, "eval": result, "history": history,
                      "train_wall_seconds": timings.get(plan.run_name),
-                     "train_seconds": sum(line.get("epoch_time", 0.0) for line in read_history(run_dir))})
+                     "train_seconds": sum(line.get("epoch_time", 0.0) for line in history)})
 
     loaded = {row["plan"].run_name: load_run(row["run_dir"]) for row in rows}
     sizes = {name: item.preprocessing.input_size for name, item in loaded.items()}

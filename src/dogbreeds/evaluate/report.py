@@ -281,14 +281,12 @@ def _pct(value) -> str:
 
 
 def write_compare_report(out: Path, options, rows: list[dict], machine: dict, seconds: float) -> Path:
-    from .compare import read_history
-
     out = Path(out)
     fig_dir = out / "figures"
     names = [row["plan"].run_name for row in rows]
     histories = {}
     for row in rows:
-        lines = read_history(row["run_dir"])
+        lines = row["history"]  # metrics.jsonl, read once by run_compare
         histories[row["plan"].model] = {
             "epoch": [line["epoch"] + 1 for line in lines],
             "val_top1": [line["val_top1"] for line in lines],
@@ -342,7 +340,7 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
         "",
         f"Test set: {rows[0]['eval']['n_images']} images"
         + "".join(f", {row['eval']['skipped']} skipped for {row['plan'].model}" for row in rows if row['eval']['skipped'])
-        + ". Loss is the mean negative log-likelihood of the true breed; ECE uses 15 equal-width confidence bins. "
+        + f". Loss is the mean negative log-likelihood of the true breed; ECE uses {ECE_BINS} equal-width confidence bins. "
         "images/s: eval mode, batch 16, fp32, random input at the run's input size, on the CPU "
         f"({machine['threads']} torch thread(s), {machine['cpu_count']} cores visible, torch {machine['torch']}); "
         "the models were measured in turn in one process, median of the rounds. Train time: wall time of "
@@ -366,8 +364,9 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
     if differ:
         lines += ["| setting | " + " | ".join(row["plan"].model for row in rows) + " |",
                   "|---|" + "---|" * len(rows)]
+        flat = [_flatten(row["recipe"].to_dict()) for row in rows]
         for key in differ:
-            values = [_flatten(row["recipe"].to_dict()).get(key) for row in rows]
+            values = [f.get(key) for f in flat]
             lines.append(f"| {key} | " + " | ".join(f"`{v}`" for v in values) + " |")
     else:
         lines.append("Only the run folder (`out`).")

@@ -70,10 +70,12 @@ def load_resume_state(path: Path) -> dict:
         raise DogbreedsError(f"cannot read the resume state {path}: {exc}. Delete it to start the run "
                              "over, or point --out at a new directory") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise DogbreedsError(f"{path} is not a dogbreeds resume state")
+        raise DogbreedsError(f"{path} is not a dogbreeds resume state; delete it to start the run over, "
+                             "or point --out at a new directory")
     if state.get("version") != RESUME_VERSION:
         raise DogbreedsError(f"{path} has resume format version {state.get('version')}, "
-                             f"this dogbreeds reads version {RESUME_VERSION}")
+                             f"this dogbreeds reads version {RESUME_VERSION}: resume it with the dogbreeds "
+                             "version that wrote it, or point --out at a new directory")
     return state
 
 

@@ -70,15 +70,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def broadcast_object(value, ctx: DistContext):
-    """Rank 0's value on every rank (e.g. 'a checkpoint was saved, stop now')."""
-    if not ctx.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class ShardedSampler(torch.utils.data.DistributedSampler):
     """torch's DistributedSampler that can start part-way through an epoch (resume after Ctrl-C).
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..data.records import ImageRecord
+from ..errors import DogbreedsError
 from .checkpoint import atomic_write
 
 
@@ -72,8 +73,12 @@ def cached_features(cache_dir: Path, key: str, compute) -> dict:
     """Load `cache_dir/<key>.pt`, or compute() the dict of tensors and store it atomically."""
     path = Path(cache_dir) / f"{key[:24]}.pt"
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file: say which and what to do
+            raise DogbreedsError(f"cannot read the feature cache {path}: {exc}. Delete it; the features "
+                                 "are recomputed on the next run") from None
+        if isinstance(cached, dict) and cached.get("key") == key:
             return cached
     result = {"key": key, **compute()}
     atomic_write(path, lambda tmp: torch.save(result, tmp))
