@@ -250,6 +250,6 @@ def run_compare(options: CompareOptions) -> Path:
         model = loaded[name].model
         row.update(params_m=count_params_m(model), gmacs=count_gmacs(model, sizes[name]),
                    gmacs_224=count_gmacs(model, 224), images_per_s=speed[name], input_size=sizes[name])
-    machine = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    machine = {"speed_batch": SPEED_BATCH, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "cuda": torch.cuda.is_available()}
     return write_compare_report(out, options, rows, machine, time.perf_counter() - started)

@@ -341,7 +341,7 @@ def write_compare_report(out: Path, options, rows: list[dict], machine: dict, se
         f"Test set: {rows[0]['eval']['n_images']} images"
         + "".join(f", {row['eval']['skipped']} skipped for {row['plan'].model}" for row in rows if row['eval']['skipped'])
         + f". Loss is the mean negative log-likelihood of the true breed; ECE uses {ECE_BINS} equal-width confidence bins. "
-        "images/s: eval mode, batch 16, fp32, random input at the run's input size, on the CPU "
+        f"images/s: eval mode, batch {machine['speed_batch']}, fp32, random input at the run's input size, on the CPU "
         f"({machine['threads']} torch thread(s), {machine['cpu_count']} cores visible, torch {machine['torch']}); "
         "the models were measured in turn in one process, median of the rounds. Train time: wall time of "
         "train() in compare (feature extraction, validation and checkpoints included; n/a when the run was "
