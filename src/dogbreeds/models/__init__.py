@@ -1,6 +1,7 @@
 """Models: one factory for every network and weight format, checkpoints, cost counting.
 
     create_model(name, num_classes=None, weights=None, pretrained=False, **kwargs)
+    set_preprocessing(model, preprocessing)  # model.preprocessing and timm's pretrained_cfg together
     load_run(path) -> LoadedModel(model, classes, preprocessing, name, path)
     save_model_checkpoint(model, path, classes, extra=None), read_checkpoint_meta(path)
     count_gmacs(model, input_size=224), count_params_m(model)
@@ -13,6 +14,7 @@ import importlib
 
 _LAZY = {
     "create_model": "dogbreeds.models.factory",
+    "set_preprocessing": "dogbreeds.models.factory",
     "load_run": "dogbreeds.models.factory",
     "LoadedModel": "dogbreeds.models.factory",
     "save_model_checkpoint": "dogbreeds.models.checkpoint_format",

@@ -188,10 +188,44 @@ def _register_roadmap() -> None:
 
 
 def _attach(model: torch.nn.Module, name: str, kwargs: dict, preprocessing: Preprocessing) -> torch.nn.Module:
-    model.preprocessing = preprocessing
+    set_preprocessing(model, preprocessing)
     model.dogbreeds_name = name
     model.dogbreeds_kwargs = dict(kwargs)
     return model
+
+
+# The pretrained_cfg keys that describe the eval transform; Preprocessing holds the same five.
+_TRANSFORM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def set_preprocessing(model: torch.nn.Module, preprocessing: Preprocessing) -> torch.nn.Module:
+    """Give `model` this preprocessing, in both places it is read: `model.preprocessing` (ours)
+    and `model.pretrained_cfg` (timm's: `timm.data.resolve_data_config(model=model)` and every
+    tool that follows timm's convention read it). Call this, not `model.preprocessing = ...`,
+    whenever the preprocessing changes (e.g. a new input size), or the two drift apart.
+
+    A cfg whose transform changes also loses timm's test-time keys (test_input_size,
+    test_crop_pct): they described the old weights, not these."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    wanted = {
+        "input_size": (3, preprocessing.input_size, preprocessing.input_size),
+        "mean": tuple(preprocessing.mean),
+        "std": tuple(preprocessing.std),
+        "interpolation": preprocessing.interpolation,
+        "crop_pct": preprocessing.crop_pct,
+    }
+    if any(_cfg_value(cfg.get(k)) != _cfg_value(v) for k, v in wanted.items()):
+        for key in ("test_input_size", "test_crop_pct"):
+            cfg.pop(key, None)
+    cfg.update(wanted)
+    cfg["crop_mode"] = "center"  # Preprocessing's eval transform is always a centre crop
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.preprocessing = preprocessing
+    return model
+
+
+def _cfg_value(value):
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _short(items: list[str], limit: int = 6) -> str:

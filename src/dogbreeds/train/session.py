@@ -124,7 +124,7 @@ class Session:
         seed_everything(recipe.seed)  # same on every rank: identical initial weights
 
         from ..data.sources import load_dataset
-        from ..models.factory import create_model
+        from ..models.factory import create_model, set_preprocessing
 
         self.dataset = load_dataset(recipe.data, breeds=recipe.breeds, seed=recipe.seed,
                                     val_fraction=recipe.val_fraction, test_fraction=recipe.test_fraction)
@@ -139,7 +139,7 @@ class Session:
         self.preprocessing = self.model.preprocessing
         if recipe.input_size:
             self.preprocessing = self.preprocessing.with_input_size(recipe.input_size)
-            self.model.preprocessing = self.preprocessing  # the checkpoint must say the size it trained at
+            set_preprocessing(self.model, self.preprocessing)  # the checkpoint must say the size it trained at
         self.frozen = apply_freeze(self.model, recipe.freeze)
         self.model.to(ctx.device)
         self.channels_last = recipe.channels_last
