@@ -261,6 +261,29 @@ class RunDir:
         """All `epochs` are in metrics.jsonl and the last checkpoint exists."""
         return self.checkpoint_path(LAST).is_file() and self.epochs_done() >= epochs
 
+    def recipe_mismatches(self, recipe) -> list[str] | None:
+        """How `recipe` differs from the Recipe saved in config.yaml (fields that change numbers
+        only, see `Recipe.resume_mismatches`); None when the run has no config.yaml yet."""
+        if not self.config.is_file():
+            return None
+        from .train.recipe import Recipe
+
+        return recipe.resume_mismatches(Recipe.from_yaml(self.config))
+
+    def is_finished(self, recipe, strict: bool = False) -> bool:
+        """Trained to the end under this very recipe: config.yaml is `recipe`, all its epochs are
+        in metrics.jsonl and the last checkpoint exists. A run saved under another recipe is not
+        finished (`train` will explain the difference), or with strict=True an error naming it."""
+        mismatches = self.recipe_mismatches(recipe)
+        if mismatches is None:
+            return False
+        if mismatches:
+            if strict:
+                raise DogbreedsError(f"{self.path} was trained with another recipe ({'; '.join(mismatches)}); "
+                                     "train into a new --out, or repeat the settings it was started with")
+            return False
+        return self.is_trained(recipe.epochs)
+
     # --- writers ---
 
     def write_json(self, path: Path, data: Any, indent: int | None = 2) -> Path:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DogbreedsError
+from ..rundir import RunDir
 
 DEFAULT_MODELS = ("convnext_base.fb_in22k_ft_in1k", "convnext_tiny.fb_in22k_ft_in1k", "mobilenetv2_100")
 
@@ -155,22 +156,9 @@ def check_pretrained_available(plans: list[ModelPlan]) -> None:
 
 
 def run_is_finished(recipe) -> bool:
-    """All epochs are in metrics.jsonl, a checkpoint exists, and the saved recipe is this one."""
-    from ..train.recipe import Recipe
-
-    run_dir = Path(recipe.out)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints" / "last.safetensors").is_file():
-        return False
-    if recipe.resume_mismatches(Recipe.from_yaml(run_dir / "config.yaml")):
-        return False  # train() will explain the mismatch
-    return len(read_history(run_dir)) >= recipe.epochs
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All epochs are in metrics.jsonl, a checkpoint exists, and the saved recipe is this one
+    (another saved recipe is not finished: train() will explain the mismatch)."""
+    return RunDir(recipe.out).is_finished(recipe)
 
 
 def measure_speed(models: dict, input_sizes: dict, rounds: int = 3, batches_per_round: int = 2,
@@ -230,13 +218,13 @@ def run_compare(options: CompareOptions) -> Path:
             finally:
                 timings[plan.run_name] = timings.get(plan.run_name, 0.0) + time.perf_counter() - train_started
                 timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-        eval_path = run_dir / "eval" / "test.json"
-        best = run_dir / "checkpoints" / "best.safetensors"
+        run = RunDir(run_dir)
+        eval_path, best = run.eval_file("test"), run.checkpoint_path()
         if eval_path.is_file() and best.is_file() and eval_path.stat().st_mtime >= best.stat().st_mtime:
-            result = json.loads(eval_path.read_text())
+            result = run.read_eval("test")
         else:
             result = evaluate_run(run_dir, options.data, "test", batch_size=32)
-        history = read_history(run_dir)
+        history = run.read_metrics()
         rows.append({"plan": plan, "recipe": recipe, "run_dir": run_dir, "eval": result, "history": history,
                      "train_wall_seconds": timings.get(plan.run_name),
                      "train_seconds": sum(line.get("epoch_time", 0.0) for line in history)})

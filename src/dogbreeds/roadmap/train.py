@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DogbreedsError
+from ..rundir import RunDir
 from .models import NUM_STEPS, STEP_TITLES, model_name
 from .table import PAPER_FIGURE2
 
@@ -82,20 +83,9 @@ def parse_steps(text: str | None) -> tuple[int, ...]:
 
 
 def _is_finished(plan: RoadmapTraining, step: int) -> bool:
-    """True when the step's run is complete under this very recipe; an error when it used another."""
-    from ..train.recipe import Recipe
-
-    run_dir = plan.run_dir(step)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return False
-    mismatches = plan.recipe(step).resume_mismatches(Recipe.from_yaml(config))
-    if mismatches:
-        raise DogbreedsError(
-            f"{run_dir} was trained with another recipe ({'; '.join(mismatches)}); "
-            f"train the sweep into a new --out, or repeat the settings it was started with"
-        )
-    return (run_dir / "eval" / "test.json").is_file() and len(_read_metrics(run_dir)) >= plan.epochs
+    """True when the step's run is complete under this very recipe and tested; an error when it used another."""
+    run = RunDir(plan.run_dir(step))
+    return run.is_finished(plan.recipe(step), strict=True) and run.eval_file("test").is_file()
 
 
 def train_roadmap(plan: RoadmapTraining, log=print) -> list[dict]:
@@ -119,23 +109,16 @@ def train_roadmap(plan: RoadmapTraining, log=print) -> list[dict]:
     return rows
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def collect_results(plan: RoadmapTraining) -> list[dict]:
     """One row per chosen step that has a tested run: dogs accuracy beside the paper's numbers."""
     rows = []
     for step in plan.steps:
         run_dir = plan.run_dir(step)
-        test_path = run_dir / "eval" / "test.json"
-        if not test_path.is_file():
+        run = RunDir(run_dir)
+        test = run.read_eval("test")
+        if test is None:
             continue
-        test = json.loads(test_path.read_text())
-        metrics = _read_metrics(run_dir)
+        metrics = run.read_metrics()
         gflops, imagenet_top1 = PAPER_FIGURE2[step]
         rows.append({
             "step": step,
