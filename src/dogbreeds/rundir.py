@@ -10,6 +10,7 @@ runs/<name>/
   eval/<split>.json    final metrics of `dogbreeds evaluate`
   figures/*.png        curves, confusion matrices, reliability diagrams
   export/              ONNX exports cached by the inference engines (keyed by the weights' hash)
+  features/            backbone features of --freeze backbone runs (keyed by what they depend on)
 ```
 
 Plain Python (no torch): the torch-free ONNX path and the service read runs through it.
@@ -34,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 FIGURES = "figures"
 EXPORT = "export"
+FEATURES = "features"
 RESUME = "resume.pt"
 BEST, LAST = "best", "last"
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -146,6 +148,10 @@ class RunDir:
     @property
     def figures_dir(self) -> Path:
         return self.path / FIGURES
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / FEATURES
 
     def checkpoint_path(self, which: str = BEST) -> Path:
         """checkpoints/best.safetensors or checkpoints/last.safetensors (whether it exists or not)."""

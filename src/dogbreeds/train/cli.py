@@ -79,7 +79,7 @@ def register(subparsers) -> None:
 
 def recipe_from_args(args: argparse.Namespace):
     """Recipe defaults < --config < flags. A flag left out means 'keep what the config says'."""
-    from ..data.transforms import AugmentConfig
+    from ..data.augment import AugmentConfig
     from ..errors import DogbreedsError
     from .recipe import Recipe
 

@@ -13,12 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
+from ..data.augment import AugmentConfig
 from ..errors import DogbreedsError
-
-if TYPE_CHECKING:
-    from ..data.transforms import AugmentConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need a GradScaler; bf16 does not
 FREEZE_HELP = "'none', 'backbone' (train the head on cached features) or 'last_n_stages:N'"
@@ -40,7 +36,7 @@ class Recipe:
     seed: int = 0                     # drives the split, init, shuffling and augmentation
     val_fraction: float = 0.1         # carved from the training images, stratified per breed
     test_fraction: float = 0.2        # only used when the data has no official test list
-    augment: AugmentConfig = field(default_factory=lambda: _augment_config()())  # RandAugment, erasing, mixup/cutmix, label smoothing
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # RandAugment, erasing, mixup/cutmix, label smoothing
     workers: int = 4                  # decoding processes; 0 decodes in the training process
     # --- optimisation ---
     epochs: int = 30                  # a small dataset converges in tens of epochs from pretrained weights
@@ -64,7 +60,7 @@ class Recipe:
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
-            self.augment = _augment_config().from_dict(self.augment)
+            self.augment = AugmentConfig.from_dict(self.augment)
         self.validate()
 
     def validate(self) -> None:
@@ -122,7 +118,7 @@ class Recipe:
                                  f"known: {sorted(f.name for f in fields(cls))}")
         try:
             if isinstance(d.get("augment"), dict):
-                d["augment"] = _augment_config().from_dict(d["augment"])
+                d["augment"] = AugmentConfig.from_dict(d["augment"])
         except ValueError as exc:
             raise DogbreedsError(f"{origin}: augment: {exc}") from None
         return cls(**d)
@@ -168,13 +164,6 @@ class Recipe:
 AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing")
 # Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
 RUN_METADATA_KEYS = ("versions", "world_size")
-
-
-def _augment_config():
-    # transforms.py imports torch; the CLI builds its parser from Recipe without loading torch.
-    from ..data.transforms import AugmentConfig
-
-    return AugmentConfig
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:
