@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "dogbreeds.data.cli",
     "dogbreeds.train.cli",
     "dogbreeds.evaluate.cli",
+    "dogbreeds.trust.cli",
     "dogbreeds.infer.cli",
     "dogbreeds.serve.cli",
     "dogbreeds.roadmap.cli",

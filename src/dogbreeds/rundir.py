@@ -37,6 +37,8 @@ FIGURES = "figures"
 EXPORT = "export"
 FEATURES = "features"
 RESUME = "resume.pt"
+CALIBRATION = "calibration.json"
+CALIBRATION_BANK = "calibration_bank.npz"
 BEST, LAST = "best", "last"
 CHECKPOINT_SUFFIX = ".safetensors"
 
@@ -152,6 +154,14 @@ class RunDir:
     @property
     def features_dir(self) -> Path:
         return self.path / FEATURES
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / CALIBRATION
+
+    @property
+    def calibration_bank_file(self) -> Path:
+        return self.path / CALIBRATION_BANK
 
     def checkpoint_path(self, which: str = BEST) -> Path:
         """checkpoints/best.safetensors or checkpoints/last.safetensors (whether it exists or not)."""
@@ -298,4 +308,8 @@ class RunDir:
 
     def write_text(self, path: Path, text: str) -> Path:
         atomic_write_text(path, text)
+        return path
+
+    def write_bytes(self, path: Path, data: bytes) -> Path:
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return path

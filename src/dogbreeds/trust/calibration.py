@@ -1,0 +1,241 @@
+"""`Calibration`: everything a run needs at prediction time to answer honestly, and its fitting.
+
+Stored in the run (RunDir.calibration_file: JSON; RunDir.calibration_bank_file: the feature
+banks, .npz) and carried inside ONNX exports (`to_metadata` / `from_metadata`: one JSON
+string with the banks base64-encoded), so the torch-free path computes the same scores.
+
+A photo's answer (`assess`):
+- `probs`: softmax(logits / temperature), the calibrated probabilities (order = the model's);
+- `ood_score`: kNN distance of its pooled features to the run's training photos (0..1);
+  above `ood_threshold` the photo is not one of the known breeds;
+- `dog_score`: kNN distance to every dog photo the calibration saw (the training photos and
+  the "other dogs": the data root's breeds the run does not know). Above `not_a_dog_threshold`
+  (and above `ood_threshold`) the verdict is "not_a_dog", else "unknown_breed";
+- `breed_set`: the split-conformal set for the chosen coverage.
+Banks are stored L2-normalised in float16 and read back as the same float16 values on every
+path, so only the features themselves (torch vs onnxruntime, ~1e-5) differ between paths.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DogbreedsError
+from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_temperature, knn_distance, nll,
+                     normalise, prediction_sets, softmax)
+
+FORMAT = "dogbreeds-calibration"
+VERSION = 1
+DEFAULT_COVERAGE = 0.9
+DEFAULT_KEEP = 0.95       # share of in-breed (validation) dogs a threshold keeps as "breed"
+DEFAULT_OOD_K = 10        # chosen by measurement on fitting photos (docs/trust.md)
+DEFAULT_DOG_K = 10
+DEFAULT_RAPS_LAMBDA = 0.0  # APS; docs/trust.md compares RAPS penalties
+DEFAULT_RAPS_K_REG = 0
+VERDICTS = ("breed", "unknown_breed", "not_a_dog")
+UNCALIBRATED_NOTE = ("this run has no calibration: the verdict comes from the top-1 probability alone and cannot "
+                     "tell 'not a dog' from 'unknown breed'; run `dogbreeds calibrate RUN --data DATA`")
+
+
+@dataclass
+class Assessment:
+    """The trust part of one photo's answer."""
+    verdict: str
+    ood_score: float
+    dog_score: float | None
+    probs: np.ndarray
+    breed_set: list[int]
+    note: str | None = None
+
+
+@dataclass
+class Calibration:
+    temperature: float
+    ood_k: int
+    ood_threshold: float
+    dog_k: int
+    not_a_dog_threshold: float | None
+    conformal_scores: np.ndarray          # validation photos' true-breed RAPS scores
+    bank: np.ndarray                      # float16 [N, D], L2-normalised training features
+    dog_bank: np.ndarray                  # float16 [M, D], L2-normalised other-dog features (M may be 0)
+    coverage: float = DEFAULT_COVERAGE
+    raps_lambda: float = DEFAULT_RAPS_LAMBDA
+    raps_k_reg: int = DEFAULT_RAPS_K_REG
+    info: dict = field(default_factory=dict)  # what it was fitted on, and what that measured
+
+    # --- prediction ---
+
+    def qhat(self, coverage: float | None = None) -> float:
+        return conformal_quantile(self.conformal_scores, self.coverage if coverage is None else coverage)
+
+    def assess(self, logits: np.ndarray, features: np.ndarray, ood_threshold: float | None = None,
+               coverage: float | None = None) -> list[Assessment]:
+        ood_threshold = self.ood_threshold if ood_threshold is None else check_fraction("ood threshold", ood_threshold)
+        coverage = self.coverage if coverage is None else check_fraction("coverage", coverage)
+        logits = np.asarray(logits, dtype=np.float32)
+        probs = softmax(logits, self.temperature)
+        ood = knn_distance(features, self.bank, self.ood_k)
+        dog = self.dog_scores(features)
+        sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
+        out = []
+        for i in range(len(logits)):
+            if ood[i] <= ood_threshold:
+                verdict = "breed"
+            elif self.not_a_dog_threshold is not None and dog[i] > self.not_a_dog_threshold:
+                verdict = "not_a_dog"
+            else:
+                verdict = "unknown_breed"
+            out.append(Assessment(verdict, float(ood[i]), float(dog[i]), probs[i], sets[i]))
+        return out
+
+    def dog_scores(self, features: np.ndarray) -> np.ndarray:
+        bank = self.bank if len(self.dog_bank) == 0 else np.concatenate([self.bank, self.dog_bank])
+        return knn_distance(features, bank, self.dog_k)
+
+    # --- storage ---
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "temperature": self.temperature, "coverage": self.coverage,
+            "ood": {"method": "knn-cosine", "k": self.ood_k, "threshold": self.ood_threshold},
+            "not_a_dog": {"method": "knn-cosine to training + other dogs", "k": self.dog_k,
+                          "threshold": self.not_a_dog_threshold},
+            "conformal": {"method": "raps", "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
+                          "scores": [float(s) for s in self.conformal_scores]},
+            "bank": {"train": int(len(self.bank)), "other_dogs": int(len(self.dog_bank)),
+                     "dim": int(self.bank.shape[1]), "dtype": "float16"},
+            "info": self.info,
+        }
+
+    def banks_npz(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, bank=self.bank.astype(np.float16), dog_bank=self.dog_bank.astype(np.float16))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_parts(cls, meta: dict, banks: bytes, origin: str) -> "Calibration":
+        try:
+            if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+                raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+            with np.load(io.BytesIO(banks), allow_pickle=False) as arrays:
+                bank, dog_bank = arrays["bank"], arrays["dog_bank"]
+            return cls(
+                temperature=float(meta["temperature"]), coverage=float(meta["coverage"]),
+                ood_k=int(meta["ood"]["k"]), ood_threshold=float(meta["ood"]["threshold"]),
+                dog_k=int(meta["not_a_dog"]["k"]),
+                not_a_dog_threshold=(None if meta["not_a_dog"]["threshold"] is None
+                                     else float(meta["not_a_dog"]["threshold"])),
+                conformal_scores=np.asarray(meta["conformal"]["scores"], dtype=np.float64),
+                raps_lambda=float(meta["conformal"]["lambda"]), raps_k_reg=int(meta["conformal"]["k_reg"]),
+                bank=bank, dog_bank=dog_bank.reshape(-1, bank.shape[1]), info=dict(meta.get("info", {})),
+            )
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
+                                 ) from None
+
+    def save(self, run) -> None:
+        run.write_bytes(run.calibration_bank_file, self.banks_npz())
+        run.write_json(run.calibration_file, self.to_json())
+
+    @classmethod
+    def load(cls, run) -> "Calibration | None":
+        """The run's calibration, or None when it has none (trained before calibration existed)."""
+        if not run.calibration_file.is_file():
+            return None
+        if not run.calibration_bank_file.is_file():
+            raise DogbreedsError(f"{run.calibration_file} exists but {run.calibration_bank_file} does not; rerun "
+                                 "`dogbreeds calibrate RUN --data DATA`")
+        return cls.from_parts(run.read_json(run.calibration_file), run.calibration_bank_file.read_bytes(),
+                              str(run.calibration_file))
+
+    def to_metadata(self) -> str:
+        """One JSON string for an ONNX export's metadata."""
+        return json.dumps({"calibration": self.to_json(), "banks": base64.b64encode(self.banks_npz()).decode()})
+
+    @classmethod
+    def from_metadata(cls, text: str, origin: str = "ONNX metadata") -> "Calibration":
+        try:
+            data = json.loads(text)
+            banks = base64.b64decode(data["banks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); re-export the run") from None
+        return cls.from_parts(data["calibration"], banks, origin)
+
+
+def assess_uncalibrated(logits: np.ndarray, low_confidence: float = 0.3) -> list[Assessment]:
+    """What a run without calibration can say: plain softmax, ood_score = 1 - top-1 probability,
+    "unknown_breed" under the low-confidence threshold, the top breed alone as its set."""
+    probs = softmax(logits)
+    out = []
+    for row in probs:
+        top = float(row.max())
+        verdict = "breed" if top >= low_confidence else "unknown_breed"
+        out.append(Assessment(verdict, 1.0 - top, None, row, [int(row.argmax())], UNCALIBRATED_NOTE))
+    return out
+
+
+def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_logits: np.ndarray,
+                    val_labels: np.ndarray, other_dog_features: np.ndarray | None = None,
+                    coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
+                    dog_k: int = DEFAULT_DOG_K, raps_lambda: float = DEFAULT_RAPS_LAMBDA,
+                    raps_k_reg: int = DEFAULT_RAPS_K_REG, info: dict | None = None) -> Calibration:
+    """Fit temperature, thresholds and conformal scores on the validation split.
+
+    - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
+      distances to the training bank, so on exchangeable in-breed photos at least `keep` of
+      them stay "breed" (in expectation);
+    - not_a_dog_threshold: the same quantile of the dog scores of the validation photos and of
+      the other dogs (each scored against the bank without itself): at least `keep` of dogs,
+      known breed or not, are never called "not a dog". No photo of a non-dog is needed.
+      None when there are no other dogs (the validation dogs alone say nothing about non-dogs).
+    """
+    coverage, keep = check_fraction("coverage", coverage), check_fraction("keep", keep)
+    val_labels = np.asarray(val_labels)
+    if len(val_labels) < 2:
+        raise DogbreedsError(f"calibration needs validation photos, got {len(val_labels)}; "
+                             "train with --val-fraction > 0 (default 0.1)")
+    bank = normalise(train_features).astype(np.float16)
+    other = np.zeros((0, bank.shape[1]), np.float32) if other_dog_features is None else np.asarray(other_dog_features)
+    dog_bank = normalise(other).astype(np.float16) if len(other) else np.zeros((0, bank.shape[1]), np.float16)
+    temperature = fit_temperature(val_logits, val_labels)
+    probs = softmax(val_logits, temperature)
+    val_ood = knn_distance(val_features, bank, ood_k)
+    ood_threshold = min(conformal_quantile(val_ood, keep), 1.0 - 1e-6)
+    not_a_dog_threshold = None
+    if len(dog_bank):
+        full = np.concatenate([bank, dog_bank])
+        val_dog = knn_distance(val_features, full, dog_k)
+        others = _knn_leave_one_out(other, full, len(bank), dog_k)
+        not_a_dog_threshold = min(conformal_quantile(np.concatenate([val_dog, others]), keep), 1.0 - 1e-6)
+    calibration = Calibration(
+        temperature=temperature, ood_k=ood_k, ood_threshold=float(ood_threshold), dog_k=dog_k,
+        not_a_dog_threshold=None if not_a_dog_threshold is None else float(not_a_dog_threshold),
+        conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
+        coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg,
+    )
+    calibration.info = {
+        "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
+        "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
+                                                                                           temperature),
+        **(info or {}),
+    }
+    return calibration
+
+
+def _knn_leave_one_out(features: np.ndarray, full_bank: np.ndarray, offset: int, k: int) -> np.ndarray:
+    """kNN distance of features[i] (stored at full_bank[offset + i]) to full_bank without itself."""
+    query = normalise(features)
+    out = np.empty(len(query), np.float32)
+    bank = np.asarray(full_bank, dtype=np.float32)
+    for start in range(0, len(query), 1024):
+        sims = query[start:start + 1024] @ bank.T
+        rows = np.arange(len(sims))
+        sims[rows, offset + start + rows] = -np.inf
+        kth = min(k, len(bank) - 1)
+        out[start:start + 1024] = (1.0 - np.partition(sims, len(bank) - kth, axis=1)[:, len(bank) - kth]) / 2.0
+    return np.clip(out, 0.0, 1.0)

@@ -1,0 +1,115 @@
+"""`dogbreeds calibrate RUN --data DATA`: (re)fit a run's temperature, OOD thresholds and
+conformal sets (see calibration.py), and store them in the run. torch is imported in the handler."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .calibration import DEFAULT_COVERAGE, DEFAULT_DOG_K, DEFAULT_KEEP, DEFAULT_OOD_K
+from .scores import check_fraction
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        from ..errors import DogbreedsError
+
+        try:
+            return check_fraction(name, text)
+        except DogbreedsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a run's calibrated probabilities, 'not a dog' / 'unknown breed' thresholds and breed sets",
+        description="Fit temperature scaling and split-conformal sets on the run's validation split, store its "
+                    "training photos' features as the bank the OOD score compares against, and choose the thresholds "
+                    "that keep --keep of validation dogs as 'breed'. The data root's breeds the run does not know "
+                    "(and --other-dogs) set the 'not a dog' threshold. Writes RUN/calibration.json and "
+                    "RUN/calibration_bank.npz; `dogbreeds train` runs this at the end. See docs/trust.md.",
+    )
+    parser.add_argument("run", help="run directory written by `dogbreeds train`")
+    parser.add_argument("--data", required=True, help="dataset root the run was trained on")
+    parser.add_argument("--coverage", type=_fraction("coverage"), default=DEFAULT_COVERAGE,
+                        help=f"default coverage of the breed sets, in (0, 1) (default {DEFAULT_COVERAGE})")
+    parser.add_argument("--keep", type=_fraction("keep"), default=DEFAULT_KEEP,
+                        help=f"share of in-breed validation dogs the thresholds keep, in (0, 1) (default {DEFAULT_KEEP})")
+    parser.add_argument("--other-dogs", nargs="*", default=[], metavar="PATH",
+                        help="more photos of dogs of other breeds or mixes (files, folders, globs) for the "
+                             "'not a dog' threshold")
+    parser.add_argument("--no-other-breeds", action="store_true",
+                        help="do not use the data root's breeds outside the run as other dogs")
+    parser.add_argument("--ood-k", type=int, default=DEFAULT_OOD_K, help=argparse.SUPPRESS)
+    parser.add_argument("--dog-k", type=int, default=DEFAULT_DOG_K, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    parser.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args) -> int:
+    calibration = calibrate_run(args.run, args.data, coverage=args.coverage, keep=args.keep,
+                                other_dogs=args.other_dogs, other_breeds=not args.no_other_breeds,
+                                ood_k=args.ood_k, dog_k=args.dog_k, batch_size=args.batch_size,
+                                workers=args.workers, progress=True)
+    info = calibration.info
+    print(f"temperature {calibration.temperature:.3f} (validation NLL {info['val_nll_before']:.3f} -> "
+          f"{info['val_nll_after']:.3f}); OOD threshold {calibration.ood_threshold:.4f}; not-a-dog threshold "
+          f"{'none (no other dogs)' if calibration.not_a_dog_threshold is None else f'{calibration.not_a_dog_threshold:.4f}'}; "
+          f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank")
+    return 0
+
+
+def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP,
+                  other_dogs=(), other_breeds: bool = True, ood_k: int = DEFAULT_OOD_K, dog_k: int = DEFAULT_DOG_K,
+                  batch_size: int = 32, workers: int = 0, progress: bool = False):
+    """Fit and store the calibration of `run` on its own train / val split under `data`."""
+    import torch
+
+    from ..data.records import ImageRecord
+    from ..data.sources import scan_source
+    from ..data.transforms import build_eval_transform
+    from ..errors import DogbreedsError
+    from ..evaluate.report import records_for_split
+    from ..infer.predictor import collect_images
+    from ..models.factory import load_run
+    from ..rundir import RunDir
+    from ..train.features import extract_features
+    from .calibration import fit_calibration
+
+    run = RunDir.locate(run)
+    check_fraction("coverage", coverage)
+    check_fraction("keep", keep)
+    loaded = load_run(run.path)
+    model = loaded.model.eval()
+    transform = build_eval_transform(loaded.preprocessing)
+
+    def embed(records, what):
+        import contextlib
+
+        x, y, _ = extract_features(model, records, transform, batch_size, workers, 0, torch.device("cpu"),
+                                   contextlib.nullcontext, False, progress)
+        with torch.no_grad():
+            logits = model.get_classifier()(x).float() if len(x) else torch.zeros(0, len(loaded.classes))
+        if progress:
+            print(f"  {what}: {len(y)} photos", flush=True)
+        return x.numpy(), logits.numpy(), y.numpy()
+
+    train = records_for_split(run.path, data, "train", loaded.classes)[0]
+    val = records_for_split(run.path, data, "val", loaded.classes)[0]
+    if not val:
+        raise DogbreedsError(f"{run.path} has no validation photos under {data}; calibration fits on them: "
+                             "train with --val-fraction > 0 (default 0.1)")
+    others: list = []
+    if other_breeds:
+        known = set(loaded.classes.breed_ids)
+        others = [r for r in scan_source(data)[1] if r.breed_id not in known]
+    others += [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
+    train_x, _, _ = embed(train, "training photos (the bank)")
+    val_x, val_logits, val_y = embed(val, "validation photos")
+    other_x = embed(others, "other dogs")[0] if others else None
+    calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, coverage=coverage, keep=keep,
+                                  ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name})
+    calibration.save(run)
+    return calibration

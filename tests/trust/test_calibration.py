@@ -1,0 +1,137 @@
+"""fit_calibration / Calibration on synthetic features: clusters of 'breeds', other 'dogs' nearby,
+and 'cats' elsewhere in feature space."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dogbreeds.errors import DogbreedsError
+from dogbreeds.rundir import RunDir
+from dogbreeds.trust import UNCALIBRATED_NOTE, Calibration, assess_uncalibrated, fit_calibration
+
+DIM, CLASSES = 32, 5
+
+
+def _world(seed=0):
+    rng = np.random.default_rng(seed)
+    dog_axis = np.zeros(DIM)
+    dog_axis[0] = 6.0
+    centres = dog_axis + rng.normal(size=(CLASSES + 3, DIM)) * 0.5   # 5 known breeds + 3 unknown ones
+    cat_centre = -dog_axis + rng.normal(size=DIM)
+
+    def photos(centre_index, n):
+        labels = rng.integers(0, CLASSES, n) if centre_index is None else np.full(n, centre_index)
+        return centres[labels] + rng.normal(size=(n, DIM)) * 0.5, labels
+
+    weights = centres[:CLASSES].T * 2.0
+
+    def logits(x):
+        return x @ weights
+
+    train_x, train_y = photos(None, 400)
+    val_x, val_y = photos(None, 300)
+    other_x = np.concatenate([photos(CLASSES + i, 40)[0] for i in range(3)])
+    cats = cat_centre + rng.normal(size=(100, DIM)) * 0.5
+    return dict(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, other_x=other_x, cats=cats,
+                logits=logits, photos=photos)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return _world()
+
+
+@pytest.fixture(scope="module")
+def calibration(world):
+    return fit_calibration(world["train_x"], world["val_x"], world["logits"](world["val_x"]), world["val_y"],
+                           world["other_x"], coverage=0.9, keep=0.95)
+
+
+def test_thresholds_keep_at_least_95_percent_of_fitting_dogs(world, calibration):
+    answers = calibration.assess(world["logits"](world["val_x"]), world["val_x"])
+    assert np.mean([a.verdict == "breed" for a in answers]) >= 0.95
+    # and fresh photos of the same breeds too, within sampling error
+    fresh_x, _ = world["photos"](None, 1000)
+    fresh = calibration.assess(world["logits"](fresh_x), fresh_x)
+    assert np.mean([a.verdict == "breed" for a in fresh]) >= 0.9
+
+
+def test_cats_are_not_dogs_and_unknown_breeds_are_unknown(world, calibration):
+    cats = calibration.assess(world["logits"](world["cats"]), world["cats"])
+    assert np.mean([a.verdict == "not_a_dog" for a in cats]) >= 0.95
+    unknown_x, _ = world["photos"](CLASSES + 1, 100)  # a breed the run does not know; its kind was seen as "other dogs"
+    unknown = calibration.assess(world["logits"](unknown_x), unknown_x)
+    assert np.mean([a.verdict == "unknown_breed" for a in unknown]) >= 0.8
+    assert min(a.ood_score for a in cats) > max(a.ood_score for a in
+                                                 calibration.assess(world["logits"](world["val_x"]), world["val_x"])[:50])
+
+
+def test_temperature_keeps_top1(world, calibration):
+    logits = world["logits"](world["val_x"])
+    answers = calibration.assess(logits, world["val_x"])
+    assert all(int(a.probs.argmax()) == int(row.argmax()) for a, row in zip(answers, logits))
+    assert calibration.info["val_nll_after"] <= calibration.info["val_nll_before"]
+
+
+def test_coverage_changes_the_sets(world, calibration):
+    logits = world["logits"](world["val_x"])
+    small = calibration.assess(logits, world["val_x"], coverage=0.5)
+    large = calibration.assess(logits, world["val_x"], coverage=0.99)
+    assert sum(len(a.breed_set) for a in large) > sum(len(a.breed_set) for a in small)
+
+
+def test_ood_threshold_override(world, calibration):
+    logits = world["logits"](world["val_x"])
+    strict = calibration.assess(logits, world["val_x"], ood_threshold=1e-6)
+    assert all(a.verdict != "breed" for a in strict)
+    lenient = calibration.assess(logits, world["val_x"], ood_threshold=0.999999)
+    assert all(a.verdict == "breed" for a in lenient)
+
+
+@pytest.mark.parametrize("name,kwargs", [("ood threshold", {"ood_threshold": 1.2}), ("coverage", {"coverage": 0.0}),
+                                         ("coverage", {"coverage": 1})])
+def test_bad_values_are_errors_naming_them(world, calibration, name, kwargs):
+    with pytest.raises(DogbreedsError, match=name) as info:
+        calibration.assess(world["logits"](world["val_x"][:2]), world["val_x"][:2], **kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+def test_stored_in_the_run_and_in_metadata_give_the_same_answers(world, calibration, tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert Calibration.load(run) is None
+    calibration.save(run)
+    loaded = Calibration.load(run)
+    from_meta = Calibration.from_metadata(calibration.to_metadata())
+    x = np.concatenate([world["val_x"][:20], world["cats"][:20]])
+    logits = world["logits"](x)
+    for other in (loaded, from_meta):
+        for a, b in zip(calibration.assess(logits, x), other.assess(logits, x)):
+            assert (a.verdict, a.breed_set) == (b.verdict, b.breed_set)
+            assert a.ood_score == b.ood_score and a.dog_score == b.dog_score
+            np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_damaged_calibration_is_an_error_naming_the_file(calibration, tmp_path):
+    run = RunDir(tmp_path / "run")
+    calibration.save(run)
+    run.calibration_bank_file.unlink()
+    with pytest.raises(DogbreedsError, match="calibration_bank.npz"):
+        Calibration.load(run)
+    run.calibration_bank_file.write_bytes(b"not an npz")
+    with pytest.raises(DogbreedsError, match="calibrate"):
+        Calibration.load(run)
+
+
+def test_without_other_dogs_there_is_no_not_a_dog(world):
+    calibration = fit_calibration(world["train_x"], world["val_x"], world["logits"](world["val_x"]), world["val_y"])
+    assert calibration.not_a_dog_threshold is None
+    cats = calibration.assess(world["logits"](world["cats"]), world["cats"])
+    assert {a.verdict for a in cats} == {"unknown_breed"}
+
+
+def test_uncalibrated_answers_carry_the_note():
+    logits = np.array([[5.0, 0, 0, 0, 0], [0.1, 0, 0.05, 0, 0]])
+    answers = assess_uncalibrated(logits)
+    assert [a.verdict for a in answers] == ["breed", "unknown_breed"]
+    assert all(a.note == UNCALIBRATED_NOTE and "dogbreeds calibrate" in a.note for a in answers)
+    assert answers[0].breed_set == [0]
