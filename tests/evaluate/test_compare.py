@@ -92,3 +92,37 @@ def test_quick_compare_writes_report_and_resumes(mini_root, tmp_path, capsys, mo
     # Third call: both runs are finished; nothing is trained again.
     assert main(argv) == 0
     assert capsys.readouterr().out.count("not training again") == 2
+
+
+def _fake_run(recipe, epochs_done: int, checkpoint: bool = True):
+    """A run folder as train() leaves it: its recipe, metrics lines and (optionally) the last checkpoint."""
+    from dogbreeds.rundir import RunDir
+
+    run = RunDir(recipe.out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(recipe.to_yaml(extra={"versions": {"torch": "x"}}))
+    run.metrics_file.write_text("".join(json.dumps({"epoch": e, "val_top1": 0.5}) + "\n" for e in range(epochs_done)))
+    if checkpoint:
+        run.checkpoints.mkdir(exist_ok=True)
+        run.checkpoint_path("last").write_bytes(b"")
+    return run
+
+
+def test_a_run_is_finished_only_with_every_epoch_a_checkpoint_and_the_same_recipe(tmp_path):
+    from dataclasses import replace
+
+    from dogbreeds.train.recipe import Recipe
+
+    recipe = Recipe(model="convnext_atto", data="dogs", epochs=2, out=str(tmp_path / "run"))
+    assert not compare.run_is_finished(recipe)  # nothing trained yet
+    run = _fake_run(recipe, epochs_done=2, checkpoint=False)
+    assert not compare.run_is_finished(recipe)  # no checkpoint
+    _fake_run(recipe, epochs_done=1)
+    assert not compare.run_is_finished(recipe)  # an epoch missing
+    _fake_run(recipe, epochs_done=2)
+    assert compare.run_is_finished(recipe)
+    assert compare.run_is_finished(replace(recipe, workers=7))  # a setting that changes no number
+    other = replace(recipe, lr=recipe.lr * 2)
+    assert not compare.run_is_finished(other)  # train() explains the mismatch
+    with pytest.raises(DogbreedsError, match=r"trained with another recipe \(lr: saved"):
+        run.is_finished(other, strict=True)

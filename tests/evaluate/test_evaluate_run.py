@@ -65,27 +65,35 @@ def test_flip_tta_writes_its_own_file(tiny_run, mini_root):
     assert_valid_png(tiny_run / "figures" / "reliability_val_flip.png")
 
 
-def test_other_root_resplits_with_the_runs_breeds_and_counts_bad_files(tiny_run, tmp_path):
+def test_other_root_resplits_train_val_and_tests_on_its_photos_the_run_has_not_seen(tiny_run, tmp_path):
     # A folder-per-breed copy of a few photos of the run's breeds, plus one truncated JPEG.
+    # (Before issue 10, --split test re-split this folder too; now it is someone else's test set.)
     classes = [c["breed_id"] for c in json.loads((tiny_run / "classes.json").read_text())]
     split = json.loads((tiny_run / "split.json").read_text())
     root = Path(split["root"])
+    copies = []
     for breed in classes:
         (tmp_path / "data" / breed).mkdir(parents=True)
         for source in sorted((root / "Images" / breed).glob("*.jpg"))[:10]:
             shutil.copy(source, tmp_path / "data" / breed / source.name)
+            copies.append(tmp_path / "data" / breed / source.name)
     victim = sorted((tmp_path / "data" / classes[0]).glob("*.jpg"))[0]
     victim.write_bytes(victim.read_bytes()[:300])
-    seen, skipped = 0, 0
-    for name in ("train", "val", "test"):
+    for name in ("train", "val"):
         assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "data"), "--split", name]) == 0
         result = json.loads((tiny_run / "eval" / f"{name}.json").read_text())
-        assert "load_dataset" in result["records_from"]
-        seen, skipped = seen + result["n_images"], skipped + result["skipped"]
-    assert skipped == 1 and seen + skipped == 30
-    broken = [f for name in ("train", "val", "test")
-              for f in json.loads((tiny_run / "eval" / f"{name}.json").read_text())["skipped_files"]]
-    assert [f["path"] for f in broken] == [str(victim)]
+        assert "load_dataset" in result["records_from"] and result["records"] == "resplit"
+        assert {f["path"] for f in result["skipped_files"]} <= {str(victim)}
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "data"), "--split", "test"]) == 0
+    result = json.loads((tiny_run / "eval" / "test.json").read_text())
+    assert result["records"] == "all_photos"
+    # Copies of photos the run trained or validated on are left out (same breed folder, file
+    # name and size); the truncated copy has another size, so it is scored, and skipped.
+    seen = {Path(f).parent.name + "/" + Path(f).name for s in ("train", "val") for f in split["files"][s]}
+    trained = sorted(str(c) for c in copies if f"{c.parent.name}/{c.name}" in seen and c != victim)
+    assert trained and sorted(result["left_out_trained"]) == trained
+    assert result["n_images"] + result["skipped"] == 30 - len(trained)
+    assert [f["path"] for f in result["skipped_files"]] == [str(victim)]
 
 
 def test_without_split_json_the_config_gives_breeds_and_seed(tiny_run, mini_root, tmp_path):
@@ -157,3 +165,124 @@ def test_a_model_the_engine_cannot_export_is_an_error_naming_engine_torch(tiny_r
     assert "cannot export convnext_atto to ONNX" in err and "frobnicate" in err and "--engine torch" in err
     assert not (copy / "eval" / "val.json").exists()  # no silent fallback to torch
     assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val", "--engine", "torch"]) == 0
+
+
+# --- someone else's test set (issue 10, item 9) and the prepared cache (item 10) ---
+
+UNKNOWN_BREED = "n02113799-standard_poodle"  # in the mini, not among the run's top-3
+
+
+def _run_breeds_and_split(run: Path) -> tuple[list[str], dict]:
+    return [c["breed_id"] for c in json.loads((run / "classes.json").read_text())], \
+        json.loads((run / "split.json").read_text())
+
+
+def _write_mat_list(path: Path, files: list[str]) -> None:
+    """A Stanford Dogs list (.mat): file_list (paths under Images/) and 1-based labels."""
+    import scipy.io
+
+    folders = sorted({f.split("/")[0] for f in files})
+    cells = np.empty((len(files), 1), dtype=object)
+    for i, f in enumerate(files):
+        cells[i, 0] = np.array([f])
+    scipy.io.savemat(str(path), {"file_list": cells, "annotation_list": cells,
+                                 "labels": np.array([folders.index(f.split("/")[0]) + 1 for f in files],
+                                                    dtype=float).reshape(-1, 1)})
+
+
+def test_official_layout_with_an_empty_train_list_scores_its_test_list(tiny_run, mini_root, tmp_path):
+    """An official-layout tree holding only the run's test photos (symlinks) and photos of a breed
+    the run does not know, with an empty train list: evaluate scores its test list, the same
+    photos give the same numbers as the run's own test split, and the unknown breed is reported."""
+    from dogbreeds.evaluate.report import evaluate_run
+
+    breeds, split = _run_breeds_and_split(tiny_run)
+    own = evaluate_run(tiny_run, mini_root, split="test", engine="torch")
+    other = tmp_path / "other"
+    listed = []
+    for relative in split["files"]["test"]:
+        target = other / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(mini_root / relative)
+        listed.append(Path(relative).relative_to("Images").as_posix())
+    strangers = sorted((mini_root / "Images" / UNKNOWN_BREED).glob("*.jpg"))[:4]
+    (other / "Images" / UNKNOWN_BREED).mkdir()
+    for photo in strangers:
+        (other / "Images" / UNKNOWN_BREED / photo.name).symlink_to(photo)
+        listed.append(f"{UNKNOWN_BREED}/{photo.name}")
+    (other / "lists").mkdir()
+    _write_mat_list(other / "lists" / "train_list.mat", [])
+    _write_mat_list(other / "lists" / "test_list.mat", listed)
+
+    assert main(["evaluate", str(tiny_run), "--data", str(other), "--split", "test", "--engine", "torch"]) == 0
+    result = json.loads((tiny_run / "eval" / "test.json").read_text())
+    assert result["records"] == "test_list" and "official test list" in result["records_from"]
+    assert result["unknown_breeds"] == {UNKNOWN_BREED: 4} and result["breeds_without_photos"] == []
+    assert result["left_out_trained"] == []
+    assert result["n_images"] == own["n_images"] == len(split["files"]["test"])
+    assert result["confusion_matrix"] == own["confusion_matrix"]
+    assert result["loss"] == pytest.approx(own["loss"], abs=1e-6)
+    assert list(result["per_class"]) == breeds
+
+
+def test_a_folder_of_labelled_photos_is_a_test_set_matched_by_breed_id(tiny_run, mini_root, tmp_path, capsys):
+    """One photo per breed folder (too few to split: this used to fail with "no training image"),
+    one of the run's breeds missing, one unknown breed, one photo the run trained on."""
+    breeds, split = _run_breeds_and_split(tiny_run)
+    test_files = {Path(f).parent.name: [] for f in split["files"]["test"]}
+    for f in split["files"]["test"]:
+        test_files[Path(f).parent.name].append(f)
+    data = tmp_path / "photos"
+    scored = []
+    for breed in breeds[:2]:
+        (data / breed).mkdir(parents=True)
+        for relative in test_files[breed][:2]:
+            (data / breed / Path(relative).name).symlink_to(mini_root / relative)
+            scored.append(str(data / breed / Path(relative).name))
+    trained_photo = next(f for f in split["files"]["train"] if Path(f).parent.name == breeds[0])
+    (data / breeds[0] / Path(trained_photo).name).symlink_to(mini_root / trained_photo)
+    (data / "my_neighbours_dog").mkdir()
+    shutil.copy(sorted((mini_root / "Images" / UNKNOWN_BREED).glob("*.jpg"))[0], data / "my_neighbours_dog" / "rex.jpg")
+
+    assert main(["evaluate", str(tiny_run), "--data", str(data), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tiny_run / "eval" / "test.json").read_text())
+    assert result["records"] == "all_photos" and "all photos" in result["records_from"]
+    assert result["n_images"] == len(scored) == 4 and result["skipped"] == 0
+    assert result["unknown_breeds"] == {"my_neighbours_dog": 1}
+    assert result["breeds_without_photos"] == [breeds[2]]
+    assert result["left_out_trained"] == [str(data / breeds[0] / Path(trained_photo).name)]
+    assert [result["per_class"][b]["support"] for b in breeds] == [2, 2, 0]
+    assert "my_neighbours_dog" in out and breeds[2] in out  # both said, not only stored
+
+
+def test_evaluate_reads_the_prepared_cache_when_it_holds_the_photos(tiny_run, mini_root, tmp_path, capsys):
+    """`dogbreeds data prepare` for the model's sizing -> evaluate reads its pixels (and says so),
+    with the same numbers as decoding; a photo changed since -> the cache is not used, said why."""
+    from dogbreeds.evaluate.report import evaluate_run
+    from dogbreeds.models.factory import load_run
+
+    breeds, split = _run_breeds_and_split(tiny_run)
+    data = tmp_path / "photos"
+    for relative in split["files"]["test"]:
+        target = data / Path(relative).parent.name / Path(relative).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mini_root / relative, target)
+    decoded = evaluate_run(tiny_run, data, split="test", engine="torch")
+    assert decoded["cache"] is None and "prepared cache" not in capsys.readouterr().out
+
+    pp = load_run(tiny_run).preprocessing
+    assert main(["data", "prepare", str(data), "--size", str(pp.resize_size), "--interpolation", pp.interpolation,
+                 "--workers", "1"]) == 0
+    capsys.readouterr()
+    cached = evaluate_run(tiny_run, data, split="test", engine="torch")
+    assert "reading decoded photos from the prepared cache" in capsys.readouterr().out
+    assert cached["cache"] and Path(cached["cache"]).is_relative_to(data)
+    assert cached["n_images"] == decoded["n_images"] > 0
+    assert cached["confusion_matrix"] == decoded["confusion_matrix"]
+    assert cached["loss"] == pytest.approx(decoded["loss"], abs=1e-6)
+
+    photo = next((data / breeds[0]).glob("*.jpg"))
+    photo.write_bytes(photo.read_bytes() + b"\0")  # changed since prepare: the cache is stale
+    again = evaluate_run(tiny_run, data, split="test", engine="torch")
+    assert again["cache"] is None and "not using the prepared cache" in capsys.readouterr().out

@@ -80,3 +80,22 @@ def test_sweep_trains_tests_skips_and_refuses_another_recipe(mini_root, tmp_path
     # Another recipe into the same folder is refused, not silently mixed.
     with pytest.raises(DogbreedsError, match="step11 was trained with another recipe.*lr"):
         train_roadmap(RoadmapTraining(**{**plan.__dict__, "lr": 5e-4}), log=log.append)
+
+
+def test_a_step_is_finished_when_trained_under_the_plan_and_tested(tmp_path):
+    from dogbreeds.roadmap.train import _is_finished
+    from dogbreeds.rundir import RunDir
+
+    plan = RoadmapTraining(data="dogs", out=str(tmp_path / "sweep"), steps=(3,), epochs=2)
+    assert not _is_finished(plan, 3)
+    run = RunDir(plan.run_dir(3))
+    run.path.mkdir(parents=True)
+    run.config.write_text(plan.recipe(3).to_yaml())
+    run.metrics_file.write_text('{"epoch": 0, "val_top1": 0.1}\n{"epoch": 1, "val_top1": 0.2}\n')
+    run.checkpoints.mkdir()
+    run.checkpoint_path("last").write_bytes(b"")
+    assert not _is_finished(plan, 3)  # trained but not tested
+    run.write_json(run.eval_file("test"), {"top1": 0.2})
+    assert _is_finished(plan, 3)
+    with pytest.raises(DogbreedsError, match="step03 was trained with another recipe.*epochs"):
+        _is_finished(RoadmapTraining(**{**plan.__dict__, "epochs": 3}), 3)

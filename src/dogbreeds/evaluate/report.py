@@ -1,8 +1,13 @@
 """`dogbreeds evaluate`: score one run on one split and write RUN/eval/<split>.json + figures.
 
-Which images are scored: the run's own split.json when the data root is the one it was
-trained on (so the test set is exactly the one training held out), else `load_dataset` on the
-new root with the run's breeds and seed. Either way the breeds must match the run's classes.
+Which images are scored (`records_for_split`): the run's own split.json when the data root is
+the one it was trained on (so the test set is exactly the one training held out). On another
+root, the test split is someone else's test set: that root's official test list, or all its
+photos of the run's breeds when it has none (no training images needed); breeds are matched by
+id, photos of breeds the run does not know are reported, not scored, and photos the run trained
+on are left out. Train/val on another root are re-made by `load_dataset` with the run's breeds
+and seed. The eval JSON says which (`records`, `records_from`). Photos come from the decoded
+cache of `dogbreeds data prepare` when there is one for the model's sizing (`prepared_cache`).
 
 How the model runs (`engine`): "auto" (default) is the onnxruntime fast path of
 `infer.engine.build_engine`, its ONNX export cached in RUN/export/ (keyed by the checkpoint's
@@ -15,13 +20,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..data.records import ClassInfo, ImageRecord
 from ..errors import DataError, DogbreedsError
+from ..rundir import RunDir
 from . import figures, metrics
 
 SPLITS = ("train", "val", "test")
@@ -30,26 +37,34 @@ ENGINES = ("auto", "torch")
 ECE_BINS = 15
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}; is this a run directory written by `dogbreeds train`?") from exc
+@dataclass
+class EvalRecords:
+    """What `evaluate` scores: the records (labelled with the run's class indices) and where
+    they came from, for the eval JSON."""
+
+    records: list[ImageRecord]
+    kind: str        # one of RECORD_KINDS
+    source: str      # one sentence for people
+    unknown_breeds: dict = field(default_factory=dict)    # breed id -> photos, breeds the run does not know
+    breeds_without_photos: list = field(default_factory=list)  # the run's breeds absent from the data
+    left_out_trained: list = field(default_factory=list)  # data files the run trained or validated on
 
 
-def _read_split_settings(run_dir: Path) -> dict:
+# "run_split": the run's own split.json list (its own data root); "resplit": load_dataset with
+# the run's breeds and seed; "test_list": another root's official test list; "all_photos":
+# every photo of the run's breeds under another root that has no test list.
+RECORD_KINDS = ("run_split", "resplit", "test_list", "all_photos")
+
+
+def _split_settings(run: RunDir) -> dict:
     """Root, seed and fractions the run split its data with (split.json, else config.yaml)."""
-    split_path = run_dir / "split.json"
-    if split_path.is_file():
-        return _read_json(split_path)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise DataError(f"{run_dir} has neither split.json nor config.yaml, so the breeds' split is unknown; "
-                        "evaluate a run directory written by `dogbreeds train`")
-    import yaml
-
+    if run.split_file.is_file():
+        return run.read_split()
     # A run's config.yaml is its Recipe: `data` is the root; seed and fractions sit beside it.
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = run.read_config()
+    if not config:
+        raise DataError(f"{run.path} has neither {run.split_file.name} nor {run.config.name}, so the breeds' "
+                        "split is unknown; evaluate a run directory written by `dogbreeds train`")
     settings = {"root": config.get("data"), "seed": config.get("seed"),
                 "val_fraction": config.get("val_fraction"), "test_fraction": config.get("test_fraction")}
     return {key: value for key, value in settings.items() if value is not None}
@@ -62,42 +77,147 @@ def _same_dir(a, b) -> bool:
         return False
 
 
-def records_for_split(run_dir: Path, data_root: str | Path, split: str, classes: ClassInfo) -> tuple[list[ImageRecord], str]:
-    """The records to evaluate and a sentence saying where they came from.
+def _relative(path: str | Path, root: Path) -> str:
+    path = Path(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def records_for_split(run_dir: str | Path, data_root: str | Path, split: str, classes: ClassInfo) -> EvalRecords:
+    """The records to evaluate, and where they came from.
 
     The breeds are always the run's own (classes.json), never re-chosen: "top20" may pick
     other breeds on another root. On the run's own root the split.json file list is the
     truth, and a file it names that is gone is an error (a silently smaller test set would
-    make numbers incomparable)."""
+    make numbers incomparable). On another root the test split is that data's own test list,
+    or all its photos of the run's breeds when it has none (someone else's test set needs no
+    training images); see `_other_test_records`. Train and val on another root are re-made
+    by load_dataset with the run's breeds and seed."""
     from ..data.sources import load_dataset
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    settings = _read_split_settings(run_dir)
+    run = RunDir(run_dir)
+    settings = _split_settings(run)
+    same_root = bool(settings.get("root")) and _same_dir(settings["root"], data_root)
+    if split == "test" and not same_root:
+        return _other_test_records(run, data_root, classes, settings)
     # Only what the run recorded is passed on; anything it did not record keeps load_dataset's
     # own default, the same default training used. (test_fraction is None in split.json when
     # the data has an official test list, which load_dataset then uses instead.)
     split_args = {key: settings[key] for key in ("seed", "val_fraction", "test_fraction") if settings.get(key) is not None}
     dataset = load_dataset(data_root, breeds=list(classes.breed_ids), **split_args)
     if tuple(dataset.classes.breed_ids) != tuple(classes.breed_ids):
-        raise DataError(f"breeds under {data_root} differ from {run_dir / 'classes.json'}; "
+        raise DataError(f"breeds under {data_root} differ from {run.classes_file}; "
                         "evaluate on data that holds the run's breeds")
     listed = settings.get("files", {}).get(split) if isinstance(settings.get("files"), dict) else None
-    if listed is None or not settings.get("root") or not _same_dir(settings["root"], data_root):
-        return dataset.split(split), (f"load_dataset({dataset.root}, seed={dataset.seed}) with the run's "
-                                      f"{len(classes)} breeds ({split} split re-made, not the run's split.json)")
+    if listed is None or not same_root:
+        return EvalRecords(dataset.split(split), "resplit",
+                           f"load_dataset({dataset.root}, seed={dataset.seed}) with the run's {len(classes)} breeds "
+                           f"({split} split re-made, not the run's {run.split_file.name})")
     root = Path(dataset.root)
-    by_relative = {}
-    for name in SPLITS:
-        for record in dataset.split(name):
-            path = Path(record.path)
-            by_relative[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()] = record
+    by_relative = {_relative(record.path, root): record for name in SPLITS for record in dataset.split(name)}
     missing = [f for f in listed if f not in by_relative]
     if missing:
         raise DataError(f"{len(missing)} file(s) of the run's {split} split are no longer under {root} "
                         f"(first: {missing[0]}); restore them, or evaluate a copy of the data elsewhere")
     records = [replace(by_relative[f], split=split) for f in listed]
-    return records, f"{run_dir / 'split.json'} (the run's own {split} list, {len(records)} files)"
+    return EvalRecords(records, "run_split", f"{run.split_file} (the run's own {split} list, {len(records)} files)")
+
+
+def _trained_files(run: RunDir, settings: dict) -> dict[tuple[str, str], int | None]:
+    """(folder, file name) -> size in bytes (None when the run's copy is gone) of every file
+    the run trained or validated on, from its split.json."""
+    files = settings.get("files") if isinstance(settings.get("files"), dict) else {}
+    root = Path(settings["root"]) if settings.get("root") else None
+    trained = {}
+    for name in ("train", "val"):
+        for relative in files.get(name) or ():
+            path = Path(relative)
+            original = root / path if root is not None and not path.is_absolute() else path
+            try:
+                size = original.stat().st_size
+            except OSError:
+                size = None
+            trained[(path.parent.name, path.name)] = size
+    return trained
+
+
+def _other_test_records(run: RunDir, data_root: str | Path, classes: ClassInfo, settings: dict) -> EvalRecords:
+    """The test set of a data root the run was not trained on.
+
+    Its official test list when it has one (Stanford Dogs lists; the train list may be empty),
+    else every photo under it. Photos are matched to the run's breeds by breed id (the folder
+    name, or the CSV label); photos of breeds the run does not know are counted and reported,
+    not scored, and the run's breeds the data lacks are listed. A photo that is one the run
+    trained or validated on (same breed folder and file name as a train/val file of its
+    split.json, and the same size when that file is still there) is left out and listed: on a
+    copy of the run's own data this leaves exactly its held-out photos."""
+    from ..data import stanford_dogs
+    from ..data.sources import has_official_split, scan_source
+
+    root = Path(data_root).expanduser().resolve()
+    layout, scanned = scan_source(root)
+    official = has_official_split(scanned)
+    pool = [r for r in scanned if r.split == "test"] if official else scanned
+    label_of = {breed: i for i, breed in enumerate(classes.breed_ids)}
+    unknown = dict(sorted(Counter(r.breed_id for r in pool if r.breed_id not in label_of).items()))
+    known = [r for r in pool if r.breed_id in label_of]
+    if not known:
+        shown = ", ".join(list(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+        what = f"its test list holds {len(pool)} photo(s)" if official else f"it holds {len(pool)} photo(s)"
+        raise DataError(f"{root} has no photo of the run's {len(classes)} breeds ({what}"
+                        + (f" of {len(unknown)} unknown breed(s): {shown}" if unknown else "")
+                        + f"); breeds are matched by id (folder name or CSV label), e.g. {classes.breed_ids[0]}: "
+                        f"name the folders as in {run.classes_file}")
+    trained = _trained_files(run, settings)
+    records, left_out = [], []
+    for record in known:
+        path = Path(record.path)
+        key = (path.parent.name, path.name)
+        if key in trained and trained[key] in (None, _size(path)):
+            left_out.append(str(path))
+        else:
+            records.append(replace(record, label=label_of[record.breed_id], split="test"))
+    if layout == "stanford_dogs":
+        records = stanford_dogs.attach_boxes(root, records)
+    records.sort(key=lambda r: (r.label, r.path))
+    present = {r.breed_id for r in records}
+    absent = [b for b in classes.breed_ids if b not in present]
+    kind = "test_list" if official else "all_photos"
+    source = (f"the official test list of {root} ({len(records)} photos of the run's breeds)" if official else
+              f"all photos of the run's breeds under {root} ({len(records)}; it has no test list)")
+    if left_out:
+        source += f"; {len(left_out)} photo(s) the run trained or validated on left out"
+    if not records:
+        raise DataError(f"every photo of the run's breeds under {root} ({len(left_out)}, first: {left_out[0]}) is one "
+                        f"the run trained or validated on (see {run.split_file}); evaluate on photos it has not seen")
+    return EvalRecords(records, kind, source, unknown, absent, left_out)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def prepared_cache(data_root: str | Path, transform, records: list[ImageRecord], log=print):
+    """The decoded cache `dogbreeds data prepare` wrote under DATA for this model's sizing, when
+    it holds every record unchanged; else None (the photos are decoded), saying why in the log."""
+    from ..data.cache import find_cache
+
+    root = Path(data_root).expanduser().resolve()
+    try:
+        cache = find_cache(root, transform.preprocessing)
+        if cache is None:
+            return None
+        cache.check_records(records)
+        cache.check_transform(transform)
+    except DataError as exc:
+        log(f"[evaluate] not using the prepared cache ({exc}); decoding the photos instead")
+        return None
+    log(f"[evaluate] reading decoded photos from the prepared cache {cache.directory}")
+    return cache
 
 
 def check_engine(engine: str) -> None:
@@ -133,7 +253,8 @@ def make_engine(loaded, run_dir: Path, engine: str = "auto", threads: int | None
                         threads=threads, checkpoint=loaded.path)
 
 
-def predict_probabilities(engine, records: list[ImageRecord], transform, batch_size: int, tta: str | None):
+def predict_probabilities(engine, records: list[ImageRecord], transform, batch_size: int, tta: str | None,
+                          cache=None):
     """Softmax probabilities for every readable record, their labels, and the skipped files.
 
     engine: anything with `probabilities(float32 NCHW array) -> N x classes` (`make_engine`).
@@ -143,7 +264,8 @@ def predict_probabilities(engine, records: list[ImageRecord], transform, batch_s
 
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown TTA {tta!r}; choose 'flip' or leave it off")
-    loader = make_loader(records, transform, batch_size=batch_size, shuffle=False, seed=0, epoch=0, workers=0)
+    loader = make_loader(records, transform, batch_size=batch_size, shuffle=False, seed=0, epoch=0, workers=0,
+                         cache=cache)  # cache: an ImageCache (`prepared_cache`) or None to decode the files
     all_probs, all_labels = [], []
     for images, labels, _, _ in loader:
         batch = images.numpy()
@@ -159,11 +281,13 @@ def predict_probabilities(engine, records: list[ImageRecord], transform, batch_s
 
 
 def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test", tta: str | None = None,
-                 batch_size: int = 32, engine: str = "auto", threads: int | None = None) -> dict:
+                 batch_size: int = 32, engine: str = "auto", threads: int | None = None, log=print) -> dict:
     """Score the run's best checkpoint on `split`; writes eval/<split>.json and figures/.
 
     engine: "auto" (onnxruntime fast path, export cached in RUN/export/) or "torch" (eager);
-    threads: the engine's intra-op threads (default: physical cores; torch's own setting for "torch")."""
+    threads: the engine's intra-op threads (default: physical cores; torch's own setting for "torch").
+    The photos come from the decoded cache of `dogbreeds data prepare` when DATA has one for the
+    model's sizing that holds them all (`prepared_cache`); `log` says whether it was used."""
     from ..models.factory import load_run
 
     run_dir = Path(run_dir)
@@ -172,14 +296,19 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
     check_engine(engine)  # before the model is loaded
     started = time.perf_counter()
     loaded = load_run(run_dir)
-    records, records_source = records_for_split(run_dir, data_root, split, loaded.classes)
+    chosen = records_for_split(run_dir, data_root, split, loaded.classes)
+    records, records_source = chosen.records, chosen.source
     if not records:
         raise DataError(f"the {split} split of {run_dir} is empty ({records_source}); nothing to evaluate")
+    if chosen.unknown_breeds:
+        log(f"[evaluate] not scored: {sum(chosen.unknown_breeds.values())} photo(s) of {len(chosen.unknown_breeds)} "
+            f"breed(s) the run does not know: {', '.join(chosen.unknown_breeds)}")
     from ..data.transforms import build_eval_transform
 
     transform = build_eval_transform(loaded.preprocessing)
+    cache = prepared_cache(data_root, transform, records, log=log)
     scorer = make_engine(loaded, run_dir, engine, threads)
-    probs, labels, skipped = predict_probabilities(scorer, records, transform, batch_size, tta)
+    probs, labels, skipped = predict_probabilities(scorer, records, transform, batch_size, tta, cache=cache)
     if len(labels) == 0:
         raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
                         f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
@@ -195,6 +324,11 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "engine": scorer.kind,
         "engine_detail": scorer.description,
         "records_from": records_source,
+        "records": chosen.kind,
+        "unknown_breeds": chosen.unknown_breeds,
+        "breeds_without_photos": chosen.breeds_without_photos,
+        "left_out_trained": chosen.left_out_trained,
+        "cache": str(cache.directory) if cache is not None else None,
         "n_images": int(len(labels)),
         "skipped": len(skipped),
         "skipped_files": skipped,
@@ -220,27 +354,27 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
 
 
 def write_eval(run_dir: Path, result: dict, classes: ClassInfo, summary: dict) -> None:
+    run = RunDir(run_dir)
     split = result["split"]
     suffix = f"_{result['tta']}" if result["tta"] else ""
-    out = run_dir / "eval" / f"{split}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)  # atomic: a reader never sees half a file
+    out = run.write_json(run.eval_file(split, suffix), result)  # atomic: a reader never sees half a file
     label = f"{result['model']} — {split}{' + flip TTA' if result['tta'] else ''}"
-    figures.plot_confusion_matrix(result["confusion_matrix"], classes.names,
-                                  run_dir / "figures" / f"confusion_{split}{suffix}.png",
+    figures.plot_confusion_matrix(result["confusion_matrix"], classes.names, run.figure(f"confusion_{split}{suffix}.png"),
                                   title=f"Confusion matrix: {label} (top-1 {100 * result['top1']:.1f}%)")
-    figures.plot_reliability(summary["calibration"], run_dir / "figures" / f"reliability_{split}{suffix}.png",
+    figures.plot_reliability(summary["calibration"], run.figure(f"reliability_{split}{suffix}.png"),
                              ece=result["ece"], title=f"Reliability: {label}")
     result["eval_path"] = str(out)
 
 
 def format_summary(result: dict) -> str:
-    return (f"{result['model']} on {result['split']} ({result['n_images']} images, {result['skipped']} skipped"
-            f"{', flip TTA' if result['tta'] else ''}): top-1 {100 * result['top1']:.1f}%  "
-            f"top-5 {100 * result['top5']:.1f}%  loss {result['loss']:.3f}  ECE {result['ece']:.3f}\n"
-            f"wrote {result.get('eval_path', '')}")
+    lines = [f"{result['model']} on {result['split']} ({result['n_images']} images, {result['skipped']} skipped"
+             f"{', flip TTA' if result['tta'] else ''}): top-1 {100 * result['top1']:.1f}%  "
+             f"top-5 {100 * result['top5']:.1f}%  loss {result['loss']:.3f}  ECE {result['ece']:.3f}",
+             f"images: {result['records_from']}"]
+    if result.get("breeds_without_photos"):
+        lines.append(f"no photo of {len(result['breeds_without_photos'])} of the run's breeds: "
+                     f"{', '.join(result['breeds_without_photos'])}")
+    return "\n".join(lines + [f"wrote {result.get('eval_path', '')}"])
 
 
 # --- the comparison report (DIR/report.md) -------------------------------------------------
@@ -268,7 +402,7 @@ def recipe_differences(recipes: dict[str, dict]) -> tuple[list[str], dict]:
 
 def _split_fingerprint(run_dir: Path) -> tuple:
     """Which files each split holds; equal fingerprints mean the models saw the same split."""
-    summary = _read_json(run_dir / "split.json")
+    summary = RunDir(run_dir).read_split()
     return tuple(tuple(summary["files"][s]) for s in SPLITS), summary
 
 

@@ -102,7 +102,7 @@ def train_roadmap(plan: RoadmapTraining, log=print) -> list[dict]:
             continue
         log(f"step {step} ({STEP_TITLES[step]}): training {model_name(step)} into {run_dir}")
         train(plan.recipe(step))
-        result = evaluate_run(run_dir, plan.data, split="test")
+        result = evaluate_run(run_dir, plan.data, split="test", log=log)
         log(f"step {step}: test top-1 {100 * result['top1']:.1f}% on {result['n_images']} images")
     rows = collect_results(plan)
     write_summary(plan, rows)
