@@ -29,11 +29,17 @@ def register(subparsers) -> None:
     evaluate = subparsers.add_parser(
         "evaluate", help="score a run on a split: top-1/5, loss, per-breed P/R/F1, confusion matrix, calibration",
         description="Score a run's best checkpoint. On the data root it was trained on, the split is exactly the "
-                    "run's split.json; on another root, load_dataset re-splits with the run's breeds and seed. "
-                    "Writes RUN/eval/<split>.json (RUN/eval/<split>_flip.json with --tta flip) and RUN/figures/.",
+                    "run's split.json. On another root, --split test is that data's own test list, or all its "
+                    "photos of the run's breeds when it has none (no training images needed; breeds matched by "
+                    "id, unknown breeds reported, photos the run trained on left out); --split train/val "
+                    "re-split it with the run's breeds and seed. Reads the decoded cache of `dogbreeds data "
+                    "prepare` when DATA has one for the model's sizing. Writes RUN/eval/<split>.json "
+                    "(RUN/eval/<split>_flip.json with --tta flip) and RUN/figures/.",
     )
     evaluate.add_argument("run", help="run directory written by `dogbreeds train`")
-    evaluate.add_argument("--data", required=True, help="dataset root holding the run's breeds")
+    evaluate.add_argument("--data", required=True,
+                          help="dataset root with photos of the run's breeds: the one it was trained on, or another "
+                               "(Stanford Dogs layout, breed folders or a CSV), e.g. someone else's test set")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--tta", choices=("flip",), default=None,
                           help="test-time augmentation: 'flip' averages the probabilities of the photo and its mirror")
