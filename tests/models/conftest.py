@@ -1,6 +1,8 @@
 """Fixtures for the models tests: a real photo as model input, and random weights."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -34,3 +36,22 @@ def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def randomize():
     return _randomize
+
+
+def to_official_names(sd: dict) -> dict:
+    """timm ConvNeXt keys -> the paper code's keys, written independently of the loader."""
+    out = {}
+    for key, value in sd.items():
+        key = key.replace("stem.", "downsample_layers.0.")
+        key = re.sub(r"stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", key)
+        key = re.sub(r"stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
+        key = key.replace("conv_dw", "dwconv").replace("mlp.fc1", "pwconv1").replace("mlp.fc2", "pwconv2")
+        key = key.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_names():
+    """timm ConvNeXt state dict -> facebookresearch/ConvNeXt key names."""
+    return to_official_names

@@ -29,23 +29,10 @@ def assert_close(ours, reference):
 
 # ---------------------------------------------------------------- official facebookresearch/ConvNeXt
 
-def to_official_names(sd: dict) -> dict:
-    """timm ConvNeXt keys -> the paper code's keys, written independently of the loader."""
-    out = {}
-    for key, value in sd.items():
-        key = key.replace("stem.", "downsample_layers.0.")
-        key = re.sub(r"stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", key)
-        key = re.sub(r"stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
-        key = key.replace("conv_dw", "dwconv").replace("mlp.fc1", "pwconv1").replace("mlp.fc2", "pwconv2")
-        key = key.replace("head.norm.", "norm.").replace("head.fc.", "head.")
-        out[key] = value
-    return out
-
-
 @pytest.fixture(scope="module")
-def official_tiny(tmp_path_factory, randomize):
+def official_tiny(tmp_path_factory, randomize, official_names):
     reference = randomize(timm.create_model("convnext_tiny"), seed=1)
-    sd = to_official_names(reference.state_dict())
+    sd = official_names(reference.state_dict())
     assert "downsample_layers.0.0.weight" in sd and "stages.0.0.pwconv1.weight" in sd and "head.weight" in sd
     path = tmp_path_factory.mktemp("official") / "convnext_tiny_1k_224.pth"
     torch.save({"model": sd}, path)

@@ -71,7 +71,16 @@ def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs:
     model = timm.create_model(arch, pretrained=False, num_classes=wanted, **model_kwargs)
     load_converted(model, converted, path)
     pre = converted.preprocessing or Preprocessing.from_timm_cfg(model.pretrained_cfg, source=f"timm:{arch}")
+    # The cfg timm attached describes its own default weights for `arch` (their hub id, url, tag,
+    # test-time size), not this file: keep the architecture facts, drop the claims about weights.
+    model.pretrained_cfg = {k: v for k, v in (model.pretrained_cfg or {}).items() if k not in _FOREIGN_WEIGHT_KEYS}
+    model.pretrained_cfg["num_classes"] = int(getattr(model, "num_classes", wanted) or 0)
     return _attach(model, arch.split(".")[0], model_kwargs, pre)
+
+
+# pretrained_cfg keys that describe timm's own weights; wrong for a model loaded from a local file.
+_FOREIGN_WEIGHT_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "license",
+                        "test_input_size", "test_crop_pct", "origin_url", "paper_ids", "paper_name", "notes")
 
 
 def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) -> None:
@@ -110,6 +119,7 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
     sd = {k: v for k, v in sd.items() if k in target}
     model.load_state_dict(sd, strict=False)  # strictness checked above, minus head/step counters
     if reinit_head:
+        model.dogbreeds_new_head = bool(model_classes)  # train/ may shrink a fresh head (Recipe.head_init_scale)
         log.info("%s: head has %d classes in the file, model has %d: head %s", path, converted.num_classes,
                  model_classes, "re-initialised" if model_classes else "dropped (feature extractor)")
 
@@ -146,6 +156,7 @@ def _download(name: str, num_classes: int | None, kwargs: dict) -> torch.nn.Modu
         ) from exc
     cfg_classes = model.pretrained_cfg.get("num_classes")
     if num_classes is not None and cfg_classes and cfg_classes != num_classes:
+        model.dogbreeds_new_head = bool(num_classes)
         log.info("%s: pretrained head has %d classes, model has %d: head re-initialised", name, cfg_classes, num_classes)
     return model
 
