@@ -269,14 +269,14 @@ def test_evaluate_reads_the_prepared_cache_when_it_holds_the_photos(tiny_run, mi
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(mini_root / relative, target)
     decoded = evaluate_run(tiny_run, data, split="test", engine="torch")
-    assert decoded["cache"] is None and "prepared cache" not in capsys.readouterr().out
+    assert decoded["cache"] is None and "decoding images from files" in capsys.readouterr().out
 
     pp = load_run(tiny_run).preprocessing
     assert main(["data", "prepare", str(data), "--size", str(pp.resize_size), "--interpolation", pp.interpolation,
                  "--workers", "1"]) == 0
     capsys.readouterr()
     cached = evaluate_run(tiny_run, data, split="test", engine="torch")
-    assert "reading decoded photos from the prepared cache" in capsys.readouterr().out
+    assert "using the prepared cache" in capsys.readouterr().out
     assert cached["cache"] and Path(cached["cache"]).is_relative_to(data)
     assert cached["n_images"] == decoded["n_images"] > 0
     assert cached["confusion_matrix"] == decoded["confusion_matrix"]

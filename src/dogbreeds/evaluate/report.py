@@ -201,23 +201,15 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def prepared_cache(data_root: str | Path, transform, records: list[ImageRecord], log=print):
-    """The decoded cache `dogbreeds data prepare` wrote under DATA for this model's sizing, when
-    it holds every record unchanged; else None (the photos are decoded), saying why in the log."""
-    from ..data.cache import find_cache
+def prepared_cache(data_root: str | Path, preprocessing, records: list[ImageRecord], log=print):
+    """The decoded cache `dogbreeds data prepare` wrote under DATA for this model's sizing, when it
+    holds every record unchanged since; else None (the files are decoded). The log says which."""
+    from ..data.cache import find_prepared_cache
 
-    root = Path(data_root).expanduser().resolve()
-    try:
-        cache = find_cache(root, transform.preprocessing)
-        if cache is None:
-            return None
-        cache.check_records(records)
-        cache.check_transform(transform)
-    except DataError as exc:
-        log(f"[evaluate] not using the prepared cache ({exc}); decoding the photos instead")
-        return None
-    log(f"[evaluate] reading decoded photos from the prepared cache {cache.directory}")
-    return cache
+    lookup = find_prepared_cache(Path(data_root).expanduser().resolve(), preprocessing, records)
+    if lookup.message:
+        log(f"[evaluate] {lookup.message}")
+    return lookup.cache
 
 
 def check_engine(engine: str) -> None:
@@ -306,7 +298,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
     from ..data.transforms import build_eval_transform
 
     transform = build_eval_transform(loaded.preprocessing)
-    cache = prepared_cache(data_root, transform, records, log=log)
+    cache = prepared_cache(data_root, loaded.preprocessing, records, log=log)
     scorer = make_engine(loaded, run_dir, engine, threads)
     probs, labels, skipped = predict_probabilities(scorer, records, transform, batch_size, tta, cache=cache)
     if len(labels) == 0:
