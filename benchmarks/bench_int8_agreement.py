@@ -1,9 +1,9 @@
 """int8 vs fp32 on trained runs: top-1 agreement and accuracy on every test photo, and the speed ratio.
 
 For each run directory: its checkpoint (`dogbreeds.load_run`), its own preprocessing and input
-size, and every photo in its split.json test list. Both paths are `build_engine(model,
-preprocessing, kind=...)`: "auto" (the default fp32 onnxruntime engine) and "int8" (the separate
-dynamic-int8 path). Printed: top-1 agreement int8 vs fp32, each path's top-1 accuracy against the
+size, and every photo in its split.json test list. Both paths are backends of the run's model
+(`backend_for_loaded(loaded, engine)`): "auto" (the default fp32 onnxruntime engine) and "int8"
+(the separate dynamic-int8 path). Printed: top-1 agreement int8 vs fp32, each path's top-1 accuracy against the
 labels, logit differences, and the fp32 top-1/top-2 logit margin (photos whose margin is below
 the int8 logit error can flip, whatever the quantisation scheme).
 
@@ -43,18 +43,18 @@ def test_set(run: Path, loaded) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return inputs, labels, files
 
 
-def logits(engine, inputs: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([engine.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+def logits(backend, inputs: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([backend.forward(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
 
 def measure(run: Path, cache_dir: Path, batch: int) -> dict:
     import dogbreeds
-    from dogbreeds.infer.engine import build_engine
+    from dogbreeds.infer.backend import backend_for_loaded
 
     loaded = dogbreeds.load_run(run)
     inputs, labels, _ = test_set(run, loaded)
-    fp32 = logits(build_engine(loaded.model, loaded.preprocessing, kind="auto", cache_dir=cache_dir), inputs, batch)
-    int8 = logits(build_engine(loaded.model, loaded.preprocessing, kind="int8", cache_dir=cache_dir), inputs, batch)
+    fp32 = logits(backend_for_loaded(loaded, "auto", cache_dir=cache_dir), inputs, batch)
+    int8 = logits(backend_for_loaded(loaded, "int8", cache_dir=cache_dir), inputs, batch)
     top2 = np.sort(fp32, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     flipped = fp32.argmax(1) != int8.argmax(1)
@@ -69,22 +69,22 @@ def measure(run: Path, cache_dir: Path, batch: int) -> dict:
 def speed(model_name: str, size: int, batch: int, repeats: int, cache_dir: Path, num_classes: int) -> dict:
     import torch
 
-    from dogbreeds.infer.engine import build_engine
-    from dogbreeds.models.factory import create_model
+    from dogbreeds.infer.backend import build_backend
+    from dogbreeds.models.factory import create_model, set_preprocessing
 
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=num_classes).eval()
-    preprocessing = model.preprocessing.with_input_size(size)
-    engines = {kind: build_engine(model, preprocessing, kind=kind, cache_dir=cache_dir) for kind in ("auto", "int8")}
+    set_preprocessing(model, model.preprocessing.with_input_size(size))
+    engines = {kind: build_backend(model, engine=kind, cache_dir=cache_dir) for kind in ("auto", "int8")}
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     times = {kind: [] for kind in engines}
     for engine in engines.values():  # warm-up
-        engine.run(x)
-        engine.run(x)
+        engine.forward(x)
+        engine.forward(x)
     for _ in range(repeats):
         for kind, engine in engines.items():
             start = time.perf_counter()
-            engine.run(x)
+            engine.forward(x)
             times[kind].append(time.perf_counter() - start)
     fp32_s, int8_s = statistics.median(times["auto"]), statistics.median(times["int8"])
     return {"model": model_name, "size": size, "batch": batch, "repeats": repeats,

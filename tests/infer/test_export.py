@@ -1,4 +1,4 @@
-"""ONNX export: probabilities out, dynamic batch, metadata inside, checked against PyTorch."""
+"""ONNX export: logits and features out, dynamic batch and size, metadata inside, checked against PyTorch."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,21 @@ def test_export_carries_metadata_and_a_dynamic_batch(convnext_onnx, convnext_run
     model = onnx.load(str(convnext_onnx))
     props = {p.key: p.value for p in model.metadata_props}
     torch_predictor = Predictor.from_run(convnext_run, engine="torch")
-    assert props["dogbreeds.output"] == "probabilities"
+    assert props["dogbreeds.format"] == "dogbreeds-onnx" and props["dogbreeds.version"] == "2"
+    assert props["dogbreeds.output"] == "logits" and props["dogbreeds.features"] == "features"
+    assert [o.name for o in model.graph.output] == ["logits", "features"]
+    # the run's stored extra travels in the file: later features keep what they need there
+    sidecar = json.loads((convnext_run / "checkpoints" / "best.json").read_text())
+    assert json.loads(props["dogbreeds.extra"]) == sidecar["extra"]
     assert props["dogbreeds.model"] == "convnext_atto"
     assert json.loads(props["dogbreeds.breed_ids"]) == list(torch_predictor.classes.breed_ids)
     assert [c["name"] for c in json.loads(props["dogbreeds.classes"])] == torch_predictor.classes.names
     assert json.loads(props["dogbreeds.preprocessing"]) == torch_predictor.preprocessing.to_dict()
     assert model.opset_import[0].version == 17
-    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic, not fixed
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [bool(dims[i].dim_param) and not dims[i].dim_value for i in (0, 2, 3)] == [True] * 3  # batch, H, W symbolic
+    for output in model.graph.output:
+        assert output.type.tensor_type.shape.dim[0].dim_param  # batch
 
 
 @pytest.mark.parametrize("architecture", ["convnext", "mobilenet"])
@@ -43,7 +50,7 @@ def test_onnx_predictions_match_pytorch_on_real_photos(architecture, request, ph
         o_probs = {s.breed_id: s.prob for s in o.top}
         assert t_probs.keys() == o_probs.keys()
         assert max(abs(t_probs[k] - o_probs[k]) for k in t_probs) <= 1e-4
-        assert sum(o_probs.values()) == pytest.approx(1.0, abs=1e-5)  # softmax is in the graph
+        assert sum(o_probs.values()) == pytest.approx(1.0, abs=1e-5)  # all 20 breeds: a distribution
 
 
 def test_a_failed_check_is_an_error_and_leaves_no_file(convnext_run, photos, tmp_path):
@@ -60,13 +67,16 @@ def test_no_photos_to_check_is_an_error_naming_the_option(convnext_run, tmp_path
 
 def test_export_checks_on_the_runs_own_test_photos(photos, tmp_path):
     from dogbreeds.infer.export import _check_photos
+    from dogbreeds.rundir import RunDir
 
     root = photos[0].parents[2]
     (tmp_path / "split.json").write_text(json.dumps({"root": str(root), "files": {
         "test": [str(p.relative_to(root)) for p in photos[:3]] + ["gone/missing.jpg"], "val": [], "train": []}}))
-    assert _check_photos(tmp_path, None) == photos[:3]
-    assert _check_photos(tmp_path / "checkpoints" / "best.safetensors", None) == photos[:3]  # a run's checkpoint
-    assert _check_photos(tmp_path, [str(photos[4].parent)])[0].parent == photos[4].parent
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.safetensors").write_bytes(b"")
+    assert _check_photos(RunDir.locate(tmp_path), None) == photos[:3]
+    assert _check_photos(RunDir.locate(tmp_path / "checkpoints" / "best.safetensors"), None) == photos[:3]  # a run's checkpoint
+    assert _check_photos(RunDir.locate(tmp_path), [str(photos[4].parent)])[0].parent == photos[4].parent
 
 
 def test_an_onnx_file_without_our_metadata_is_refused(convnext_onnx, tmp_path):

@@ -1,4 +1,6 @@
-"""The numpy eval transform (ONNX path) must equal the torch one (training/eval/export)."""
+"""The numpy eval transform, the one implementation: it must equal torchvision's reference
+pipeline, and the torch transform of training/evaluate (data.transforms.EvalTransform) must give
+exactly its numbers (it wraps it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,16 +18,27 @@ CONFIGS = [
 ]
 
 
+def _torchvision_eval(pp: Preprocessing):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(pp.resize_size, interpolation=T.InterpolationMode(pp.interpolation)),
+                      T.CenterCrop(pp.input_size), T.ToTensor(), T.Normalize(pp.mean, pp.std)])
+
+
 @pytest.mark.parametrize("preprocessing", CONFIGS, ids=["imagenet-224-bicubic", "keras-160-bilinear", "odd-97-nearest"])
-def test_numpy_transform_matches_torch_eval_transform(preprocessing, photos):
-    torch_transform, numpy_transform = build_eval_transform(preprocessing), NumpyEvalTransform(preprocessing)
+def test_numpy_transform_matches_torchvision_and_the_torch_transform_wraps_it(preprocessing, photos):
+    from PIL import Image
+
+    reference, numpy_transform = _torchvision_eval(preprocessing), NumpyEvalTransform(preprocessing)
+    torch_transform = build_eval_transform(preprocessing)
     tall = decode_image(photos[0])[:, :200]   # portrait crop of a real photo
     for image in [decode_image(p) for p in photos[:3]] + [np.ascontiguousarray(tall)]:
-        expected = torch_transform(image).numpy()
+        expected = reference(Image.fromarray(image)).numpy()
         actual = numpy_transform(image)
         assert actual.shape == expected.shape == (3, preprocessing.input_size, preprocessing.input_size)
         assert actual.dtype == np.float32
         np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(torch_transform(image).numpy(), actual)  # one implementation
 
 
 def test_image_already_at_resize_size_is_not_resampled(photos):

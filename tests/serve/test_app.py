@@ -194,15 +194,15 @@ def test_engine_option_picks_the_backend_and_explain_works_on_both(serve_run, ph
     import uvicorn
 
     from dogbreeds.cli import main
-    from dogbreeds.infer.engine import EngineBackend
-    from dogbreeds.infer.predictor import TorchBackend
+    from dogbreeds.infer.runtime_onnxruntime import OrtBackend
+    from dogbreeds.infer.runtime_torch import TorchBackend
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: apps.append(app))
     assert main(["serve", str(serve_run)]) == 0
     assert main(["serve", str(serve_run), "--engine", "torch"]) == 0
     default, eager = (app.state.predictor for app in apps)
-    assert isinstance(default.backend, EngineBackend) and isinstance(eager.backend, TorchBackend)
+    assert isinstance(default.backend, OrtBackend) and isinstance(eager.backend, TorchBackend)
     for app, kind in zip(apps, ("onnxruntime", "torch")):
         with TestClient(app) as client:
             assert client.get("/healthz").json()["backend"] == kind
@@ -212,6 +212,6 @@ def test_engine_option_picks_the_backend_and_explain_works_on_both(serve_run, ph
             assert Image.open(io.BytesIO(response.content)).size == Image.open(photos[2]).size
             assert client.post("/v1/predict", content=_jpeg(photos[2])).status_code == 200
     # Grad-CAM loaded its own torch model: predictions still run on the engine, with no model added
-    assert isinstance(default.backend, EngineBackend) and not hasattr(default.backend, "model")
+    assert isinstance(default.backend, OrtBackend) and not hasattr(default.backend, "model")
     # and the torch backend's own model carries no leftover hooks from the CAM (it ran on a copy)
     assert not any(m._forward_hooks or m._backward_hooks for m in eager.backend.model.modules())

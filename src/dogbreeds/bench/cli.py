@@ -51,7 +51,7 @@ def run_bench(args) -> int:
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from ..infer.engine import physical_cores
+    from ..infer.backend import physical_cores
     from . import ceiling as ceiling_mod
     from . import inference, scaling, training
 
@@ -77,10 +77,10 @@ def run_bench(args) -> int:
         if "convnext_tiny" in models:
             import timm
 
-            from ..infer.engine import build_engine
+            from ..infer.backend import build_backend
 
             torch.manual_seed(0)  # the weights build_paths used: a cache hit
-            onnx_path = build_engine(timm.create_model("convnext_tiny").eval(), kind="auto", cache_dir=args.cache_dir).path
+            onnx_path = build_backend(timm.create_model("convnext_tiny").eval(), engine="auto", cache_dir=args.cache_dir).path
             report["op_profile"] = {"model": "convnext_tiny", "batch": 16 if 16 in batches else batches[-1]}
             report["op_profile"]["shares"] = inference.op_profile(onnx_path, report["op_profile"]["batch"])
         photos = inference.sample_photos(args.photos, 32 if args.quick else 96)
@@ -94,11 +94,11 @@ def run_bench(args) -> int:
         print("scaling (one process per point):")
         import timm
 
-        from ..infer.engine import build_engine
+        from ..infer.backend import build_backend
 
         torch.manual_seed(0)
         model = timm.create_model("convnext_tiny", pretrained=False).eval()
-        engine = build_engine(model, kind="auto", cache_dir=args.cache_dir)
+        engine = build_backend(model, engine="auto", cache_dir=args.cache_dir)
         report["scaling"] = scaling.measure(engine.path, [1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64],
                                             [160, 224] if args.quick else [160, 224, 288], 1 if args.quick else 2)
         ceiling.sample()
@@ -330,7 +330,7 @@ def render(report: dict, out: Path) -> str:
 
 LEVERS = """## What the fastest path is, and what was tried
 
-`dogbreeds.infer.engine.build_engine(model, kind="auto")` = onnxruntime on an ONNX export of the model
+`dogbreeds.infer.backend.build_backend(model, engine="auto")` = onnxruntime on an ONNX export of the model
 (logits out), with:
 
 1. **ConvNeXt MLPs as 1x1 convolutions** (timm's `conv_mlp=True` layout, same weights reshaped; the rebuilt
@@ -357,7 +357,7 @@ Levers tried and not chosen:
   as fast or faster in all four cases (ConvNeXt-T and MobileNetV2, batch 1 and 16) at 2 threads; 1 thread
   was about as fast as 2 only because the machine was oversubscribed. Repeated on a quiet machine the
   results were mixed (the noise was larger than the effect). The engine uses physical cores, no spinning
-  (`build_engine(..., threads=N)` overrides the thread count).
+  (`build_backend(..., threads=N)` overrides the thread count).
 - **channels_last alone** (`timm channels_last` row): little or no gain for ConvNeXt (its MLPs are Linear
   layers in NHWC already), some for MobileNetV2.
 - **torch.compile** (inductor, `freezing=True`, on the conv-MLP model): `dogbreeds bench --parts inference

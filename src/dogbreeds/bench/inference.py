@@ -3,13 +3,13 @@
 Paths per model (all fp32 unless labelled):
   timm eager NCHW        what a user gets by default (the baseline of every ratio)
   timm channels_last     the simplest lever
-  dogbreeds torch        build_engine(kind="torch"): conv-MLP layout + channels_last
-  dogbreeds engine       build_engine(kind="auto"): the default of predict/evaluate/serve
+  dogbreeds torch        build_backend(engine="torch"): conv-MLP layout + channels_last
+  dogbreeds engine       build_backend(engine="auto"): the default of predict/evaluate/serve
   onnxruntime plain      the timm model exported as is, default SessionOptions
   HF transformers        ConvNextForImageClassification / MobileNetV2ForImageClassification, random init
   Keras (torch backend)  keras.applications ConvNeXtTiny / MobileNetV2, weights=None, NHWC input
-  int8 (separate)        build_engine(kind="int8"): dynamic int8 matmuls; changes the numbers
-  torch.compile          build_engine(kind="torch-compile"), only with --compile (minutes to compile)
+  int8 (separate)        build_backend(engine="int8"): dynamic int8 matmuls; changes the numbers
+  torch.compile          build_backend(engine="torch-compile"), only with --compile (minutes to compile)
 Weights are random: speed does not depend on them. The int8 agreement check uses real photos.
 """
 from __future__ import annotations
@@ -57,7 +57,9 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
     import timm
     import torch
 
-    from ..infer.engine import OrtEngine, build_engine, export_onnx_logits
+    from ..infer.backend import build_backend
+    from ..infer.export import write_onnx
+    from ..infer.runtime_onnxruntime import OrtBackend
     from ..models.flops import count_gmacs
 
     torch.manual_seed(0)  # the same weights every run, so the cached exports are reused
@@ -70,31 +72,31 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
     cl_model = timm.create_model(name, pretrained=False).eval()
     cl_model.load_state_dict(model.state_dict())
     paths.append(Path_("timm channels_last", _torch_call(cl_model.to(memory_format=torch.channels_last), True)))
-    paths.append(_try("dogbreeds torch (conv-MLP, channels_last)", lambda: build_engine(model, kind="torch").run, log))
+    paths.append(_try("dogbreeds torch (conv-MLP, channels_last)", lambda: build_backend(model, engine="torch").forward, log))
     engine = [None]
 
     def make_engine():
         start = time.perf_counter()
-        engine[0] = build_engine(model, kind="auto", cache_dir=cache_dir)
+        engine[0] = build_backend(model, engine="auto", cache_dir=cache_dir)
         log(f"  {name}: engine built in {time.perf_counter() - start:.1f}s ({engine[0]})")
-        return engine[0].run
+        return engine[0].forward
     paths.append(_try(ENGINE, make_engine, log))
 
     def plain_ort():
         plain = cache_dir / f"{name}-plain.onnx"
         if not plain.is_file():
-            export_onnx_logits(model, plain, 224)
-        return OrtEngine(plain, tuned=False).run
+            write_onnx(model, plain, input_size=224)
+        return OrtBackend(plain, tuned=False).forward
     paths.append(_try("onnxruntime plain (default options)", plain_ort, log))
     paths.append(_try("HF transformers", lambda: _hf_call(name), log))
     paths.append(_try("Keras 3 (torch backend)", lambda: _keras_call(name), log))
-    paths.append(_try(INT8, lambda: build_engine(model, kind="int8", cache_dir=cache_dir).run, log))
+    paths.append(_try(INT8, lambda: build_backend(model, engine="int8", cache_dir=cache_dir).forward, log))
     if with_compile:
         compiled = []
 
         def make_compiled():
-            compiled.append(build_engine(model, kind="torch-compile"))
-            return compiled[0].run
+            compiled.append(build_backend(model, engine="torch-compile"))
+            return compiled[0].forward
         path = _try("torch.compile (inductor, freezing)", make_compiled, log)
         if compiled:
             path.note = "compile time: see log"
@@ -211,7 +213,7 @@ def op_profile(onnx_path: Path, batch: int, size: int = 224) -> dict[str, float]
 
     import onnxruntime as ort
 
-    from ..infer.engine import physical_cores
+    from ..infer.backend import physical_cores
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -253,7 +255,7 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
     import timm
 
     from ..data.decode import decode_image
-    from ..infer.engine import build_engine
+    from ..infer.backend import build_backend
     from ..infer.preprocess_np import NumpyEvalTransform
     from ..models.factory import create_model
 
@@ -274,10 +276,10 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
         model.eval()
         transform = NumpyEvalTransform(model.preprocessing)
         batch = np.stack([transform(decode_image(p)) for p in photos])
-        fp32 = build_engine(model, kind="auto", cache_dir=cache_dir)
-        int8 = build_engine(model, kind="int8", cache_dir=cache_dir)
-        a = np.concatenate([fp32.run(batch[i:i + 16]) for i in range(0, len(batch), 16)])
-        b = np.concatenate([int8.run(batch[i:i + 16]) for i in range(0, len(batch), 16)])
+        fp32 = build_backend(model, engine="auto", cache_dir=cache_dir)
+        int8 = build_backend(model, engine="int8", cache_dir=cache_dir)
+        a = np.concatenate([fp32.forward(batch[i:i + 16]) for i in range(0, len(batch), 16)])
+        b = np.concatenate([int8.forward(batch[i:i + 16]) for i in range(0, len(batch), 16)])
         agree = float((a.argmax(1) == b.argmax(1)).mean())
         rows.append({"model": label, "photos": len(photos), "top1_agreement": agree,
                      "max_abs_logit_diff": float(np.abs(a - b).max())})

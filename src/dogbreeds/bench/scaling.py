@@ -37,16 +37,16 @@ def peak_rss_mb() -> float:
 
 def point(onnx_path: str, batch: int, size: int, rounds: int) -> dict:
     """One measurement, in this process (meant to be a fresh one)."""
-    from ..infer.engine import OrtEngine
+    from ..infer.runtime_onnxruntime import OrtBackend
 
-    engine = OrtEngine(onnx_path)
+    engine = OrtBackend(onnx_path)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     before = current_rss_mb()
-    engine.run(x)  # warm-up
+    engine.forward(x)  # warm-up
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        engine.run(x)
+        engine.forward(x)
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     peak = peak_rss_mb()

@@ -23,7 +23,7 @@ def prepare_for_training(model):
     torch.channels_last)` and channels_last inputs."""
     import torch
 
-    from ..infer.engine import inference_layout
+    from ..infer.runtime_torch import inference_layout
 
     was_training = model.training
     model = inference_layout(model)

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..preprocessing import Preprocessing
+from ..infer.preprocess_np import NumpyEvalTransform
 from .augment import PRESETS, AugmentConfig  # noqa: F401  (torch-free; re-exported here)
-from .resize import resize_short_side
 from .records import Box
 
 
@@ -38,18 +38,6 @@ def _check_preprocessing(preprocessing: Preprocessing) -> None:
         )
 
 
-def _to_normalised_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    # torchvision ToTensor + Normalize's float32 arithmetic, done in numpy: no PIL round trip,
-    # and no torch intra-op threads, which make these small ops ~20x slower on a busy
-    # machine when loading runs in the main process. The one copy (HWC uint8 -> CHW float32)
-    # also detaches the result from read-only inputs (PIL-backed arrays, the cache's memmap).
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    chw /= np.float32(255)
-    chw -= mean
-    chw /= std
-    return torch.from_numpy(chw)
-
-
 def _check_image(image) -> np.ndarray:
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
         what = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".strip()
@@ -58,25 +46,18 @@ def _check_image(image) -> np.ndarray:
 
 
 class EvalTransform:
-    """Resize the short side to int(input_size / crop_pct), centre-crop input_size, normalise."""
+    """Resize the short side to int(input_size / crop_pct), centre-crop input_size, normalise:
+    the numpy eval transform (infer/preprocess_np.py, the one implementation, which the
+    torch-free prediction path runs too), its result as a torch tensor (no copy)."""
 
     def __init__(self, preprocessing: Preprocessing):
         _check_preprocessing(preprocessing)
         self.preprocessing = preprocessing
         self.resize_size = eval_resize_size(preprocessing)
-        self._mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(preprocessing.std, dtype=np.float32).reshape(3, 1, 1)
+        self._numpy = NumpyEvalTransform(preprocessing)
 
     def __call__(self, image: np.ndarray, boxes: Sequence[Box] = ()) -> torch.Tensor:
-        image = _check_image(image)
-        # A cached row already has the right short side; skipping the resize keeps it exact.
-        if min(image.shape[:2]) != self.resize_size:
-            image = resize_short_side(image, self.resize_size, self.preprocessing.interpolation)
-        height, width = image.shape[:2]
-        crop = self.preprocessing.input_size
-        # torchvision CenterCrop's offsets (round half to even), so results match it exactly.
-        top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
-        return _to_normalised_tensor(image[top:top + crop, left:left + crop], self._mean, self._std)
+        return torch.from_numpy(self._numpy(_check_image(image)))
 
     def __repr__(self) -> str:
         p = self.preprocessing

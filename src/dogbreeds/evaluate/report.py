@@ -9,11 +9,12 @@ on are left out. Train/val on another root are re-made by `load_dataset` with th
 and seed. The eval JSON says which (`records`, `records_from`). Photos come from the decoded
 cache of `dogbreeds data prepare` when there is one for the model's sizing (`prepared_cache`).
 
-How the model runs (`engine`): "auto" (default) is the onnxruntime fast path of
-`infer.engine.build_engine`, its ONNX export cached in RUN/export/ (keyed by the checkpoint's
-hash, so `dogbreeds predict` and `serve` reuse it); "torch" is PyTorch eager. Both get the same
-input tensors (the torch eval transform); the engine's export is checked against torch when it
-is made. A model the engine cannot export is an error that names `--engine torch`.
+How the model runs (`engine`, a name of the backend registry in infer/backend.py): "auto"
+(default) is the onnxruntime fast path, its ONNX export cached in RUN/export/ (keyed by the
+checkpoint's hash, so `dogbreeds predict` and `serve` reuse it); "torch" is PyTorch eager. Every
+backend gets the same input tensors (the one eval transform) and gives logits; the softmax is
+taken here. The export is checked against torch when it is made. A model that cannot be
+exported is an error that names `--engine torch`.
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from ..data.records import ClassInfo, ImageRecord
-from ..errors import DataError, DogbreedsError
+from ..errors import DataError
+from ..infer.backend import check_engine, softmax
 from ..rundir import RunDir
 from . import figures, metrics
 
 SPLITS = ("train", "val", "test")
 TTA_CHOICES = (None, "flip")
-ENGINES = ("auto", "torch")
 ECE_BINS = 15
 
 
@@ -212,44 +213,19 @@ def prepared_cache(data_root: str | Path, preprocessing, records: list[ImageReco
     return lookup.cache
 
 
-def check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise DogbreedsError(f"unknown engine {engine!r}; choose 'auto' (onnxruntime fast path, export cached in "
-                             "RUN/export/) or 'torch' (PyTorch eager)")
+def make_backend(loaded, run_dir: Path, engine: str = "auto", threads: int | None = None):
+    """What scores the images: the backend of `engine` for the run's model (`load_run`'s); the
+    onnxruntime engines keep their export in RUN/export/, keyed by the checkpoint (hashed once)."""
+    from ..infer.backend import backend_for_loaded
+
+    return backend_for_loaded(loaded, engine, cache_dir=RunDir(run_dir).export_dir, threads=threads)
 
 
-class EagerTorch:
-    """`--engine torch`: the model itself in PyTorch eager, behind the engines' `probabilities`."""
-
-    kind = "torch"
-    description = "PyTorch eager"
-
-    def __init__(self, model):
-        self.model = model.eval()
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return torch.softmax(self.model(torch.from_numpy(batch)).float(), dim=1).numpy()
-
-
-def make_engine(loaded, run_dir: Path, engine: str = "auto", threads: int | None = None):
-    """What scores the images: the onnxruntime engine (export cached in RUN/export/) or eager torch."""
-    check_engine(engine)
-    if engine == "torch":
-        return EagerTorch(loaded.model)
-    from ..infer.engine import build_engine
-
-    return build_engine(loaded.model, loaded.preprocessing, kind=engine, cache_dir=run_dir / "export",
-                        threads=threads, checkpoint=loaded.path)
-
-
-def predict_probabilities(engine, records: list[ImageRecord], transform, batch_size: int, tta: str | None,
+def predict_probabilities(backend, records: list[ImageRecord], transform, batch_size: int, tta: str | None,
                           cache=None):
     """Softmax probabilities for every readable record, their labels, and the skipped files.
 
-    engine: anything with `probabilities(float32 NCHW array) -> N x classes` (`make_engine`).
+    backend: anything with `forward(float32 NCHW array) -> N x classes logits` (`make_backend`).
     With tta="flip" the probabilities of the photo and its mirror image are averaged (not the
     logits), so the result stays a distribution and its loss a proper negative log-likelihood."""
     from ..data.loaders import make_loader
@@ -261,9 +237,9 @@ def predict_probabilities(engine, records: list[ImageRecord], transform, batch_s
     all_probs, all_labels = [], []
     for images, labels, _, _ in loader:
         batch = images.numpy()
-        probs = engine.probabilities(batch)
+        probs = softmax(backend.forward(batch))
         if tta == "flip":
-            probs = (probs + engine.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
+            probs = (probs + softmax(backend.forward(np.ascontiguousarray(batch[..., ::-1])))) / 2
         all_probs.append(probs)
         all_labels.append(labels.numpy())
     skipped = loader.skipped.to_list()  # files that failed to decode: path and reason
@@ -299,8 +275,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
 
     transform = build_eval_transform(loaded.preprocessing)
     cache = prepared_cache(data_root, loaded.preprocessing, records, log=log)
-    scorer = make_engine(loaded, run_dir, engine, threads)
-    probs, labels, skipped = predict_probabilities(scorer, records, transform, batch_size, tta, cache=cache)
+    backend = make_backend(loaded, run_dir, engine, threads)
+    probs, labels, skipped = predict_probabilities(backend, records, transform, batch_size, tta, cache=cache)
     if len(labels) == 0:
         raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
                         f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
@@ -313,8 +289,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "model": loaded.name,
         "input_size": loaded.preprocessing.input_size,
         "tta": tta,
-        "engine": scorer.kind,
-        "engine_detail": scorer.description,
+        "engine": backend.kind,
+        "engine_detail": backend.description,
         "records_from": records_source,
         "records": chosen.kind,
         "unknown_breeds": chosen.unknown_breeds,

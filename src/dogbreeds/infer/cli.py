@@ -26,14 +26,19 @@ def probability(text: str) -> float:
     return value
 
 
-ENGINE_HELP = ("how a run or checkpoint is run: 'auto' (default) = the onnxruntime fast path, exported once "
-               "and cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager. "
-               "An .onnx file always runs on onnxruntime")
+def engine_help() -> str:
+    from .backend import engine_descriptions
+
+    return ("what runs a run or checkpoint (an .onnx file always runs on onnxruntime): "
+            + "; ".join(f"'{name}' = {what}" for name, what in engine_descriptions().items()))
 
 
 def add_engine_option(parser) -> None:
-    """--engine auto|torch, shared by predict and serve (evaluate has its own wording)."""
-    parser.add_argument("--engine", choices=("auto", "torch"), default="auto", help=ENGINE_HELP)
+    """--engine NAME, shared by predict and serve (evaluate has its own wording): every engine
+    the registry knows (infer/backend.py), default 'auto'."""
+    from .backend import DEFAULT_ENGINE, engine_names
+
+    parser.add_argument("--engine", choices=engine_names(), default=DEFAULT_ENGINE, help=engine_help())
 
 
 def register(subparsers) -> None:
@@ -64,7 +69,7 @@ def register(subparsers) -> None:
     p.add_argument("--layer", help="target layer name; default: chosen by architecture")
     p.set_defaults(func=_explain)
 
-    p = subparsers.add_parser("export", help="export a run's model to ONNX (probabilities out, metadata inside)")
+    p = subparsers.add_parser("export", help="export a run's model to ONNX (logits and features out, metadata inside)")
     p.add_argument("model", metavar="RUN", help="run directory or .safetensors checkpoint")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="output .onnx path")

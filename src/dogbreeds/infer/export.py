@@ -1,45 +1,39 @@
-"""Export a run's model to ONNX, with its classes and preprocessing inside the file.
+"""The one ONNX exporter: `write_onnx` writes the contract of onnx_format.py (logits + features +
+metadata) for every caller: `dogbreeds export` (`export_onnx`) and the onnxruntime runtime's
+cache in RUN/export/ (so a cached export is a file `dogbreeds predict` takes as is).
 
-The exported graph outputs *probabilities* (the softmax is part of the graph), so an ONNX
-consumer needs no knowledge of logits. Its input is float32 NCHW, already resized, cropped
-and normalised as `dogbreeds.preprocessing` says; the batch dimension is dynamic.
+Every file is written to a partial file of its own (one per process: two processes exporting the
+same run must not write into one file), checked, and only then renamed into place, so a
+reader never sees a half-written or unchecked file:
 
-metadata_props (all values are strings; JSON where structured):
-    dogbreeds.format         "dogbreeds-onnx"
-    dogbreeds.version        "1"
-    dogbreeds.model          model name, e.g. "convnext_atto"
-    dogbreeds.output         "probabilities"
-    dogbreeds.classes        ClassInfo.to_json(): [{"index", "breed_id", "name"}, ...]
-    dogbreeds.breed_ids      ["n02085620-Chihuahua", ...] in label order
-    dogbreeds.preprocessing  Preprocessing.to_dict()
-
-Right after writing, the file is checked against PyTorch on real photos, each side with its
-own preprocessing (torch eval transform vs the numpy one the ONNX predictor uses): any
-probability differing by more than `tolerance` is an error and no file is left behind.
+- always: onnxruntime against PyTorch on a random batch (logits and features);
+- `dogbreeds export` also: probabilities on real photos, each side with its own backend
+  (PyTorch on the model as loaded, onnxruntime on the file): any probability differing by
+  more than `tolerance` is an error and no file is left behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import DogbreedsError
+from .backend import USE_TORCH, ModelInfo, info_for_model
+from .onnx_format import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, metadata_props
 from .predictor import collect_images
 
-FORMAT_NAME = "dogbreeds-onnx"
-FORMAT_VERSION = 1
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
+OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_COUNT = 4
+EXPORTERS = ("legacy", "dynamo")
 
 
 class ExportCheckError(DogbreedsError):
-    """The exported graph does not reproduce the PyTorch model's probabilities."""
+    """The exported graph does not reproduce the PyTorch model's numbers."""
 
 
 @dataclass(frozen=True)
@@ -55,91 +49,77 @@ class ExportReport:
                 f"max |probability difference| vs PyTorch = {self.max_abs_diff:.2e} (limit {self.tolerance:.0e})")
 
 
-def export_onnx(run: str | Path, out: str | Path, opset: int = 17, check_images: list[str] | None = None,
-                tolerance: float = DEFAULT_TOLERANCE, exporter: str = "legacy") -> ExportReport:
-    """Export `run` (run dir or checkpoint) to `out`, check it, and return what was measured."""
+def write_onnx(model, path: str | Path, info: ModelInfo | None = None, opset: int = OPSET, exporter: str = "legacy",
+               check: Callable[[Path], None] | None = None, input_size: int | None = None) -> Path:
+    """Export torch `model` to `path` in the dogbreeds ONNX contract, atomically.
+
+    info:       what goes into the metadata (default: `info_for_model(model)`)
+    check:      called with the partial file after the built-in check; raise to refuse the file
+    input_size: the random check batch's size (default: the preprocessing's input size)."""
     import torch
 
-    from .predictor import Predictor, TorchBackend
+    from .runtime_torch import check_timm_interface, logits_and_features
 
-    out = Path(out)
-    torch_predictor = Predictor(TorchBackend.from_run(run))
-    photos = _check_photos(Path(run), check_images)
-    backend = torch_predictor.backend
-    size = backend.preprocessing.input_size
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    info = info or info_for_model(model)
+    check_timm_interface(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    size = input_size or info.preprocessing.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model = model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        _torch_export(_with_softmax(backend.model), torch.zeros(2, 3, size, size), partial, opset, exporter)
-        _write_metadata(partial, backend)
-        max_diff = _compare(torch_predictor, partial, photos)
-        if not max_diff <= tolerance:  # also catches NaN
-            raise ExportCheckError(
-                f"the ONNX export of {run} differs from PyTorch by up to {max_diff:.3g} in probability "
-                f"(limit {tolerance:g}) on {len(photos)} photos; try another --opset or exporter, and "
-                "report the model name if it persists"
-            )
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return ExportReport(out, opset, [str(p) for p in photos], max_diff, tolerance)
-
-
-def _with_softmax(model):
-    import torch
-
-    class ProbabilityModel(torch.nn.Module):
-        """The model followed by softmax, so the exported output is probabilities."""
-
-        def __init__(self, model):
+    class LogitsAndFeatures(torch.nn.Module):
+        def __init__(self):
             super().__init__()
             self.model = model
 
         def forward(self, x):
-            return torch.softmax(self.model(x).float(), dim=1)
+            return logits_and_features(self.model, x)
 
-    return ProbabilityModel(model).eval()
+    try:
+        try:
+            _torch_export(LogitsAndFeatures().eval(), example, partial, opset, exporter)
+        except Exception as exc:  # unsupported operators, tracing failures, a full disk ...
+            raise DogbreedsError(f"cannot export {info.name} to ONNX ({type(exc).__name__}: {exc}); "
+                                 f"{USE_TORCH}") from exc
+        _write_metadata(partial, metadata_props(info.name, info.classes, info.preprocessing, info.extra))
+        with torch.inference_mode():
+            expected = [t.float().numpy() for t in logits_and_features(model, example)]
+        _check_against_torch(partial, example.numpy(), expected, info.name)
+        if check is not None:
+            check(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def _torch_export(module, example, path: Path, opset: int, exporter: str) -> None:
     import torch
 
+    names = dict(input_names=[INPUT_NAME], output_names=[LOGITS_NAME, FEATURES_NAME])
     if exporter == "legacy":
         # The TorchScript exporter writes one self-contained file at exactly the requested
         # opset. With torch 2.9+ the dynamo exporter (the default) exports at opset 18 and
         # down-converts, which fails for MobileNetV2 at opset 17 in our tests, and it takes
         # several times longer; so legacy stays our default while it gives correct files.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                module, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-    elif exporter == "dynamo":
-        torch.onnx.export(
-            module, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-        )
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, **names,
+                              dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                                            LOGITS_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}})
     else:
-        raise ValueError(f"unknown exporter {exporter!r}; choose 'legacy' or 'dynamo'")
+        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
 
 
-def _write_metadata(path: Path, backend) -> None:
+def _write_metadata(path: Path, props: dict[str, str]) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    props = {
-        "dogbreeds.format": FORMAT_NAME,
-        "dogbreeds.version": str(FORMAT_VERSION),
-        "dogbreeds.model": backend.name,
-        "dogbreeds.output": OUTPUT_NAME,
-        "dogbreeds.classes": json.dumps(backend.classes.to_json()),
-        "dogbreeds.breed_ids": json.dumps(list(backend.classes.breed_ids)),
-        "dogbreeds.preprocessing": json.dumps(backend.preprocessing.to_dict()),
-    }
     del model.metadata_props[:]
     for key, value in props.items():
         entry = model.metadata_props.add()
@@ -148,43 +128,79 @@ def _write_metadata(path: Path, backend) -> None:
     onnx.save(model, str(path))
 
 
-def _check_photos(run: Path, given: list[str] | None) -> list[Path]:
-    """Real photos to compare on: the ones given, else the first test photos of the run."""
+def _check_against_torch(path: Path, example: np.ndarray, expected: list[np.ndarray], name: str) -> None:
+    from .runtime_onnxruntime import OrtBackend
+
+    got = OrtBackend(path, tuned=False).embed(example)
+    for what, a, b in zip((LOGITS_NAME, FEATURES_NAME), got, expected):
+        diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+        if not diff <= 1e-3 * (1 + float(np.abs(b).max())):
+            raise ExportCheckError(f"the ONNX export of {name} differs from torch by {diff:.3g} in {what} "
+                                   f"(shapes {a.shape} vs {b.shape}); {USE_TORCH}, and report the model name")
+
+
+# --- `dogbreeds export` ------------------------------------------------------------------------------
+
+def export_onnx(run: str | Path, out: str | Path, opset: int = OPSET, check_images: list[str] | None = None,
+                tolerance: float = DEFAULT_TOLERANCE, exporter: str = "legacy") -> ExportReport:
+    """Export `run` (run dir or checkpoint) to `out`, check it on real photos, and return what was measured."""
+    from ..models.factory import load_run
+    from ..rundir import RunDir
+    from .backend import info_for_loaded
+    from .predictor import Predictor
+    from .runtime_torch import TorchBackend, inference_layout
+
+    loaded = load_run(run)
+    photos = _check_photos(RunDir.locate(run), check_images)
+    fast = inference_layout(loaded.model)  # a rebuilt copy, or the model itself (then exported as loaded)
+    reference = Predictor(TorchBackend.from_loaded(loaded, fast=False))  # the model as loaded: the reference
+    measured: list[float] = []
+
+    def on_real_photos(partial: Path) -> None:
+        measured.append(_compare(reference, partial, photos))
+        if not measured[-1] <= tolerance:  # also catches NaN
+            raise ExportCheckError(
+                f"the ONNX export of {run} differs from PyTorch by up to {measured[-1]:.3g} in probability "
+                f"(limit {tolerance:g}) on {len(photos)} photos; try another --opset or exporter, and "
+                "report the model name if it persists")
+
+    write_onnx(fast, out, info_for_loaded(loaded), opset=opset, exporter=exporter, check=on_real_photos)
+    return ExportReport(Path(out), opset, [str(p) for p in photos], measured[-1], tolerance)
+
+
+def _check_photos(run, given: list[str] | None) -> list[Path]:
+    """Real photos to compare on: the ones given, else the first test photos of the run (a RunDir)."""
     if given:
         photos = collect_images(given)
         if not photos:
             raise ExportCheckError(f"no images found in --check-images {given}; pass photo files or folders")
         return photos[:16]
-    # A checkpoint file sits in <run>/checkpoints/: its run's split.json is two levels up.
-    run_dir = run if run.is_dir() else run.parent.parent
-    split_file = run_dir / "split.json"
-    if split_file.is_file():
-        split = json.loads(split_file.read_text())
-        root = Path(split.get("root", run_dir))
+    if run.split_file.is_file():
+        split = run.read_split()
+        root = Path(split.get("root", run.path))
         for part in ("test", "val", "train"):
             found = [root / f for f in split.get("files", {}).get(part, [])]
             found = [p for p in found if p.is_file()][:DEFAULT_CHECK_COUNT]
             if found:
                 return found
     raise ExportCheckError(
-        f"no photos to check the export of {run} against PyTorch: {split_file} lists none that exist; "
+        f"no photos to check the export of {run.path} against PyTorch: {run.split_file} lists none that exist; "
         "pass a few real photos with --check-images PHOTO_OR_FOLDER"
     )
 
 
-def _compare(torch_predictor, onnx_path: Path, photos: list[Path]) -> float:
+def _compare(reference, onnx_path: Path, photos: list[Path]) -> float:
     """Largest |p_onnx - p_torch| over the photos, run as one batch and the first one alone
     (so the dynamic batch dimension is exercised with a size the export never saw)."""
-    from .onnx_predictor import OnnxBackend
     from .predictor import Predictor
+    from .runtime_onnxruntime import OrtBackend
 
-    onnx_predictor = Predictor(OnnxBackend(onnx_path))
-    arrays = [torch_predictor.decode(p, str(p)) for p in photos]
-    reference = torch_predictor.forward(np.stack([torch_predictor.preprocess(a) for a in arrays]))
-    onnx_inputs = np.stack([onnx_predictor.preprocess(a) for a in arrays])
-    batched = onnx_predictor.forward(onnx_inputs)
-    single = onnx_predictor.forward(onnx_inputs[:1])
-    if batched.shape != reference.shape:
-        raise ExportCheckError(f"{onnx_path}: ONNX output shape {batched.shape} != PyTorch {reference.shape}; "
+    onnx_predictor = Predictor(OrtBackend(onnx_path))
+    arrays = [reference.decode(p, str(p)) for p in photos]
+    inputs = np.stack([reference.preprocess(a) for a in arrays])
+    expected = reference.forward(inputs)
+    batched, single = onnx_predictor.forward(inputs), onnx_predictor.forward(inputs[:1])
+    if batched.shape != expected.shape:
+        raise ExportCheckError(f"{onnx_path}: ONNX output shape {batched.shape} != PyTorch {expected.shape}; "
                                "try another --opset or --exporter, and report the model name if it persists")
-    return float(max(np.abs(batched - reference).max(), np.abs(single - reference[:1]).max()))
+    return float(max(np.abs(batched - expected).max(), np.abs(single - expected[:1]).max()))

@@ -1,15 +1,14 @@
 """Predict breeds for photos: `Predictor.from_run(path).predict(images, top_k=5)`.
 
-One `Predictor` drives interchangeable backends that share everything else (decoding,
-batching, top-k, the low-confidence flag):
+One `Predictor` drives any backend (infer/backend.py: one protocol, one implementation per
+runtime) and does everything else: decoding, batching, the softmax over the backend's logits,
+top-k, the low-confidence flag. It never knows which runtime ran.
 
-- `EngineBackend` (engine.py), the default for a run directory or checkpoint file
-  (`engine="auto"`): the fastest path measured here (docs/performance.md), onnxruntime on an
-  ONNX export of the checkpoint, cached in RUN/export/ by the checkpoint's hash (the first
-  start exports; later starts load the cached file without importing torch);
-- `TorchBackend` (`engine="torch"`): the checkpoint in PyTorch eager, through `load_run`;
-  the reference path, and the one Grad-CAM needs (it runs backward through the model);
-- `OnnxBackend` (onnx_predictor.py): an exported `.onnx` file on onnxruntime alone.
+- `Predictor.from_run(run, engine="auto")`: a run directory or checkpoint on the engine named
+  (default: onnxruntime on an ONNX export cached in RUN/export/, the fastest path measured here,
+  docs/performance.md; the first start exports, later starts open the cached file without
+  importing torch); engine="torch" is PyTorch eager, the reference path;
+- `Predictor.from_onnx(file)`: an exported `.onnx` file on onnxruntime alone.
 
 This module imports neither torch nor onnxruntime at import time: the ONNX path must never
 load torch, and the CLI imports this module at startup.
@@ -18,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..data.records import ClassInfo
 from ..errors import DogbreedsError, ImageDecodeError
 from ..preprocessing import Preprocessing
+from .backend import DEFAULT_ENGINE, Backend, open_path, open_run, softmax
 
 # Softmax always spreads 100% over the known breeds, so a cat or a sofa still gets a "top"
 # breed. When the best breed gets under 30%, the model is split between at least three
@@ -35,10 +35,6 @@ DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.3
 LOW_CONFIDENCE_MESSAGE = "not sure — maybe not a dog"
 # Same limit as decode_image's default: refuse decompression bombs before decoding pixels.
 DEFAULT_MAX_PIXELS = 50_000_000
-# `engine=` choices for a run or checkpoint: "auto" = the onnxruntime fast path (EngineBackend),
-# "torch" = PyTorch eager (TorchBackend).
-ENGINES = ("auto", "torch")
-DEFAULT_ENGINE = "auto"
 
 
 @dataclass(frozen=True)
@@ -71,49 +67,6 @@ class Prediction:
         return {"image": self.image, "top": [s.to_dict() for s in self.top], "low_confidence": self.low_confidence}
 
 
-class Backend(Protocol):
-    classes: ClassInfo
-    preprocessing: Preprocessing
-    name: str
-    path: Path
-
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> float32 CHW model input."""
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """float32 NCHW -> float32 N x num_classes probabilities."""
-
-
-class TorchBackend:
-    """A PyTorch model from a run directory or checkpoint (torch is imported here, lazily)."""
-
-    def __init__(self, loaded):
-        from ..data.transforms import build_eval_transform
-
-        self.model = loaded.model.eval()
-        self.classes: ClassInfo = loaded.classes
-        self.preprocessing: Preprocessing = loaded.preprocessing
-        self.name: str = loaded.name
-        self.path = Path(loaded.path)
-        self._transform = build_eval_transform(self.preprocessing)
-
-    @classmethod
-    def from_run(cls, path: str | Path) -> "TorchBackend":
-        from ..models.factory import load_run
-
-        return cls(load_run(path))
-
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return self._transform(image).numpy()
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(batch)))
-            return torch.softmax(logits.float(), dim=1).numpy()
-
-
 class Predictor:
     """Batched breed prediction for paths, bytes, PIL images or HxWx3 uint8 arrays.
 
@@ -135,31 +88,21 @@ class Predictor:
 
         engine="auto" (default): the onnxruntime fast path, its export cached in RUN/export/;
         a model that cannot be exported is an error (nothing falls back on its own).
-        engine="torch": PyTorch eager."""
-        check_engine(engine)
-        if engine == "torch":
-            return cls(TorchBackend.from_run(path), **kwargs)
-        from .engine import EngineBackend
-
-        return cls(EngineBackend.from_run(path, kind=engine), **kwargs)
+        engine="torch": PyTorch eager; any engine name of `backend.engine_names()` works."""
+        return cls(open_run(path, engine=engine), **kwargs)
 
     @classmethod
     def from_onnx(cls, path: str | Path, **kwargs) -> "Predictor":
-        from .onnx_predictor import OnnxBackend
+        """An exported `.onnx` file, on onnxruntime alone (never torch)."""
+        from .runtime_onnxruntime import OrtBackend
 
-        return cls(OnnxBackend(path), **kwargs)
+        return cls(OrtBackend(path), **kwargs)
 
     @classmethod
     def from_path(cls, path: str | Path, engine: str = DEFAULT_ENGINE, **kwargs) -> "Predictor":
         """`.onnx` files run on onnxruntime (no torch); anything else is a run or checkpoint,
         run on `engine` (see `from_run`)."""
-        check_engine(engine)
-        if str(path).lower().endswith(".onnx"):
-            if engine == "torch":
-                raise DogbreedsError(f"{path} is an .onnx file, which runs on onnxruntime only; drop --engine torch "
-                                     "(engine='torch'), or pass the run directory or checkpoint it was exported from")
-            return cls.from_onnx(path, **kwargs)
-        return cls.from_run(path, engine=engine, **kwargs)
+        return cls(open_path(path, engine=engine), **kwargs)
 
     @property
     def classes(self) -> ClassInfo:
@@ -197,7 +140,8 @@ class Predictor:
         return self.backend.preprocess(image)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        return self.backend.forward(batch)
+        """float32 NCHW -> N x classes probabilities: the softmax of the backend's logits."""
+        return softmax(self.backend.forward(batch))
 
     def scores(self, probs: np.ndarray, top_k: int) -> list[BreedScore]:
         """Top-k breeds of one probability row, best first."""
@@ -241,12 +185,6 @@ class Predictor:
             for (slot, name), row in zip(slots, probs):
                 results[slot] = self.make_prediction(name, row, top_k)
         return results  # type: ignore[return-value]
-
-
-def check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise DogbreedsError(f"unknown engine {engine!r}; choose 'auto' (onnxruntime fast path, export cached "
-                             "in RUN/export/) or 'torch' (PyTorch eager)")
 
 
 def describe_image(image: Any, index: int) -> str:

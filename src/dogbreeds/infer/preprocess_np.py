@@ -1,9 +1,12 @@
-"""The eval transform in numpy + Pillow only, for the ONNX path that must never import torch.
+"""The eval transform, in numpy + Pillow only: the one implementation, run by every prediction
+backend (the torch-free ONNX path included) and, wrapped as a tensor, by training's validation
+and `evaluate` (data.transforms.EvalTransform).
 
-It reproduces `dogbreeds.data.transforms.build_eval_transform` (tests compare the two
-numerically): resize the short side to int(input_size / crop_pct) with the model's
-interpolation (Pillow's resampler, as torchvision's Resize on PIL images uses), centre-crop
-input_size with torchvision's offsets, then (x / 255 - mean) / std in CHW order.
+Resize the short side to int(input_size / crop_pct) with the model's interpolation (Pillow's
+resampler, as torchvision's Resize on PIL images uses; an image already at that size, such as
+a row of the prepared cache, is not resampled), centre-crop input_size with torchvision's
+offsets, then (x / 255 - mean) / std in CHW order, in torchvision's float32 arithmetic (tests
+compare it with torchvision's own transform).
 """
 from __future__ import annotations
 
@@ -43,10 +46,16 @@ class NumpyEvalTransform:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-            raise TypeError(f"expected an HxWx3 uint8 RGB array, got {type(image).__name__} {getattr(image, 'shape', '')}")
+            what = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".strip()
+            raise TypeError(f"the eval transform takes an HxWx3 uint8 RGB numpy array (decode_image's output), got {what}")
         image = resize_short_side(image, self.resize_size, self.preprocessing.interpolation)
         new_height, new_width = image.shape[:2]
         crop = self.preprocessing.input_size
         top, left = _crop_offsets(new_height, new_width, crop)
-        pixels = image[top:top + crop, left:left + crop].transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-        return np.ascontiguousarray((pixels - self._mean) / self._std, dtype=np.float32)
+        # One copy (HWC uint8 -> CHW float32), then in place: it also detaches the result from
+        # read-only inputs (PIL-backed arrays, the cache's memmap).
+        chw = np.ascontiguousarray(image[top:top + crop, left:left + crop].transpose(2, 0, 1), dtype=np.float32)
+        chw /= np.float32(255)
+        chw -= self._mean
+        chw /= self._std
+        return chw

@@ -161,10 +161,7 @@ def convert_checkpoint(path) -> ConvertedWeights:
 
 
 def find_run_checkpoint(path) -> Path | None:
-    """best, else last, in a run dir (`checkpoints/`) or in a checkpoints folder itself."""
-    path = Path(path)
-    for folder in (path / "checkpoints", path):
-        for name in RUN_CHECKPOINTS:
-            if (folder / name).is_file():
-                return folder / name
-    return None
+    """best, else last, in a run dir (`checkpoints/`) or in a checkpoints folder itself (RunDir's search)."""
+    from dogbreeds.rundir import RunDir
+
+    return RunDir(path).find_checkpoint()

@@ -5,7 +5,7 @@ import difflib
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -64,7 +64,12 @@ def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs:
     if not path.exists() and name and f"{name}.{path}" in timm.list_pretrained(f"{name}.*"):
         raise WeightsError(f"weights={str(path)!r} is not a file; to download timm's pretrained weights put the "
                            f"tag in the model name: create_model('{name}.{path}') or --model {name}.{path}")
-    converted = convert_weights(path, name)
+    return _model_from_converted(name, num_classes, convert_weights(path, name), path, kwargs)
+
+
+def _model_from_converted(name: str | None, num_classes: int | None, converted: ConvertedWeights, path: Path,
+                          kwargs: dict) -> torch.nn.Module:
+    """A timm model built for and loaded with weights already read by a converter."""
     arch = name or converted.model_name
     model_kwargs = {**converted.model_kwargs, **kwargs}
     wanted = converted.num_classes if num_classes is None else num_classes  # None: keep the file's head
@@ -251,28 +256,22 @@ class LoadedModel:
     preprocessing: Preprocessing
     name: str
     path: Path
+    metadata: dict = field(default_factory=dict)  # the checkpoint's sidecar, as read_checkpoint_meta gives it
 
 
 def load_run(path) -> LoadedModel:
-    """A run directory (checkpoints/best.safetensors, else last) or a checkpoint file, ready to predict."""
-    from .checkpoint_format import find_run_checkpoint, read_checkpoint_meta
+    """A run directory (checkpoints/best.safetensors, else last), its checkpoints folder, or a
+    checkpoint file (or its sidecar), ready to predict.
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        checkpoint = find_run_checkpoint(path)
-        if checkpoint is None:
-            raise DogbreedsError(f"{path} holds no checkpoint: expected checkpoints/best.safetensors or checkpoints/last.safetensors")
-    elif path.is_file():
-        checkpoint = path.with_suffix(".safetensors") if path.suffix == ".json" else path
-    else:
-        raise DogbreedsError(f"run or checkpoint not found: {path}")
+    A run's own checkpoint is read by its own reader (checkpoint_format), not by the format
+    sniffing of `create_model(weights=...)` that foreign files need."""
+    from ..rundir import RunDir
+    from .checkpoint_format import convert_checkpoint, read_checkpoint_meta
+
+    run = RunDir.locate(path)
+    checkpoint = run.checkpoint()
     meta = read_checkpoint_meta(checkpoint)
-    model = create_model(meta["model"], num_classes=int(meta["num_classes"]), weights=checkpoint)
+    _register_roadmap()  # roadmap models are timm names only once registered
+    model = _model_from_converted(meta["model"], int(meta["num_classes"]), convert_checkpoint(checkpoint), checkpoint, {})
     model.eval()
-    if meta.get("classes"):
-        classes = ClassInfo.from_json(meta["classes"])
-    elif (checkpoint.parent.parent / "classes.json").is_file():
-        classes = ClassInfo.load(checkpoint.parent.parent / "classes.json")
-    else:
-        raise DogbreedsError(f"{checkpoint}: no classes in the sidecar and no classes.json in the run")
-    return LoadedModel(model, classes, model.preprocessing, meta["model"], checkpoint)
+    return LoadedModel(model, run.read_classes(), model.preprocessing, meta["model"], checkpoint, meta)

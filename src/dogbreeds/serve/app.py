@@ -13,10 +13,11 @@ Limits (each answered with a status code and a message, never by growing memory)
     415  not an image (or empty); 422  a corrupt or truncated image, or a missing form field
     503  too many requests in flight (Retry-After says when to try again)
 
-Predictions run on whatever backend the predictor has (for a run: the onnxruntime engine by
-default, `--engine torch` for PyTorch eager). Grad-CAM needs the PyTorch model, so /v1/explain
+Predictions run on whatever backend the predictor has (infer/backend.py; for a run: onnxruntime
+by default, `--engine torch` for PyTorch eager). Grad-CAM needs the PyTorch model, so /v1/explain
 runs on a private PyTorch copy: the backend's own model when it has one, else the run's
-checkpoint loaded on the first explain request. An .onnx file has no checkpoint: 501.
+checkpoint (`backend.checkpoint`) loaded on the first explain request. An .onnx file has no
+checkpoint: 501.
 """
 from __future__ import annotations
 
@@ -200,30 +201,28 @@ def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: 
 
 def _make_explainer(predictor: Predictor):
     """Grad-CAM on a PyTorch model that no prediction runs through (its hooks must see only the
-    CAM's own passes): a copy of the backend's model, or the checkpoint behind an engine backend,
-    loaded now (the engine holds no torch model)."""
+    CAM's own passes): a copy of the backend's model, or the run's checkpoint behind any other
+    backend, loaded now (onnxruntime holds no torch model)."""
     from ..infer.explain import Explainer
-    from ..infer.predictor import TorchBackend
 
     if hasattr(predictor.backend, "model"):
         return Explainer(predictor, copy_model=True)
-    torch_predictor = Predictor(TorchBackend.from_run(predictor.backend.path), threshold=predictor.threshold,
-                                max_pixels=predictor.max_pixels)
+    torch_predictor = Predictor.from_run(predictor.backend.checkpoint, engine="torch", threshold=predictor.threshold,
+                                         max_pixels=predictor.max_pixels)
     return Explainer(torch_predictor)  # private already: nothing else uses this model
 
 
 def _can_explain(predictor: Predictor) -> bool:
-    """A torch backend, or an engine backend (it keeps the checkpoint path); not an .onnx file."""
-    return hasattr(predictor.backend, "model") or hasattr(predictor.backend, "engine")
+    """A torch backend, or any backend built from a run's checkpoint; not an exported .onnx file."""
+    return hasattr(predictor.backend, "model") or getattr(predictor.backend, "checkpoint", None) is not None
 
 
 def _backend_kind(predictor: Predictor) -> str:
-    """What /healthz reports: 'torch' (PyTorch eager), the engine's kind for an engine backend
-    ('onnxruntime'), or 'onnx' (an exported .onnx file)."""
-    if hasattr(predictor.backend, "model"):
-        return "torch"
-    engine = getattr(predictor.backend, "engine", None)
-    return getattr(engine, "kind", "engine") if engine is not None else "onnx"
+    """What /healthz reports: the engine the backend runs ('onnxruntime', 'torch', ...), or 'onnx'
+    for an exported .onnx file (no run behind it)."""
+    if not _can_explain(predictor):
+        return "onnx"
+    return getattr(predictor.backend, "kind", "") or type(predictor.backend).__name__
 
 
 def _ascii(text: str) -> str:

@@ -73,7 +73,8 @@ class MicroBatcher:
         return self._queue.qsize() if self._queue is not None else 0
 
     async def submit(self, item: np.ndarray) -> np.ndarray:
-        """Queue one CHW input; returns its row of probabilities. Raises Overloaded if full."""
+        """Queue one CHW input; returns its row of `forward`'s output (the app's forward is
+        Predictor.forward: probabilities). Raises Overloaded if full."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited (the app's lifespan did not run)")
         future = asyncio.get_running_loop().create_future()
@@ -110,7 +111,7 @@ class MicroBatcher:
             return
         inputs = np.stack([item for item, _ in live])
         try:
-            probs = await asyncio.to_thread(self.forward, inputs)
+            rows = await asyncio.to_thread(self.forward, inputs)
         except Exception as exc:  # every waiting request gets the error, the loop survives
             for _, future in live:
                 if not future.done():
@@ -119,6 +120,6 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(live))
-        for (_, future), row in zip(live, probs):
+        for (_, future), row in zip(live, rows):
             if not future.done():
                 future.set_result(row)

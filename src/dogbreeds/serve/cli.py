@@ -72,7 +72,4 @@ def _serve(args) -> int:
 
 
 def _describe_backend(predictor) -> str:
-    engine = getattr(predictor.backend, "engine", None)
-    if engine is not None:
-        return f"engine: {engine.description}"
-    return "PyTorch eager" if hasattr(predictor.backend, "model") else "onnxruntime, .onnx file"
+    return f"engine {predictor.backend.kind}: {predictor.backend.description}"

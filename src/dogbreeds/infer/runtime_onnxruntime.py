@@ -1,0 +1,192 @@
+"""The onnxruntime runtime: engines "onnxruntime" (fp32) and "int8", and `.onnx` files.
+
+Measured in `dogbreeds bench` (docs/performance.md): on a 2-core AVX-512 AMD EPYC, PyTorch's
+matrix products go through MKL, which runs far below its best on AMD CPUs, while onnxruntime's
+own kernels (MLAS) do not care who made the CPU. So "auto" is onnxruntime on an ONNX export of
+the model (export.write_onnx: ConvNeXt MLPs as 1x1 convolutions, see runtime_torch.inference_layout),
+in a session with tuned options (`session`, the one place sessions are made).
+
+"int8" is onnxruntime dynamic int8 quantisation of the matrix products of the Linear-MLP export,
+classifier kept fp32 (`quantize_int8`): a separate, labelled path; it changes the numbers.
+
+Exports of a run are cached in RUN/export/ under the run's key (backend.checkpoint_key), so the
+second start opens the file without torch, and a changed checkpoint gets a new export. The
+cached file is a complete dogbreeds ONNX file (onnx_format.py): `dogbreeds predict` takes it as is.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DogbreedsError, WeightsError
+from .backend import USE_TORCH, Backend, ModelInfo, Runtime, model_key, physical_cores, register
+from .onnx_format import read_metadata
+
+FP32, INT8 = "onnxruntime", "int8"
+INT8_SCHEME = "fp32head"  # in the int8 file name: change it when quantize_int8 changes, so old int8 exports miss
+
+
+def session(path: str | Path, threads: int | None = None, tuned: bool = True):
+    """An onnxruntime CPU session for `path`, the one way this package makes them.
+
+    Tuned (the default): every graph optimisation (fusions and the NCHWc layout), one intra-op
+    thread per physical core, sequential execution, and worker threads that sleep instead of
+    spinning (spinning threads steal the cores that decoding and other processes need).
+    tuned=False: onnxruntime's defaults, for `dogbreeds bench` to compare against."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such ONNX file; create one with `dogbreeds export RUN --out {path.name}`")
+    options = ort.SessionOptions()
+    if tuned:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or physical_cores()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types (e.g. a truncated file)
+        raise WeightsError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); a cached export "
+                           "(RUN/export/): delete the file so that it is exported again; an exported file: re-export "
+                           f"it with `dogbreeds export`; or {USE_TORCH}") from exc
+
+
+class OrtBackend(Backend):
+    """A dogbreeds ONNX file (onnx_format.py) in an onnxruntime session; numpy in, numpy out."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, kind: str = FP32,
+                 checkpoint: Path | None = None, tuned: bool = True):
+        import onnxruntime as ort
+
+        self.session = session(path, threads, tuned)
+        self.contents = read_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        info = ModelInfo(self.contents.classes, self.contents.preprocessing, self.contents.name,
+                         metadata=self.contents.record, checkpoint=checkpoint)
+        super().__init__(info, path)
+        self.kind = kind
+        self.threads = self.session.get_session_options().intra_op_num_threads or None
+        self._input = self.session.get_inputs()[0].name
+        options = f"tuned, {self.threads} threads" if tuned else "default options"
+        legacy = "" if self.contents.has_features else ", format 1: no features"
+        self.description = f"onnxruntime {ort.__version__} {kind} ({options}{legacy}): {self.path.name}"
+
+    def _run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(outputs, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        if self.contents.logits_output is None:  # format 1: probabilities; log p has the same softmax
+            probs = self._run([self.contents.probabilities_output], batch)[0]
+            return np.log(np.maximum(probs, np.finfo(np.float32).tiny)).astype(np.float32)
+        return self._run([self.contents.logits_output], batch)[0]
+
+    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.contents.has_features:
+            raise DogbreedsError(f"{self.path} was written by an older dogbreeds (format version {self.contents.version}: "
+                                 "probabilities only, no features); re-export it with `dogbreeds export RUN --out "
+                                 f"{self.path.name}` (a cached export in RUN/export/: delete it)")
+        logits, features = self._run([self.contents.logits_output, self.contents.features_output], batch)
+        return logits, features
+
+
+# --- exports of a torch model, cached --------------------------------------------------------------
+
+def cache_path(cache_dir: str | Path, key: str, kind: str) -> Path:
+    """Where the export for `kind` ("onnxruntime" or "int8") of the weights named `key` is kept."""
+    return Path(cache_dir) / (f"model-{key}.onnx" if kind == FP32 else f"model-{key}-{INT8_SCHEME}-int8.onnx")
+
+
+def _from_cache(kind: str, cache_dir: Path, key: str, checkpoint: Path | None, threads: int | None) -> OrtBackend | None:
+    path = cache_path(cache_dir, key, kind)
+    return OrtBackend(path, threads=threads, kind=kind, checkpoint=checkpoint) if path.is_file() else None
+
+
+def _from_model(model, kind: str, info: ModelInfo, cache_dir: Path | None, threads: int | None) -> OrtBackend:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise DogbreedsError(f"engine {kind!r} needs onnxruntime (pip install onnxruntime); or {USE_TORCH}") from exc
+    from .export import write_onnx
+    from .runtime_torch import inference_layout, linear_layout
+
+    info.key = info.key or model_key(model, info)
+    with tempfile.TemporaryDirectory(prefix="dogbreeds-export-") as scratch:
+        folder = cache_dir if cache_dir is not None else Path(scratch)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DogbreedsError(f"cannot create the export folder {folder} ({exc}); make it writable, "
+                                 f"or {USE_TORCH}") from exc
+        path = cache_path(folder, info.key, kind)
+        exported = not path.is_file()
+        if exported and kind == FP32:
+            write_onnx(inference_layout(model), path, info)
+        elif exported:  # int8: quantise the Linear-MLP export, whose matrix products are what int8 speeds up
+            fp32 = folder / f"model-{info.key}-linear.onnx"
+            if not fp32.is_file():
+                write_onnx(linear_layout(model), fp32, info)
+            quantize_int8(fp32, path)
+        backend = OrtBackend(path, threads=threads, kind=kind, checkpoint=info.checkpoint)  # the session holds the graph
+    backend.exported = exported
+    return backend
+
+
+def classifier_nodes(onnx_path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes that compute the logits output (the classifier), directly or
+    through a bias Add, plus the name onnxruntime's quantiser gives a Gemm it splits into MatMul + Add."""
+    import onnx
+
+    from .onnx_format import LOGITS_NAME
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(LOGITS_NAME)
+    if node is not None and node.op_type == "Add":  # MatMul + Add: the bias
+        node = next((producer[i] for i in node.input if i in producer and producer[i].op_type in ("MatMul", "Gemm")), None)
+    if node is None or node.op_type not in ("MatMul", "Gemm"):
+        return []
+    return [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """Dynamic int8 quantisation of the matrix products (weights int8 per tensor, activations
+    quantised per batch at run time), except the classifier, which stays fp32; the file keeps
+    the fp32 file's metadata.
+
+    Measured on trained ConvNeXt runs (benchmarks/bench_int8_agreement.py, docs/performance.md):
+    the classifier's int8 error goes straight into the logits and was most of the int8 logit
+    error (quantising it alone moved the logits about as much as quantising every layer);
+    keeping it fp32 cut the mean logit error about 3x and lifted top-1 agreement with fp32
+    above 99%, for a layer that costs nothing next to the blocks. Per-channel weights and
+    reduce_range did not help. Convolutions stay fp32: onnxruntime's ConvInteger is slower
+    than fp32 here."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    partial = int8_path.with_name(f"{int8_path.name}.{os.getpid()}.partial")
+    try:
+        quantize_dynamic(str(fp32_path), str(partial), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_exclude=classifier_nodes(fp32_path))
+        quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(source.metadata_props)
+        onnx.save(quantized, str(partial))
+        os.replace(partial, int8_path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+register(Runtime(
+    engines={FP32: "onnxruntime (tuned session) on the ONNX export of the model, cached in RUN/export/ for a run",
+             INT8: "onnxruntime with dynamic int8 matrix products, classifier fp32: faster, but it changes the numbers "
+                   "(docs/performance.md)"},
+    from_model=_from_model,
+    from_cache=_from_cache,
+    suffixes=(".onnx",),
+    from_file=lambda path, threads=None: OrtBackend(path, threads=threads),
+))
