@@ -1,4 +1,4 @@
-"""Nothing lost: SIGKILL at any moment, or Ctrl-C, then rerun -> bit-identical to an unbroken run.
+"""Nothing lost: SIGKILL at any moment, Ctrl-C or SIGTERM, then rerun -> bit-identical to an unbroken run.
 
 Each run is `python -m dogbreeds.cli train ...` in a subprocess, on tiny real photos with the
 full augmentation (RandAugment, erasing, mixup/cutmix), drop_path and EMA, so every random
@@ -24,17 +24,17 @@ pytestmark = pytest.mark.slow
 EPOCHS = 4
 
 
-def _command(data: Path, out: Path) -> list[str]:
+def _command(data: Path, out: Path, workers: int = 0) -> list[str]:
     return [sys.executable, "-m", "dogbreeds.cli", "train", "--data", str(data), "--model", "convnext_atto",
             "--breeds", "all", "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", "2",
-            "--input-size", "32", "--workers", "0", "--precision", "fp32", "--deterministic", "--lr", "1e-3",
+            "--input-size", "32", "--workers", str(workers), "--precision", "fp32", "--deterministic", "--lr", "1e-3",
             "--warmup-epochs", "0.5", "--val-fraction", "0.2", "--test-fraction", "0.2", "--drop-path", "0.1",
             "--ema-decay", "0.9", "--no-channels-last"]
 
 
-def _start(data: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(_command(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _start(data: Path, out: Path, workers: int = 0, own_group: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(_command(data, out, workers), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=own_group)
 
 
 def _finish(data: Path, out: Path) -> str:
@@ -110,3 +110,28 @@ def test_ctrl_c_saves_mid_epoch_exits_cleanly_and_resumes_bit_identically(tiny_d
     assert state["partial"] is not None and 0 < state["micro_done"], "expected a mid-epoch checkpoint"
     assert "resuming" in _finish(tiny_data, out)
     _assert_same_run(out, reference[0])
+
+
+def test_sigterm_to_every_process_saves_exits_like_ctrl_c_and_resumes_bit_identically(tiny_data, tmp_path, reference):
+    """What SLURM or a shell's `kill -TERM -PGID` does: the signal reaches the training process
+    and its loader workers at once. The workers must leave it to the training process (before,
+    they died and the run ended in a "DataLoader worker ... killed by signal" traceback)."""
+    out = tmp_path / "run"
+    process = _start(tiny_data, out, workers=2, own_group=True)
+    try:
+        _wait_for(out / "checkpoints" / "resume.pt", process)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGTERM" in stderr and "checkpoint saved" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    deadline = time.monotonic() + 15
+    while (alive := subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"loader workers left running after the stop: {alive}"
+    assert "resuming" in _finish(tiny_data, out)  # with --workers 0: the number of workers may change
+    _assert_same_run(out, reference[0])
+

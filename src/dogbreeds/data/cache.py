@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -160,6 +160,41 @@ def find_cache(data_root: str | Path, preprocessing) -> ImageCache | None:
     directory = default_cache_dir(data_root, preprocessing.resize_size,
                                   preprocessing.interpolation)
     return ImageCache.open(directory) if (directory / "index.json").is_file() else None
+
+
+class CacheLookup(NamedTuple):
+    """What `find_prepared_cache` found: the cache to pass to `make_loader` (or None) and one
+    line for the log saying which it is and why ('' when there is nothing to say)."""
+
+    cache: ImageCache | None
+    message: str
+
+
+def find_prepared_cache(data_root: str | Path, preprocessing, records: Iterable = ()) -> CacheLookup:
+    """The cache `dogbreeds data prepare DATA` wrote by default for this model's sizing, if it
+    covers every one of `records` unchanged since; else None with the reason.
+
+    Only the exact sizing (short side int(input_size / crop_pct), the model's interpolation) is
+    looked up: then the eval transform reads cached rows as they are, pixel-identical to decoding.
+    A cache that is stale or lacks some of the records is not used (the files are decoded as
+    usual); the message names the command that brings it up to date.
+    """
+    short_side, interpolation = preprocessing.resize_size, preprocessing.interpolation
+    directory = default_cache_dir(data_root, short_side, interpolation)
+    command = f"`dogbreeds data prepare {data_root} --size {short_side} --interpolation {interpolation}`"
+    if not (directory / "index.json").is_file():
+        return CacheLookup(None, f"decoding images from files (no prepared cache at {directory}; {command} "
+                                 "writes one)")
+    try:
+        cache = ImageCache.open(directory)
+    except (DataError, OSError, ValueError) as exc:
+        return CacheLookup(None, f"not using the prepared cache {directory}: {exc}")
+    paths = [r.path for r in records]
+    outdated = sum(not cache.is_fresh(p) for p in paths)
+    if outdated:
+        return CacheLookup(None, f"not using the prepared cache {directory}: {outdated} of {len(paths)} images are "
+                                 f"missing from it or changed since it was prepared; {command} updates it")
+    return CacheLookup(cache, f"using the prepared cache {directory} ({len(paths)} images, no decoding)")
 
 
 def _decode_one(job: tuple[str, int, str]) -> dict:

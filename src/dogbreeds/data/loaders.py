@@ -18,6 +18,12 @@ its `skipped` still reaches the loader's report. Typical use:
         if loader.skipped:
             print(loader.skipped.report())
 
+Signals: worker processes ignore Ctrl-C (SIGINT) and SIGTERM, which a terminal, `kill` of the
+process group, SLURM or a container runtime may send to every process at once; the process
+that owns the loader decides what to do (training saves and stops) and then shuts the workers
+down. Left to themselves, the workers would die first and the loader would end the run with a
+"DataLoader worker ... killed by signal" traceback. Workers still exit when their parent dies.
+
 Reproducibility: every sample's augmentation is drawn from generators seeded with a hash of
 (seed, epoch, index), and the shuffle order from (seed, epoch). So a run gives the same
 tensors whatever the number of workers or processes, and each epoch sees new augmentations.
@@ -27,7 +33,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -247,10 +256,55 @@ class RecordLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped.clear()
-        for batch in self.dataloader:
+        with _stop_signals_held():  # workers start here: none may catch a signal before it ignores them
+            batches = iter(self.dataloader)
+        for batch in batches:
             self.skipped.add(batch.skipped)
             if len(batch.indices):
                 yield batch
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Block SIGINT/SIGTERM in this thread for a moment: a signal that arrives meanwhile waits,
+    and is handled (by this process) when the block ends. Forked workers inherit the block
+    until `_ignore_stop_signals` runs in them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: the loader's owner handles Ctrl-C and SIGTERM (see the module docstring).
+
+    SIGINT is simply ignored. SIGTERM is taken by a thread that waits for it: sent by the parent
+    (the DataLoader's shutdown, or multiprocessing's at exit, terminating its workers) the worker
+    exits as it would have; sent by anyone else (a group kill, SLURM, a container runtime) it is
+    ignored, and the parent's own handler decides.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: leave SIGTERM as torch set it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return
+    # Blocked in this (the only) thread, so in every thread started later: only the waiter gets it.
+    # A Python-level no-op handler (not SIG_IGN, which would discard it before the waiter sees it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def make_loader(
@@ -301,6 +355,7 @@ def make_loader(
         collate_fn=collate_skipping,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         # DataLoader draws its workers' base seed from this generator instead of torch's
         # global one, so creating a loader never shifts the training loop's random stream.
         generator=torch.Generator().manual_seed(seed),

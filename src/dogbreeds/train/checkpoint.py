@@ -59,6 +59,18 @@ def capture_rng_state() -> dict:
     return state
 
 
+def rng_states_of_all_ranks(ctx) -> list:
+    """Every rank's RNG state (rank 0 writes them all, so each rank resumes its own streams)."""
+    state = capture_rng_state()
+    if not ctx.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
 def restore_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -18,12 +18,14 @@ HELP = {
     "out": "run directory (default runs/<model>); rerunning into it resumes",
     "batch_size": "images per optimizer step, over all processes and accumulation steps",
     "accum_steps": "micro-batches per optimizer step (less memory, same effective batch)",
-    "freeze": "none | backbone (head only, on cached features: fast on CPU) | last_n_stages:N",
+    "freeze": "auto (from pretrained weights last_n_stages:3, from random weights none) | none | "
+              "backbone (head only, on cached features: fast on CPU) | last_n_stages:N",
     "precision": "auto (bf16 on bf16 GPUs and AMX CPUs, else fp32) | fp32 | bf16",
     "layer_decay": "lr multiplier per twelfth of the depth, head to stem ('none' turns it off)",
     "ema_decay": "EMA decay of the weights ('none' turns EMA off)",
     "grad_clip": "max gradient norm ('none' turns clipping off)",
     "input_size": "training/eval image size in pixels (default: the weights' own)",
+    "head_init_scale": "a head made new on pretrained weights starts at this fraction of timm's init (1 keeps it)",
     "deterministic": "deterministic algorithms: bit-identical reruns and resumes (slower)",
     "fast_layout": "ConvNeXt-T and larger with 1x1-convolution MLPs (same weights; faster training step on CPU)",
 }
@@ -97,9 +99,15 @@ def recipe_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loop import train
+    import sys
+
+    from .loop import TrainingStopped, train
 
     recipe = recipe_from_args(args)
-    run_dir = train(recipe)
+    try:
+        run_dir = train(recipe)
+    except TrainingStopped as stopped:  # state saved; the shell's convention: 128 + the signal
+        print("interrupted", file=sys.stderr)
+        return 128 + stopped.signum
     print(run_dir)
     return 0

@@ -47,14 +47,15 @@ def feature_cache_key(model_name: str, weights: str | None, preprocessing: dict,
 
 @torch.no_grad()
 def extract_features(model: nn.Module, records: list[ImageRecord], transform, batch_size: int, workers: int,
-                     seed: int, device: torch.device, autocast, channels_last: bool, progress: bool):
-    """(features float32 [N, D], labels int64 [N], skipped [{'path', 'reason'}]) for `records`."""
+                     seed: int, device: torch.device, autocast, channels_last: bool, progress: bool, cache=None):
+    """(features float32 [N, D], labels int64 [N], skipped [{'path', 'reason'}]) for `records`
+    (pixels from `cache`, a prepared `ImageCache`, when given)."""
     from tqdm import tqdm
 
     from ..data.loaders import make_loader
 
     model.eval()
-    loader = make_loader(records, transform, batch_size, shuffle=False, seed=seed, workers=workers)
+    loader = make_loader(records, transform, batch_size, shuffle=False, seed=seed, workers=workers, cache=cache)
     features, labels = [], []
     for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
         images = batch.images.to(device)

@@ -2,7 +2,7 @@
 
 The epoch loop is shared by the two ways of training: the whole (or partly frozen) network
 on images, and the head alone on cached backbone features (freeze='backbone'). `session.py`
-builds the pieces; this module runs them.
+builds the pieces (and knows nothing of this module); this module runs them.
 """
 from __future__ import annotations
 
@@ -17,14 +17,26 @@ from typing import Callable
 import torch
 
 from ..errors import DogbreedsError
-from .checkpoint import append_metrics, capture_rng_state
+from .checkpoint import append_metrics
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from .optim import current_lr, set_train_mode
 from .recipe import Recipe
+from .session import Session, evaluate  # noqa: F401  (evaluate: the validation pass, importable from here too)
 
 
 class TrainingDiverged(DogbreedsError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after saving its state; rerunning resumes it.
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles this too; `signum` is the signal
+    (the `dogbreeds train` command exits with 128 + signum: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -37,8 +49,6 @@ class TrainHooks:
 
 def train(recipe: Recipe, hooks: TrainHooks | None = None) -> Path:
     """Train by `recipe`; return the run directory. Resumes when the run dir holds resume.pt."""
-    from .session import Session
-
     ctx = init_distributed(recipe.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -68,18 +78,21 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 class _StopFlag:
     requested = False
+    signum = signal.SIGINT
 
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """First Ctrl-C (or SIGTERM, e.g. a preempted job) asks the loop to save and stop at the next
-    optimizer step; a second Ctrl-C stops at once (the last per-epoch checkpoint still holds)."""
+    """First Ctrl-C or SIGTERM (what Kubernetes, SLURM and preemptible machines send) asks the
+    loop to save and stop at the next optimizer step, or right after the epoch being finished;
+    a second Ctrl-C stops at once (the last per-epoch checkpoint still holds). The loader's
+    worker processes ignore both signals (data/loaders.py): the training process decides."""
     stop = _StopFlag()
 
     def handler(signum, frame):
         if stop.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        stop.requested = True
+        stop.requested, stop.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step "
               "(Ctrl-C again to quit without it)", file=sys.stderr, flush=True)
 
@@ -111,7 +124,7 @@ class EpochStats:
                 "seconds": self.seconds, "skipped": list(self.skipped)}
 
 
-def _run(s, stop: _StopFlag, hooks: TrainHooks) -> None:
+def _run(s: Session, stop: _StopFlag, hooks: TrainHooks) -> None:
     recipe, ctx = s.recipe, s.ctx
     stats = EpochStats(**s.partial) if s.partial else EpochStats()
     for epoch in range(s.epoch, recipe.epochs):
@@ -120,20 +133,33 @@ def _run(s, stop: _StopFlag, hooks: TrainHooks) -> None:
         stats.seconds += time.perf_counter() - started
         if not completed:  # stop requested: checkpoint mid-epoch and leave
             s.save_checkpoint(epoch, stats.to_state())
-            barrier(ctx)
-            if ctx.is_main:
-                print(f"stopped at epoch {epoch} step {s.step}; checkpoint saved in {s.run_dir / 'checkpoints'}. "
-                      "Run the same command again to resume.", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
+            _stopped(s, stop, f"epoch {epoch} step {s.step}")
         _finish_epoch(s, epoch, stats)
         stats = EpochStats()
+        # A signal during validation or saving: the epoch's checkpoint is on disk, so stop now
+        # rather than one step into the next epoch (a preempted machine has seconds, not minutes).
+        if epoch + 1 < recipe.epochs and _stop_votes(stop, ctx):
+            _stopped(s, stop, f"the end of epoch {epoch}")
     if ctx.is_main:
         best = s.best
         print(f"done: {s.run_dir} (best val top-1 {best['val_top1']:.4f} at epoch {best['epoch']}, "
               f"{best['weights']} weights)" if best else f"done: {s.run_dir}", flush=True)
 
 
-def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: TrainHooks) -> bool:
+def _stop_votes(stop: _StopFlag, ctx) -> float:
+    """How many processes were asked to stop (all of them take part, so all agree)."""
+    return all_reduce_sum(torch.tensor([float(stop.requested)], device=ctx.device), ctx).item()
+
+
+def _stopped(s: Session, stop: _StopFlag, where: str):
+    barrier(s.ctx)
+    if s.ctx.is_main:
+        print(f"stopped at {where}; checkpoint saved in {s.run.checkpoints}. "
+              "Run the same command again to resume.", file=sys.stderr, flush=True)
+    raise TrainingStopped(stop.signum)
+
+
+def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: TrainHooks) -> bool:
     """One epoch from s.micro_done on. False when a stop was requested (state is at a step boundary)."""
     from tqdm import tqdm
 
@@ -215,16 +241,16 @@ def _train_epoch(s, epoch: int, stats: EpochStats, stop: _StopFlag, hooks: Train
     return True
 
 
-def _diverged(s, epoch: int, what: str):
+def _diverged(s: Session, epoch: int, what: str):
     s.optimizer.zero_grad(set_to_none=True)  # the step is not taken: the weights stay finite
     raise TrainingDiverged(
         f"{what} became NaN or infinite at epoch {epoch} step {s.step} (steps count from 0 over the run; "
         f"micro-batch {s.micro_done - 1} of the epoch, lr {current_lr(s.optimizer):.3g}). The run stopped; "
-        f"the last good checkpoint is in {s.run_dir / 'checkpoints'}. Lower --lr, raise --warmup-epochs or "
+        f"the last good checkpoint is in {s.run.checkpoints}. Lower --lr, raise --warmup-epochs or "
         "set --grad-clip, and train into a new --out (rerunning unchanged resumes from that checkpoint)")
 
 
-def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
+def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
     """Validate raw and EMA weights, then write metrics, last/best checkpoints and resume.pt (rank 0)."""
     ctx = s.ctx
     totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64), ctx)
@@ -259,7 +285,7 @@ def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
         s.save_model("last", "raw", epoch)
     s.save_checkpoint(s.epoch, None)
     if ctx.is_main:
-        append_metrics(s.run_dir / "metrics.jsonl", line)
+        append_metrics(s.run.metrics_file, line)
         ema_text = f" | ema top-1 {line['ema_val_top1']:.4f}" if line["ema_val_top1"] is not None else ""
         print(f"epoch {epoch}: train loss {line['train_loss']:.4f} | val loss {line['val_loss']:.4f} "
               f"top-1 {line['val_top1']:.4f} top-5 {line['val_top5']:.4f}{ema_text} | lr {line['lr']:.3g} | "
@@ -268,42 +294,3 @@ def _finish_epoch(s, epoch: int, stats: EpochStats) -> None:
             print(f"  skipped {len(skipped)} file(s) that could not be decoded: "
                   + ", ".join(item["path"] for item in skipped[:5]), file=sys.stderr, flush=True)
     barrier(ctx)
-
-
-@torch.no_grad()
-def evaluate(net, batches, device, autocast, channels_last: bool) -> dict:
-    """Plain cross-entropy (no smoothing) and top-1 / top-5 accuracy over `batches`."""
-    was_training = net.training
-    net.eval()
-    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
-    for inputs, labels in batches:
-        inputs, labels = inputs.to(device), labels.to(device)
-        if channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = net(inputs)
-        logits = logits.float()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        k = min(5, logits.shape[-1])
-        ranked = logits.topk(k, dim=-1).indices
-        top1 += int((ranked[:, 0] == labels).sum())
-        top5 += int((ranked == labels[:, None]).any(-1).sum())
-        seen += len(labels)
-    net.train(was_training)
-    if not seen:  # loss 0 keeps metrics.jsonl valid JSON; "count" says there was nothing to measure
-        return {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}
-    return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "count": seen}
-
-
-def rng_states_of_all_ranks(ctx) -> list:
-    """Every rank's RNG state (rank 0 writes them all, so each rank resumes its own streams)."""
-    state = capture_rng_state()
-    if not ctx.distributed:
-        return [state]
-    import torch.distributed as dist
-
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import random
 import sys
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError, DogbreedsError
-from .checkpoint import (atomic_write_text, load_resume_state, restore_rng_state, save_resume_state,
+from ..rundir import RunDir
+from .checkpoint import (load_resume_state, restore_rng_state, rng_states_of_all_ranks, save_resume_state,
                          write_metrics)
 from .distributed import DistContext, ShardedSampler
 from .optim import apply_freeze, build_optimizer, build_scheduler
@@ -100,11 +100,36 @@ def _yaml_keys(path: Path) -> set:
     return set(data) if isinstance(data, dict) else set()
 
 
+@torch.no_grad()
+def evaluate(net, batches, device, autocast, channels_last: bool) -> dict:
+    """Plain cross-entropy (no smoothing) and top-1 / top-5 accuracy over `batches`."""
+    was_training = net.training
+    net.eval()
+    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    for inputs, labels in batches:
+        inputs, labels = inputs.to(device), labels.to(device)
+        if channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = net(inputs)
+        logits = logits.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        k = min(5, logits.shape[-1])
+        ranked = logits.topk(k, dim=-1).indices
+        top1 += int((ranked[:, 0] == labels).sum())
+        top5 += int((ranked == labels[:, None]).any(-1).sum())
+        seen += len(labels)
+    net.train(was_training)
+    if not seen:  # loss 0 keeps metrics.jsonl valid JSON; "count" says there was nothing to measure
+        return {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}
+    return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "count": seen}
+
+
 class Session:
     def __init__(self, recipe: Recipe, ctx: DistContext):
         self.recipe, self.ctx = recipe, ctx
-        self.run_dir = Path(recipe.out).expanduser()
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run = RunDir(recipe.out)
+        self.run_dir = self.run.path
         self.progress = ctx.is_main and sys.stderr.isatty()
         self.epoch, self.micro_done, self.step = 0, 0, 0
         self.partial, self.best, self.history = None, None, []
@@ -158,7 +183,7 @@ class Session:
         if self.head_only:
             self._setup_features()
         else:
-            self._setup_images()
+            self._setup_images(saved)
         self.trainable = [p for p in self.net_unwrapped.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net_unwrapped, recipe, use_layer_decay=not self.head_only)
         self.scheduler = build_scheduler(self.optimizer, recipe, self.steps_per_epoch)
@@ -172,7 +197,7 @@ class Session:
         else:
             seed_everything(recipe.seed * 1000 + ctx.rank + 1)  # ranks draw different drop_path / mixup
         if ctx.is_main:
-            write_metrics(self.run_dir / "metrics.jsonl", self.history)
+            write_metrics(self.run.metrics_file, self.history)
             print(f"{'resuming' if saved else 'training'} {recipe.model} ({self.precision}, {ctx.device}, "
                   f"{ctx.world_size} process(es)) on {len(self.dataset.train)} train / {len(self.dataset.val)} val "
                   f"images, {len(self.classes)} breeds, {self.steps_per_epoch} steps/epoch"
@@ -180,18 +205,20 @@ class Session:
 
     # --- the two ways to feed the loop ---
 
-    def _setup_images(self) -> None:
+    def _setup_images(self, saved: dict | None) -> None:
         from ..data.loaders import make_loader
         from ..data.transforms import build_eval_transform, build_mixup, build_train_transform, mix_batch
 
         recipe, ctx = self.recipe, self.ctx
         pin = ctx.device.type == "cuda"
+        cache = self._image_cache(self.dataset.train + self.dataset.val, saved)
         self.sampler = ShardedSampler(len(self.dataset.train), ctx, recipe.seed)
         self.train_loader = make_loader(self.dataset.train, build_train_transform(self.preprocessing, recipe.augment),
                                         self.micro_batch, shuffle=False, seed=recipe.seed, workers=recipe.workers,
-                                        drop_last=True, sampler=self.sampler, pin_memory=pin)
+                                        drop_last=True, sampler=self.sampler, pin_memory=pin, cache=cache)
         self.val_loader = make_loader(self.dataset.val, build_eval_transform(self.preprocessing), self.micro_batch,
-                                      shuffle=False, seed=recipe.seed, workers=recipe.workers, pin_memory=pin)
+                                      shuffle=False, seed=recipe.seed, workers=recipe.workers, pin_memory=pin,
+                                      cache=cache)
         self.mixup = build_mixup(recipe.augment, len(self.classes))
         self.mix = lambda images, labels: mix_batch(self.mixup, images, labels)
         if self.mixup is not None:
@@ -224,15 +251,19 @@ class Session:
         transform = build_eval_transform(self.preprocessing)
 
         def compute() -> dict:
+            # The eval transform reads a prepared cache's rows as they are: the same pixels, so the
+            # same features, whether or not it is used (the feature key need not know).
+            cache = self._image_cache(self.dataset.train + self.dataset.val, None)
             out = {}
             for name, records in splits.items():
                 x, y, skipped = extract_features(self.model, records, transform, self.micro_batch, recipe.workers,
                                                  recipe.seed, ctx.device, self.autocast, self.channels_last,
-                                                 self.progress)
+                                                 self.progress, cache=cache)
                 out.update({f"{name}_x": x, f"{name}_y": y, f"{name}_skipped": skipped})
             return out
 
-        self.features = cached_features(self.run_dir / "features", key, compute)
+        self.image_cache = None
+        self.features = cached_features(self.run.features_dir, key, compute)
         self.train_features = FeatureBatches(self.features["train_x"], self.features["train_y"], self.micro_batch,
                                              recipe.seed, shuffle=True)
         self.val_features = FeatureBatches(self.features["val_x"], self.features["val_y"], self.micro_batch,
@@ -273,28 +304,47 @@ class Session:
         return sorted({item["path"]: item for part in everyone for item in part}.values(), key=lambda i: i["path"])
 
     def evaluate(self, net) -> dict:
-        from .loop import evaluate
-
         if self.head_only:
             batches = self.val_features.batches(0)
         else:
             batches = ((b.images, b.labels) for b in self.val_loader)
         return evaluate(net, batches, self.ctx.device, self.autocast, self.channels_last)
 
+    def _image_cache(self, records: list, saved: dict | None):
+        """The prepared cache of `dogbreeds data prepare` for this data and input size, when it holds
+        every record unchanged; logged either way. A resumed run keeps the choice it started with:
+        cached rows are resized copies, so random crops of them differ from crops of the photos."""
+        from ..data.cache import find_prepared_cache
+
+        cache, message = find_prepared_cache(self.dataset.root, self.preprocessing, records)
+        used_before = saved.get("image_cache") if saved is not None else None
+        if saved is not None and used_before is None and cache is not None:
+            message = (f"decoding images from files as before the stop, although {cache.directory} is there now: "
+                       "the resumed run stays the same as an unbroken one")
+            cache = None
+        elif used_before is not None and cache is None:
+            message += (f"; note: the run started with the prepared cache {used_before}, so the result will "
+                        "differ slightly from an unbroken run")
+        self.image_cache = None if cache is None else str(cache.directory)
+        if self.ctx.is_main and message:
+            print(message, flush=True)
+        return cache
+
     # --- saving and resuming ---
 
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run = self.run
+        run.path.mkdir(parents=True, exist_ok=True)
         extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
-        atomic_write_text(self.run_dir / "config.yaml", self.recipe.to_yaml(extra))
-        atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes.to_json(), indent=2) + "\n")
-        atomic_write_text(self.run_dir / "split.json", json.dumps(self.dataset.split_summary(), indent=1) + "\n")
+        run.write_text(run.config, self.recipe.to_yaml(extra))
+        run.write_json(run.classes_file, self.classes.to_json(), indent=2)
+        run.write_json(run.split_file, self.dataset.split_summary(), indent=1)
 
     def _saved_state(self) -> dict | None:
-        path = self.ckpt_dir / "resume.pt"
+        path = self.run.resume_file
         if not path.is_file():
             return None
-        config = self.run_dir / "config.yaml"
+        config = self.run.config
         if not config.is_file():
             raise DogbreedsError(f"{path} exists but {config} is missing: the run cannot be checked; "
                                  "use a new --out, or delete the checkpoints folder to start over")
@@ -316,7 +366,7 @@ class Session:
                 + f"\nResume it with its own settings (--config {config}), or train into a new --out")
         state = load_resume_state(path)
         if self.ctx.is_main:  # temporary files of writes that a kill cut short
-            for leftover in self.ckpt_dir.glob(".*.tmp"):
+            for leftover in self.run.checkpoints.glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
         return state
 
@@ -340,8 +390,6 @@ class Session:
     def save_checkpoint(self, epoch: int, partial: dict | None) -> None:
         """resume.pt (all ranks take part: RNG states are gathered). With `partial`, a mid-epoch
         stop: last.safetensors gets the current weights too."""
-        from .loop import rng_states_of_all_ranks
-
         rng = rng_states_of_all_ranks(self.ctx)
         if not self.ctx.is_main:
             return
@@ -354,8 +402,9 @@ class Session:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "rng": rng, "best": self.best, "history": self.history,
+            "image_cache": self.image_cache,  # the prepared cache the images came from (None: the files)
         }
-        save_resume_state(self.ckpt_dir / "resume.pt", state)
+        save_resume_state(self.run.resume_file, state)
 
     def export_model(self, source: str) -> torch.nn.Module:
         """The full network with the raw or the EMA weights, ready for save_model_checkpoint."""
@@ -373,4 +422,4 @@ class Session:
 
         extra = {"epoch": epoch, "epoch_completed": completed, "step": self.step, "weights": source,
                  "recipe": self.recipe.to_dict()}
-        save_model_checkpoint(self.export_model(source), self.ckpt_dir / f"{kind}.safetensors", self.classes, extra)
+        save_model_checkpoint(self.export_model(source), self.run.checkpoint_path(kind), self.classes, extra)
