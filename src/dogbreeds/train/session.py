@@ -21,7 +21,7 @@ from ..rundir import RunDir
 from .checkpoint import (load_resume_state, restore_rng_state, rng_states_of_all_ranks, save_resume_state,
                          write_metrics)
 from .distributed import DistContext, ShardedSampler
-from .optim import apply_freeze, build_optimizer, build_scheduler
+from .optim import apply_freeze, build_optimizer, build_scheduler, resolve_freeze
 from .recipe import Recipe, environment_versions, parse_freeze
 
 
@@ -165,7 +165,11 @@ class Session:
         if recipe.input_size:
             self.preprocessing = self.preprocessing.with_input_size(recipe.input_size)
             set_preprocessing(self.model, self.preprocessing)  # the checkpoint must say the size it trained at
-        self.frozen = apply_freeze(self.model, recipe.freeze)
+        self._shrink_new_head()
+        self.freeze = resolve_freeze(self.model, recipe)  # 'auto' -> what this model and start need
+        if ctx.is_main and recipe.freeze == "auto":
+            print(f"freeze=auto: {self.freeze} ({'pretrained' if recipe.starts_pretrained else 'random'} weights)", flush=True)
+        self.frozen = apply_freeze(self.model, self.freeze)
         self.model.to(ctx.device)
         self.channels_last = recipe.channels_last
         if self.channels_last:
@@ -179,7 +183,7 @@ class Session:
         if ctx.is_main:
             self._write_run_files()
 
-        self.head_only = parse_freeze(recipe.freeze)[0] == "backbone"
+        self.head_only = parse_freeze(self.freeze)[0] == "backbone"
         if self.head_only:
             self._setup_features()
         else:
@@ -202,6 +206,18 @@ class Session:
                   f"{ctx.world_size} process(es)) on {len(self.dataset.train)} train / {len(self.dataset.val)} val "
                   f"images, {len(self.classes)} breeds, {self.steps_per_epoch} steps/epoch"
                   + (f", from epoch {self.epoch} step {self.step}" if saved else ""), flush=True)
+
+    def _shrink_new_head(self) -> None:
+        """Scale a head that create_model made new on pretrained weights by recipe.head_init_scale
+        (timm ConvNeXt's `head_init_scale`, for every model). A resumed run loads its own head after."""
+        scale, head = self.recipe.head_init_scale, self.model.get_classifier()
+        if scale == 1 or not self.recipe.starts_pretrained or not getattr(self.model, "dogbreeds_new_head", False):
+            return
+        if isinstance(head, torch.nn.Linear):
+            with torch.no_grad():
+                head.weight.mul_(scale)
+                if head.bias is not None:
+                    head.bias.mul_(scale)
 
     # --- the two ways to feed the loop ---
 
