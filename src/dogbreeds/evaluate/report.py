@@ -57,15 +57,18 @@ class EvalRecords:
 RECORD_KINDS = ("run_split", "resplit", "test_list", "all_photos")
 
 
-def _split_settings(run: RunDir) -> dict:
-    """Root, seed and fractions the run split its data with (split.json, else config.yaml)."""
+def _split_settings(run: RunDir, split: str) -> dict:
+    """Root, seed and fractions the run split its data with (split.json, else config.yaml). A
+    checkpoint folder with neither can still be tested on another root's photos ({})."""
     if run.split_file.is_file():
         return run.read_split()
     # A run's config.yaml is its Recipe: `data` is the root; seed and fractions sit beside it.
     config = run.read_config()
     if not config:
-        raise DataError(f"{run.path} has neither {run.split_file.name} nor {run.config.name}, so the breeds' "
-                        "split is unknown; evaluate a run directory written by `dogbreeds train`")
+        if split == "test":
+            return {}
+        raise DataError(f"{run.path} has neither {run.split_file.name} nor {run.config.name}, so its {split} "
+                        "split is unknown; evaluate a run directory written by `dogbreeds train`, or --split test")
     settings = {"root": config.get("data"), "seed": config.get("seed"),
                 "val_fraction": config.get("val_fraction"), "test_fraction": config.get("test_fraction")}
     return {key: value for key, value in settings.items() if value is not None}
@@ -98,7 +101,7 @@ def records_for_split(run_dir: str | Path, data_root: str | Path, split: str, cl
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     run = RunDir(run_dir)
-    settings = _split_settings(run)
+    settings = _split_settings(run, split)
     same_root = bool(settings.get("root")) and _same_dir(settings["root"], data_root)
     if split == "test" and not same_root:
         return _other_test_records(run, data_root, classes, settings)
@@ -189,6 +192,8 @@ def _other_test_records(run: RunDir, data_root: str | Path, classes: ClassInfo, 
               f"all photos of the run's breeds under {root} ({len(records)}; it has no test list)")
     if left_out:
         source += f"; {len(left_out)} photo(s) the run trained or validated on left out"
+    if not isinstance(settings.get("files"), dict):
+        source += f"; the run has no {run.split_file.name}, so photos it trained on could not be left out"
     if not records:
         raise DataError(f"every photo of the run's breeds under {root} ({len(left_out)}, first: {left_out[0]}) is one "
                         f"the run trained or validated on (see {run.split_file}); evaluate on photos it has not seen")
