@@ -16,14 +16,14 @@ def _world(seed=0):
     rng = np.random.default_rng(seed)
     dog_axis = np.zeros(DIM)
     dog_axis[0] = 6.0
-    centres = dog_axis + rng.normal(size=(CLASSES + 3, DIM)) * 0.5   # 5 known breeds + 3 unknown ones
+    centres = dog_axis + rng.normal(size=(CLASSES + 3, DIM)) * np.r_[[0.2] * CLASSES, [1.0] * 3][:, None]  # 5 known, 3 unknown breeds
     cat_centre = -dog_axis + rng.normal(size=DIM)
 
     def photos(centre_index, n):
         labels = rng.integers(0, CLASSES, n) if centre_index is None else np.full(n, centre_index)
         return centres[labels] + rng.normal(size=(n, DIM)) * 0.5, labels
 
-    weights = centres[:CLASSES].T * 2.0
+    weights = centres[:CLASSES].T * 1.0
 
     def logits(x):
         return x @ weights
@@ -135,3 +135,20 @@ def test_uncalibrated_answers_carry_the_note():
     assert [a.verdict for a in answers] == ["breed", "unknown_breed"]
     assert all(a.note == UNCALIBRATED_NOTE and "dogbreeds calibrate" in a.note for a in answers)
     assert answers[0].breed_set == [0]
+
+
+def test_dog_head_from_not_dog_photos(world, tmp_path):
+    rng = np.random.default_rng(9)
+    fit_cats, test_cats = world["cats"][:50], world["cats"][50:]
+    calibration = fit_calibration(world["train_x"], world["val_x"], world["logits"](world["val_x"]), world["val_y"],
+                                  world["other_x"], not_dog_features=fit_cats)
+    assert calibration.dog_head_w is not None and calibration.info["not_dogs"] == 50
+    val = calibration.assess(world["logits"](world["val_x"]), world["val_x"])
+    assert np.mean([a.dog_score <= calibration.not_a_dog_threshold for a in val]) >= 0.95
+    cats = calibration.assess(world["logits"](test_cats), test_cats)
+    assert np.mean([a.verdict == "not_a_dog" for a in cats]) >= 0.95
+    run = RunDir(tmp_path / "run")
+    calibration.save(run)
+    again = Calibration.load(run)
+    x = np.concatenate([test_cats, world["val_x"][:10] + rng.normal(size=(10, DIM))])
+    np.testing.assert_array_equal(again.dog_scores(x), calibration.dog_scores(x))

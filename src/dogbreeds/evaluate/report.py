@@ -138,11 +138,7 @@ def _trained_files(run: RunDir, settings: dict) -> dict[tuple[str, str], int | N
         for relative in files.get(name) or ():
             path = Path(relative)
             original = root / path if root is not None and not path.is_absolute() else path
-            try:
-                size = original.stat().st_size
-            except OSError:
-                size = None
-            trained[(path.parent.name, path.name)] = size
+            trained[(path.parent.name, path.name)] = _size(original)
     return trained
 
 

@@ -8,9 +8,12 @@ A photo's answer (`assess`):
 - `probs`: softmax(logits / temperature), the calibrated probabilities (order = the model's);
 - `ood_score`: kNN distance of its pooled features to the run's training photos (0..1);
   above `ood_threshold` the photo is not one of the known breeds;
-- `dog_score`: kNN distance to every dog photo the calibration saw (the training photos and
-  the "other dogs": the data root's breeds the run does not know). Above `not_a_dog_threshold`
-  (and above `ood_threshold`) the verdict is "not_a_dog", else "unknown_breed";
+- `dog_score`: how little it looks like a dog. With photos of non-dogs at calibration
+  (`--not-dogs`), P(not a dog) from a logistic-regression head on the pooled features (dogs:
+  training photos + other dogs; non-dogs: those photos); without them, the kNN distance to
+  every dog photo the calibration saw (the training photos and the "other dogs": the data
+  root's breeds the run does not know). Above `not_a_dog_threshold` (and above
+  `ood_threshold`) the verdict is "not_a_dog", else "unknown_breed";
 - `breed_set`: the split-conformal set for the chosen coverage.
 Banks are stored L2-normalised in float16 and read back as the same float16 values on every
 path, so only the features themselves (torch vs onnxruntime, ~1e-5) differ between paths.
@@ -25,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DogbreedsError
-from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_temperature, knn_distance, nll,
-                     normalise, prediction_sets, softmax)
+from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_logistic, fit_temperature, knn_distance,
+                     logistic_score, nll, normalise, prediction_sets, softmax)
 
 FORMAT = "dogbreeds-calibration"
 VERSION = 1
@@ -34,8 +37,11 @@ DEFAULT_COVERAGE = 0.9
 DEFAULT_KEEP = 0.95       # share of in-breed (validation) dogs a threshold keeps as "breed"
 DEFAULT_OOD_K = 10        # chosen by measurement on fitting photos (docs/trust.md)
 DEFAULT_DOG_K = 10
-DEFAULT_RAPS_LAMBDA = 0.0  # APS; docs/trust.md compares RAPS penalties
+DEFAULT_RAPS_LAMBDA = 0.0  # APS, when there are too few validation photos to choose a penalty
 DEFAULT_RAPS_K_REG = 0
+# RAPS (lambda, k_reg) candidates, chosen by 2-fold cross-validation on the validation split
+RAPS_GRID = ((0.0, 0), (0.01, 1), (0.01, 3), (0.05, 1), (0.05, 3), (0.2, 1))
+DOG_HEAD_L2 = 1e-3
 VERDICTS = ("breed", "unknown_breed", "not_a_dog")
 UNCALIBRATED_NOTE = ("this run has no calibration: the verdict comes from the top-1 probability alone and cannot "
                      "tell 'not a dog' from 'unknown breed'; run `dogbreeds calibrate RUN --data DATA`")
@@ -66,6 +72,14 @@ class Calibration:
     raps_lambda: float = DEFAULT_RAPS_LAMBDA
     raps_k_reg: int = DEFAULT_RAPS_K_REG
     info: dict = field(default_factory=dict)  # what it was fitted on, and what that measured
+    dog_head_w: np.ndarray | None = None  # float32 [D]: the dog / not-dog head (None: kNN dog score)
+    dog_head_b: float | None = None
+
+    def __post_init__(self):
+        # float32 copies of the float16 banks, made once (the same values on every path)
+        self._bank = np.asarray(self.bank, dtype=np.float32)
+        self._dogs = np.concatenate([self._bank, np.asarray(self.dog_bank, dtype=np.float32).reshape(
+            -1, self._bank.shape[1])])
 
     # --- prediction ---
 
@@ -78,7 +92,7 @@ class Calibration:
         coverage = self.coverage if coverage is None else check_fraction("coverage", coverage)
         logits = np.asarray(logits, dtype=np.float32)
         probs = softmax(logits, self.temperature)
-        ood = knn_distance(features, self.bank, self.ood_k)
+        ood = knn_distance(features, self._bank, self.ood_k)
         dog = self.dog_scores(features)
         sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
         out = []
@@ -93,8 +107,9 @@ class Calibration:
         return out
 
     def dog_scores(self, features: np.ndarray) -> np.ndarray:
-        bank = self.bank if len(self.dog_bank) == 0 else np.concatenate([self.bank, self.dog_bank])
-        return knn_distance(features, bank, self.dog_k)
+        if self.dog_head_w is not None:
+            return logistic_score(features, self.dog_head_w, self.dog_head_b)
+        return knn_distance(features, self._dogs, self.dog_k)
 
     # --- storage ---
 
@@ -103,8 +118,9 @@ class Calibration:
             "format": FORMAT, "version": VERSION,
             "temperature": self.temperature, "coverage": self.coverage,
             "ood": {"method": "knn-cosine", "k": self.ood_k, "threshold": self.ood_threshold},
-            "not_a_dog": {"method": "knn-cosine to training + other dogs", "k": self.dog_k,
-                          "threshold": self.not_a_dog_threshold},
+            "not_a_dog": {"method": "knn-cosine to training + other dogs" if self.dog_head_w is None else
+                          "logistic head on normalised features", "k": self.dog_k,
+                          "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold},
             "conformal": {"method": "raps", "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
                           "scores": [float(s) for s in self.conformal_scores]},
             "bank": {"train": int(len(self.bank)), "other_dogs": int(len(self.dog_bank)),
@@ -114,7 +130,8 @@ class Calibration:
 
     def banks_npz(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(buffer, bank=self.bank.astype(np.float16), dog_bank=self.dog_bank.astype(np.float16))
+        head = np.zeros(0, np.float32) if self.dog_head_w is None else np.asarray(self.dog_head_w, np.float32)
+        np.savez(buffer, bank=self.bank.astype(np.float16), dog_bank=self.dog_bank.astype(np.float16), dog_head=head)
         return buffer.getvalue()
 
     @classmethod
@@ -123,7 +140,8 @@ class Calibration:
             if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
             with np.load(io.BytesIO(banks), allow_pickle=False) as arrays:
-                bank, dog_bank = arrays["bank"], arrays["dog_bank"]
+                bank, dog_bank, head = arrays["bank"], arrays["dog_bank"], arrays["dog_head"]
+            bias = meta["not_a_dog"].get("bias")
             return cls(
                 temperature=float(meta["temperature"]), coverage=float(meta["coverage"]),
                 ood_k=int(meta["ood"]["k"]), ood_threshold=float(meta["ood"]["threshold"]),
@@ -133,6 +151,7 @@ class Calibration:
                 conformal_scores=np.asarray(meta["conformal"]["scores"], dtype=np.float64),
                 raps_lambda=float(meta["conformal"]["lambda"]), raps_k_reg=int(meta["conformal"]["k_reg"]),
                 bank=bank, dog_bank=dog_bank.reshape(-1, bank.shape[1]), info=dict(meta.get("info", {})),
+                dog_head_w=head if bias is not None else None, dog_head_b=None if bias is None else float(bias),
             )
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
@@ -181,9 +200,10 @@ def assess_uncalibrated(logits: np.ndarray, low_confidence: float = 0.3) -> list
 
 def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_logits: np.ndarray,
                     val_labels: np.ndarray, other_dog_features: np.ndarray | None = None,
+                    not_dog_features: np.ndarray | None = None,
                     coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
-                    dog_k: int = DEFAULT_DOG_K, raps_lambda: float = DEFAULT_RAPS_LAMBDA,
-                    raps_k_reg: int = DEFAULT_RAPS_K_REG, info: dict | None = None) -> Calibration:
+                    dog_k: int = DEFAULT_DOG_K, raps: tuple[float, int] | None = None,
+                    info: dict | None = None, seed: int = 0) -> Calibration:
     """Fit temperature, thresholds and conformal scores on the validation split.
 
     - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
@@ -193,6 +213,11 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       the other dogs (each scored against the bank without itself): at least `keep` of dogs,
       known breed or not, are never called "not a dog". No photo of a non-dog is needed.
       None when there are no other dogs (the validation dogs alone say nothing about non-dogs).
+      With `not_dog_features` (photos of anything but dogs), a logistic dog / not-dog head
+      replaces the kNN dog score; its threshold keeps `keep` of the validation dogs (which
+      the head never saw) as dogs;
+    - RAPS penalty `raps` = (lambda, k_reg): given, or the grid entry with the smallest sets in
+      2-fold cross-validation on the validation split (APS when it has under 40 photos).
     """
     coverage, keep = check_fraction("coverage", coverage), check_fraction("keep", keep)
     val_labels = np.asarray(val_labels)
@@ -207,19 +232,25 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
     val_ood = knn_distance(val_features, bank, ood_k)
     ood_threshold = min(conformal_quantile(val_ood, keep), 1.0 - 1e-6)
     not_a_dog_threshold = None
-    if len(dog_bank):
+    head_w = head_b = None
+    if not_dog_features is not None and len(not_dog_features):
+        head_w, head_b = fit_logistic(np.concatenate([train_features, other]), not_dog_features, DOG_HEAD_L2)
+        not_a_dog_threshold = min(conformal_quantile(logistic_score(val_features, head_w, head_b), keep), 1.0 - 1e-6)
+    elif len(dog_bank):
         full = np.concatenate([bank, dog_bank])
         val_dog = knn_distance(val_features, full, dog_k)
         others = _knn_leave_one_out(other, full, len(bank), dog_k)
         not_a_dog_threshold = min(conformal_quantile(np.concatenate([val_dog, others]), keep), 1.0 - 1e-6)
+    raps_lambda, raps_k_reg = raps if raps is not None else choose_raps(probs, val_labels, coverage, seed)
     calibration = Calibration(
         temperature=temperature, ood_k=ood_k, ood_threshold=float(ood_threshold), dog_k=dog_k,
         not_a_dog_threshold=None if not_a_dog_threshold is None else float(not_a_dog_threshold),
         conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
-        coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg,
+        coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg, dog_head_w=head_w, dog_head_b=head_b,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
+        "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)),
         "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
                                                                                            temperature),
         **(info or {}),
@@ -239,3 +270,22 @@ def _knn_leave_one_out(features: np.ndarray, full_bank: np.ndarray, offset: int,
         kth = min(k, len(bank) - 1)
         out[start:start + 1024] = (1.0 - np.partition(sims, len(bank) - kth, axis=1)[:, len(bank) - kth]) / 2.0
     return np.clip(out, 0.0, 1.0)
+
+
+def choose_raps(probs: np.ndarray, labels: np.ndarray, coverage: float, seed: int = 0) -> tuple[float, int]:
+    """The RAPS_GRID entry whose sets are smallest at `coverage`, by 2-fold cross-validation on
+    the validation photos (fit the quantile on one half, measure set sizes on the other)."""
+    labels = np.asarray(labels)
+    if len(labels) < 40:
+        return DEFAULT_RAPS_LAMBDA, DEFAULT_RAPS_K_REG
+    order = np.random.default_rng(seed).permutation(len(labels))
+    folds = (order[: len(order) // 2], order[len(order) // 2:])
+    best, best_size = RAPS_GRID[0], float("inf")
+    for lam, k_reg in RAPS_GRID:
+        sizes = []
+        for fit, held in (folds, folds[::-1]):
+            qhat = conformal_quantile(conformal_scores(probs[fit], labels[fit], lam, k_reg), coverage)
+            sizes += [len(s) for s in prediction_sets(probs[held], qhat, lam, k_reg)]
+        if np.mean(sizes) < best_size - 1e-9:
+            best, best_size = (lam, k_reg), float(np.mean(sizes))
+    return best

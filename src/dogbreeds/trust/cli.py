@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--other-dogs", nargs="*", default=[], metavar="PATH",
                         help="more photos of dogs of other breeds or mixes (files, folders, globs) for the "
                              "'not a dog' threshold")
+    parser.add_argument("--not-dogs", nargs="*", default=[], metavar="PATH",
+                        help="photos of anything but dogs (files, folders, globs): fits a dog / not-dog head on the "
+                             "features, which tells 'not a dog' far better than distances alone (docs/trust.md)")
     parser.add_argument("--no-other-breeds", action="store_true",
                         help="do not use the data root's breeds outside the run as other dogs")
     parser.add_argument("--ood-k", type=int, default=DEFAULT_OOD_K, help=argparse.SUPPRESS)
@@ -50,19 +53,22 @@ def register(subparsers) -> None:
 
 def run_calibrate(args) -> int:
     calibration = calibrate_run(args.run, args.data, coverage=args.coverage, keep=args.keep,
-                                other_dogs=args.other_dogs, other_breeds=not args.no_other_breeds,
+                                other_dogs=args.other_dogs, not_dogs=args.not_dogs,
+                                other_breeds=not args.no_other_breeds,
                                 ood_k=args.ood_k, dog_k=args.dog_k, batch_size=args.batch_size,
                                 workers=args.workers, progress=True)
     info = calibration.info
     print(f"temperature {calibration.temperature:.3f} (validation NLL {info['val_nll_before']:.3f} -> "
           f"{info['val_nll_after']:.3f}); OOD threshold {calibration.ood_threshold:.4f}; not-a-dog threshold "
           f"{'none (no other dogs)' if calibration.not_a_dog_threshold is None else f'{calibration.not_a_dog_threshold:.4f}'}; "
-          f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank")
+          f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank; "
+          f"dog / not-dog head: {'on ' + str(info['not_dogs']) + ' photos of non-dogs' if info['not_dogs'] else 'none (pass --not-dogs)'}; "
+          f"breed sets: RAPS lambda {calibration.raps_lambda}, k_reg {calibration.raps_k_reg}, coverage {calibration.coverage}")
     return 0
 
 
 def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP,
-                  other_dogs=(), other_breeds: bool = True, ood_k: int = DEFAULT_OOD_K, dog_k: int = DEFAULT_DOG_K,
+                  other_dogs=(), not_dogs=(), other_breeds: bool = True, ood_k: int = DEFAULT_OOD_K, dog_k: int = DEFAULT_DOG_K,
                   batch_size: int = 32, workers: int = 0, progress: bool = False):
     """Fit and store the calibration of `run` on its own train / val split under `data`."""
     import torch
@@ -96,8 +102,8 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
             print(f"  {what}: {len(y)} photos", flush=True)
         return x.numpy(), logits.numpy(), y.numpy()
 
-    train = records_for_split(run.path, data, "train", loaded.classes)[0]
-    val = records_for_split(run.path, data, "val", loaded.classes)[0]
+    train = _records(records_for_split(run.path, data, "train", loaded.classes))
+    val = _records(records_for_split(run.path, data, "val", loaded.classes))
     if not val:
         raise DogbreedsError(f"{run.path} has no validation photos under {data}; calibration fits on them: "
                              "train with --val-fraction > 0 (default 0.1)")
@@ -109,7 +115,29 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     train_x, _, _ = embed(train, "training photos (the bank)")
     val_x, val_logits, val_y = embed(val, "validation photos")
     other_x = embed(others, "other dogs")[0] if others else None
-    calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, coverage=coverage, keep=keep,
+    not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in collect_images(list(not_dogs))]
+    not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
+    calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
                                   ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name})
     calibration.save(run)
     return calibration
+
+
+def calibrate_after_training(run_dir, data, progress: bool = False) -> None:
+    """`dogbreeds train`'s last step: calibrate the run; a failure is a note, never a failed run."""
+    from ..errors import DogbreedsError
+
+    print("calibrating (temperature, 'not a dog' / 'unknown breed' thresholds, breed sets) ...", flush=True)
+    try:
+        calibration = calibrate_run(run_dir, data, progress=progress)
+    except (DogbreedsError, ValueError, RuntimeError, OSError) as exc:
+        print(f"note: the run is trained but not calibrated ({exc}); predictions work without it. Fix that, then run "
+              f"`dogbreeds calibrate {run_dir} --data {data}`", flush=True)
+        return
+    print(f"calibrated: temperature {calibration.temperature:.3f}, OOD threshold {calibration.ood_threshold:.4f} "
+          f"(see docs/trust.md)", flush=True)
+
+
+def _records(chosen) -> list:
+    """records_for_split's records (an EvalRecords, or the older (records, source) tuple)."""
+    return chosen.records if hasattr(chosen, "records") else chosen[0]

@@ -101,6 +101,36 @@ def knn_distance(features: np.ndarray, bank: np.ndarray, k: int, exclude_self: b
     return np.clip(out, 0.0, 1.0)
 
 
+# --- a dog / not-dog head on the pooled features ---
+
+def fit_logistic(positives: np.ndarray, negatives: np.ndarray, l2: float = 1e-3) -> tuple[np.ndarray, float]:
+    """(w, b) of an L2-regularised, class-balanced logistic regression on L2-normalised features:
+    sigmoid(normalise(x) @ w + b) = P(x is a positive). Fitted with scipy's L-BFGS (fitting only;
+    prediction is one dot product)."""
+    from scipy.optimize import minimize
+
+    x = np.concatenate([normalise(positives), normalise(negatives)]).astype(np.float64)
+    y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    weight = np.where(y == 1, 0.5 / max(1, len(positives)), 0.5 / max(1, len(negatives)))
+
+    def loss(params):
+        z = x @ params[:-1] + params[-1]
+        p = 1.0 / (1.0 + np.exp(-z))
+        value = -(weight * (y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12))).sum()
+        grad_z = weight * (p - y)
+        return (value + l2 * (params[:-1] ** 2).sum(),
+                np.r_[x.T @ grad_z + 2 * l2 * params[:-1], grad_z.sum()])
+
+    result = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B", options={"maxiter": 500})
+    return result.x[:-1].astype(np.float32), float(result.x[-1])
+
+
+def logistic_score(features: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    """P(negative class) = 1 - sigmoid(normalise(x) @ w + b): for the dog head, P(not a dog)."""
+    z = normalise(features) @ np.asarray(w, dtype=np.float32) + np.float32(b)
+    return (1.0 / (1.0 + np.exp(np.clip(z, -60, 60)))).astype(np.float32)
+
+
 # --- conformal sets ---
 
 def _penalised_cumulative(probs: np.ndarray, lam: float, k_reg: int) -> tuple[np.ndarray, np.ndarray]:

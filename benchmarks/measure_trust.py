@@ -1,0 +1,248 @@
+"""Measure issue 11's trust scores on real photos: `python benchmarks/measure_trust.py RUN`.
+
+Step 1 (slow, cached in RUN/trust_measure.npz): logits + pooled features of the run's train /
+val / test photos, the data root's breeds the run does not know ("unknown breeds"), and the
+cats and dogs photographed in the wild (../shared/data/cats-and-dogs).
+Step 2 (seconds): fit everything with `dogbreeds.trust.fit` on fitting data only, and report on
+held-out photos:
+  - unknown breeds are split BY BREED (seeded): half the breeds may be used to fit, the other
+    half only to report, so a reported unknown breed was never seen while fitting;
+  - cats-and-dogs photos are split by file number: even numbers may fit, odd numbers report
+    (the even cats are the --not-dogs of the dog / not-dog head; the even dogs are other dogs).
+Output: a JSON summary (stdout, and --out) that docs/trust.md quotes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path("../shared/data")
+
+
+def _numbered(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jpg"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+
+
+def extract(run: Path, data: Path, wild: Path, batch_size: int, workers: int) -> dict:
+    import torch
+
+    from dogbreeds.data.records import ImageRecord
+    from dogbreeds.data.sources import scan_source
+    from dogbreeds.data.transforms import build_eval_transform
+    from dogbreeds.evaluate.report import records_for_split
+    from dogbreeds.models.factory import load_run
+    from dogbreeds.train.features import extract_features
+
+    loaded = load_run(run)
+    model, classes = loaded.model.eval(), loaded.classes
+    transform = build_eval_transform(loaded.preprocessing)
+    groups: dict[str, list] = {}
+    for split in ("train", "val", "test"):
+        groups[split] = _records(records_for_split(run, data, split, classes))
+    known = set(classes.breed_ids)
+    _, everything = scan_source(data)
+    unknown = [r for r in everything if r.breed_id not in known]
+    other_ids = sorted({r.breed_id for r in unknown})
+    groups["unknown"] = [ImageRecord(r.path, other_ids.index(r.breed_id), r.breed_id, "test") for r in unknown]
+    for name in ("cats", "dogs"):
+        files = _numbered(wild / name)
+        groups[f"wild_{name}"] = [ImageRecord(str(p), int(re.findall(r"\d+", p.name)[-1]), name, "test") for p in files]
+    out = {"other_breed_ids": np.array(other_ids)}
+    classifier = model.get_classifier()
+    for name, records in groups.items():
+        start = time.perf_counter()
+        x, y, skipped = extract_features(model, records, transform, batch_size, workers, 0, torch.device("cpu"),
+                                         contextlib.nullcontext, False, True)
+        with torch.no_grad():
+            logits = classifier(x).float()
+        kept = {s["path"] for s in skipped}
+        out[f"{name}_x"], out[f"{name}_logits"], out[f"{name}_y"] = x.numpy(), logits.numpy(), y.numpy()
+        out[f"{name}_paths"] = np.array([r.path for r in records if r.path not in kept])
+        print(f"{name}: {len(y)} photos ({len(skipped)} skipped) in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("--data", default=str(SHARED / "stanford-dogs-mini"))
+    parser.add_argument("--wild", default=str(SHARED / "cats-and-dogs"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the JSON summary here too")
+    parser.add_argument("--explore", action="store_true", help="also print every candidate score's AUROCs")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    cache = run / "trust_measure.npz"
+    if cache.is_file():
+        arrays = dict(np.load(cache, allow_pickle=False))
+    else:
+        arrays = extract(run, Path(args.data), Path(args.wild), args.batch_size, args.workers)
+        np.savez(cache, **arrays)
+    summary = report(arrays, explore=args.explore)
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+
+
+# --- step 2: fit on fitting photos, report on held-out photos ---
+
+def splits(arrays: dict, seed: int = 0) -> dict:
+    """Index masks: unknown breeds halved by breed (seeded), wild photos by file-number parity."""
+    other = arrays["other_breed_ids"]
+    rng = np.random.default_rng(seed)
+    fit_breeds = set(rng.permutation(len(other))[: len(other) // 2].tolist())
+    unknown_fit = np.isin(arrays["unknown_y"], list(fit_breeds))
+    return {
+        "unknown_fit": unknown_fit, "unknown_report": ~unknown_fit,
+        "cats_fit": arrays["wild_cats_y"] % 2 == 0, "cats_report": arrays["wild_cats_y"] % 2 == 1,
+        "dogs_fit": arrays["wild_dogs_y"] % 2 == 0, "dogs_report": arrays["wild_dogs_y"] % 2 == 1,
+    }
+
+
+def candidate_scores(arrays: dict, bank_x: np.ndarray, bank_y: np.ndarray, num_classes: int) -> dict:
+    """name -> function(features, logits) -> score (higher = further), for the exploration."""
+    from dogbreeds.trust.scores import knn_distance, log_softmax, normalise
+
+    bank = normalise(bank_x)
+    out = {
+        "msp": lambda x, z: 1 - np.exp(log_softmax(z)).max(1),
+        "max_logit": lambda x, z: -z.max(1),
+        "energy": lambda x, z: -np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) - z.max(1),
+    }
+    for k in (1, 3, 5, 10, 20, 50):
+        out[f"knn_k{k}"] = (lambda k: lambda x, z: knn_distance(x, bank, k))(k)
+    for k in (1, 3, 5):
+        def class_knn(x, z, k=k):
+            pred = z.argmax(1)
+            result = np.empty(len(x), np.float32)
+            for c in range(num_classes):
+                sel = pred == c
+                if sel.any():
+                    result[sel] = knn_distance(x[sel], bank[bank_y == c], k)
+            return result
+        out[f"class_knn_k{k}"] = class_knn
+    # Mahalanobis with class means and a shared covariance, on normalised features
+    means = np.stack([bank[bank_y == c].mean(0) for c in range(num_classes)])
+    centred = bank - means[bank_y]
+    cov = centred.T @ centred / len(bank) + 1e-3 * np.eye(bank.shape[1], dtype=np.float32)
+    precision = np.linalg.inv(cov).astype(np.float32)
+
+    def mahalanobis(x, z):
+        q = normalise(x)
+        d = np.stack([np.einsum("nd,de,ne->n", q - m, precision, q - m) for m in means], 1)
+        return d.min(1)
+    out["mahalanobis"] = mahalanobis
+    return out
+
+
+def report(arrays: dict, explore: bool = False) -> dict:
+    from dogbreeds.trust.scores import auroc, fpr_at_tpr
+
+    masks = splits(arrays)
+    num_classes = arrays["train_logits"].shape[1]
+    data = {
+        "val": (arrays["val_x"], arrays["val_logits"]),
+        "test": (arrays["test_x"], arrays["test_logits"]),
+        "unknown_fit": (arrays["unknown_x"][masks["unknown_fit"]], arrays["unknown_logits"][masks["unknown_fit"]]),
+        "unknown_report": (arrays["unknown_x"][masks["unknown_report"]],
+                           arrays["unknown_logits"][masks["unknown_report"]]),
+        "cats_fit": (arrays["wild_cats_x"][masks["cats_fit"]], arrays["wild_cats_logits"][masks["cats_fit"]]),
+        "cats_report": (arrays["wild_cats_x"][masks["cats_report"]], arrays["wild_cats_logits"][masks["cats_report"]]),
+        "dogs_fit": (arrays["wild_dogs_x"][masks["dogs_fit"]], arrays["wild_dogs_logits"][masks["dogs_fit"]]),
+        "dogs_report": (arrays["wild_dogs_x"][masks["dogs_report"]], arrays["wild_dogs_logits"][masks["dogs_report"]]),
+    }
+    summary: dict = {"counts": {name: int(len(v[0])) for name, v in data.items()}}
+    if explore:
+        table = {}
+        for name, score in candidate_scores(arrays, arrays["train_x"], arrays["train_y"], num_classes).items():
+            s = {group: score(*data[group]) for group in data}
+            table[name] = {
+                "fit_cats": round(auroc(s["val"], s["cats_fit"]), 4),
+                "fit_unknown": round(auroc(s["val"], s["unknown_fit"]), 4),
+                "report_cats": round(auroc(s["test"], s["cats_report"]), 4),
+                "report_unknown": round(auroc(s["test"], s["unknown_report"]), 4),
+                "report_cats_fpr95": round(fpr_at_tpr(s["test"], s["cats_report"]), 4),
+            }
+        summary["explore"] = table
+    summary["shipped_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True)
+    summary["shipped_without_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=False)
+    return summary
+
+
+def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = True, **fit_kwargs) -> dict:
+    """The shipped method (dogbreeds.trust.fit_calibration), fitted on fitting photos only:
+    bank = training photos; thresholds and temperature from the validation split; other dogs =
+    the fitting half of the unknown breeds + the even-numbered wild dogs. Reported on the rest."""
+    from dogbreeds.evaluate.metrics import expected_calibration_error
+    from dogbreeds.trust import fit_calibration
+    from dogbreeds.trust.scores import auroc, fpr_at_tpr, softmax
+
+    other = np.concatenate([data["unknown_fit"][0], data["dogs_fit"][0]])
+    start = time.perf_counter()
+    cal = fit_calibration(arrays["train_x"], arrays["val_x"], arrays["val_logits"], arrays["val_y"], other,
+                          data["cats_fit"][0] if with_not_dogs else None, **fit_kwargs)
+    fit_seconds = time.perf_counter() - start
+    answers = {}
+    timing = {}
+    for group in ("test", "unknown_report", "cats_report", "dogs_report"):
+        x, z = data[group]
+        start = time.perf_counter()
+        answers[group] = cal.assess(z, x)
+        timing[group] = (time.perf_counter() - start) / max(1, len(x))
+    x, z = data["test"]
+    start = time.perf_counter()
+    for i in range(100):  # one photo at a time: the latency a single request pays
+        cal.assess(z[i:i + 1], x[i:i + 1])
+    timing["single_photo"] = (time.perf_counter() - start) / 100
+    ood = {g: np.array([a.ood_score for a in answers[g]]) for g in answers}
+    dog = {g: np.array([a.dog_score for a in answers[g]]) for g in answers}
+    verdicts = {g: {v: round(float(np.mean([a.verdict == v for a in answers[g]])), 4)
+                    for v in ("breed", "unknown_breed", "not_a_dog")} for g in answers}
+    test_y = arrays["test_y"]
+    before = softmax(arrays["test_logits"])
+    after = np.stack([a.probs for a in answers["test"]])
+    sets = [a.breed_set for a in answers["test"]]
+    return {
+        "not_dogs_for_the_head": int(len(data["cats_fit"][0])) if with_not_dogs else 0,
+        "raps": [cal.raps_lambda, cal.raps_k_reg],
+        "temperature": cal.temperature, "ood_threshold": cal.ood_threshold,
+        "not_a_dog_threshold": cal.not_a_dog_threshold, "ood_k": cal.ood_k, "dog_k": cal.dog_k,
+        "bank": {"train": len(cal.bank), "other_dogs": len(cal.dog_bank)},
+        "cats_vs_test_dogs": {"ood_auroc": auroc(ood["test"], ood["cats_report"]),
+                              "ood_fpr95": fpr_at_tpr(ood["test"], ood["cats_report"]),
+                              "dog_auroc": auroc(dog["test"], dog["cats_report"]),
+                              "dog_fpr95": fpr_at_tpr(dog["test"], dog["cats_report"])},
+        "cats_vs_wild_dogs": {"dog_auroc": auroc(dog["dogs_report"], dog["cats_report"]),
+                              "dog_fpr95": fpr_at_tpr(dog["dogs_report"], dog["cats_report"])},
+        "unknown_vs_known": {"ood_auroc": auroc(ood["test"], ood["unknown_report"]),
+                             "ood_fpr95": fpr_at_tpr(ood["test"], ood["unknown_report"])},
+        "verdicts": verdicts,
+        "top1_before": float((before.argmax(1) == test_y).mean()), "top1_after": float((after.argmax(1) == test_y).mean()),
+        "ece_before": expected_calibration_error(before, test_y, 15), "ece_after": expected_calibration_error(after, test_y, 15),
+        "coverage_target": cal.coverage,
+        "coverage": float(np.mean([y in s for y, s in zip(test_y, sets)])),
+        "mean_set_size": float(np.mean([len(s) for s in sets])),
+        "fit_seconds": fit_seconds,
+        "assess_ms_per_photo": {g: round(1000 * t, 4) for g, t in timing.items()},
+    }
+
+
+def _records(chosen) -> list:
+    """records_for_split's records (an EvalRecords, or the older (records, source) tuple)."""
+    return chosen.records if hasattr(chosen, "records") else chosen[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
