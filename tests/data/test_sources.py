@@ -135,6 +135,24 @@ def test_breed_only_in_test_list_has_no_training_image(mini_root, tmp_path, writ
     assert (len(dhole_only.train), len(dhole_only.val), len(dhole_only.test)) == (5, 1, 0)
 
 
+def test_test_only_tree_scans_as_its_test_list(mini_root, tmp_path, write_list):
+    """An official-layout tree whose train list is empty (someone else's test set): scan_source
+    gives its test records with the official split, which `evaluate --split test` scores
+    (tests/evaluate); load_dataset, which training uses, still needs training images."""
+    from dogbreeds.data.sources import has_official_split, scan_source
+
+    root = _mini_stanford_copy(mini_root, tmp_path, ["n02115913-dhole", "n02115641-dingo"])
+    files = sorted(f"{p.parent.name}/{p.name}" for p in (root / "Images").glob("*/*.jpg"))
+    write_list(root / "lists" / "train_list.mat", [])
+    write_list(root / "lists" / "test_list.mat", files)
+    layout, records = scan_source(root)
+    assert layout == "stanford_dogs" and has_official_split(records)
+    assert sorted(f"{Path(r.path).parent.name}/{Path(r.path).name}" for r in records) == files
+    assert {r.split for r in records} == {"test"}
+    with pytest.raises(DataError, match="no training image"):
+        load_dataset(root, breeds="all")
+
+
 def test_stanford_layout_without_lists_gets_a_seeded_split(mini_root, tmp_path):
     root = _mini_stanford_copy(mini_root, tmp_path, ["n02110958-pug"])
     data = load_dataset(root, breeds="all", test_fraction=0.2)
