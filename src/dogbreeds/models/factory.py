@@ -1,6 +1,7 @@
 """create_model: the one door to every network (timm names, roadmap models, weight files)."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -150,20 +151,114 @@ def _download(name: str, num_classes: int | None, kwargs: dict) -> torch.nn.Modu
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_access(name):
+            model = timm.create_model(name, pretrained=True, **kwargs)
+    except WeightsError:
+        raise
     except Exception as exc:
         if not _is_download_error(exc):
             raise
         raise WeightsError(
             f"downloading pretrained weights for {name!r} failed ({type(exc).__name__}: {_first_line(exc)}). "
             f"Without internet access, download the file elsewhere and pass it as a local file: "
-            f"create_model({name.split('.')[0]!r}, weights='path/to/file') or --weights path/to/file"
+            f"{_local_file_hint(name)}"
         ) from exc
     cfg_classes = model.pretrained_cfg.get("num_classes")
     if num_classes is not None and cfg_classes and cfg_classes != num_classes:
-        model.dogbreeds_new_head = bool(num_classes)
         log.info("%s: pretrained head has %d classes, model has %d: head re-initialised", name, cfg_classes, num_classes)
     return model
+
+
+# How long the Hugging Face hub may take to answer one HEAD request before we call it unreachable.
+# huggingface_hub itself waits 10 s per request and then retries with backoff (about a minute in
+# all when nothing answers); one short probe first makes "no network" an error within seconds.
+HUB_PROBE_SECONDS = 3.0
+# What timm asks the hub for, in order, when the pretrained cfg names no file (timm.models._hub).
+TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _hub_access(name: str):
+    """Around timm's download: probe the hub once with a short timeout. Reachable: timm downloads
+    as usual (and refreshes the cache). Unreachable but cached: timm runs in offline mode and
+    loads the cached copy. Unreachable and not cached: a WeightsError at once, saying how to pass
+    a local file. HF_HUB_OFFLINE=1 skips the probe (huggingface_hub then reads only the cache)."""
+    from huggingface_hub import constants
+
+    repo, revision, files = _hub_location(name)
+    if repo is None or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    problem = _probe_hub(repo, revision, files[0])
+    if problem is None:
+        yield
+        return
+    if any(isinstance(_cached_file(repo, f, revision), str) for f in files):
+        log.warning("%s: the Hugging Face hub at %s is unreachable (%s); using the copy in the local cache",
+                    name, constants.ENDPOINT, problem)
+        saved = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = saved
+        return
+    raise WeightsError(
+        f"cannot download pretrained weights for {name!r}: the Hugging Face hub at {constants.ENDPOINT} is "
+        f"unreachable ({problem}) and {repo} is not in the local cache "
+        f"({constants.HF_HUB_CACHE}). Pass a local file instead: {_local_file_hint(name)}; or point HF_HUB_CACHE "
+        f"at a cache that holds {repo}, or HF_ENDPOINT at a reachable mirror"
+    )
+
+
+def _local_file_hint(name: str) -> str:
+    arch = name.split(".")[0]
+    return f"create_model({arch!r}, weights='path/to/file') or --weights path/to/file"
+
+
+def _hub_location(name: str) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(repo id, revision, files timm will ask for) of a timm pretrained tag served by the hub;
+    (None, None, ()) for weights timm fetches from a plain URL, or names timm does not know."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None, None, ()
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    return repo, revision or None, (cfg.hf_hub_filename,) if cfg.hf_hub_filename else TIMM_HUB_FILES
+
+
+def _cached_file(repo: str, filename: str, revision: str | None):
+    from huggingface_hub import try_to_load_from_cache
+
+    return try_to_load_from_cache(repo, filename, revision=revision)
+
+
+def _probe_hub(repo: str, revision: str | None, filename: str) -> str | None:
+    """None when the hub answers a HEAD for the file (any 2xx-4xx answer: timm handles a
+    missing file or a gated repo itself); else why not, in a few words. The probe runs in a
+    thread so that even a name lookup that hangs (no DNS server) cannot hold it past the limit."""
+    import threading
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=HUB_PROBE_SECONDS)
+            outcome.append(None)
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None) or 0
+            outcome.append(f"HTTP {status}" if status >= 500 else None)
+        except Exception as exc:  # connection refused, timeout, DNS, TLS, proxy: no usable hub
+            outcome.append(f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__)
+
+    thread = threading.Thread(target=probe, name="dogbreeds-hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS + 0.5)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_SECONDS:g} s"
 
 
 def _is_download_error(exc: BaseException) -> bool:
