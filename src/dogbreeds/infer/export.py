@@ -164,7 +164,13 @@ def export_onnx(run: str | Path, out: str | Path, opset: int = OPSET, check_imag
                 f"(limit {tolerance:g}) on {len(photos)} photos; try another --opset or exporter, and "
                 "report the model name if it persists")
 
-    write_onnx(fast, out, info_for_loaded(loaded), opset=opset, exporter=exporter, check=on_real_photos)
+    info = info_for_loaded(loaded)
+    from ..trust.calibration import Calibration  # issue 11: the run's calibration travels in the file
+
+    calibration = Calibration.load(RunDir.locate(run))
+    if calibration is not None:
+        info.extra["trust"] = calibration.to_metadata()
+    write_onnx(fast, out, info, opset=opset, exporter=exporter, check=on_real_photos)
     return ExportReport(Path(out), opset, [str(p) for p in photos], measured[-1], tolerance)
 
 

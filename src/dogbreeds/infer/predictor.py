@@ -50,12 +50,23 @@ class BreedScore:
 
 @dataclass
 class Prediction:
-    """The answer for one image: its top breeds, or the reason it could not be read."""
+    """The answer for one image: its top breeds, or the reason it could not be read.
+
+    Issue 11 (docs/trust.md): `verdict` is "breed", "unknown_breed" or "not_a_dog";
+    `ood_score` (0..1, higher = further from the run's training photos); `breed_set`, the
+    conformal set of look-alike breeds; the probabilities in `top` and `breed_set` are the
+    calibrated ones when the run is calibrated. `low_confidence` is kept for compatibility and
+    is derived: top-1 probability below the predictor's threshold. `note` says what is missing
+    (a run without calibration)."""
 
     image: str
     top: list[BreedScore] = field(default_factory=list)
     low_confidence: bool = False
     error: str | None = None
+    verdict: str | None = None
+    ood_score: float | None = None
+    breed_set: list[BreedScore] = field(default_factory=list)
+    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,7 +75,11 @@ class Prediction:
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"image": self.image, "error": self.error}
-        return {"image": self.image, "top": [s.to_dict() for s in self.top], "low_confidence": self.low_confidence}
+        out = {"image": self.image, "top": [s.to_dict() for s in self.top], "low_confidence": self.low_confidence,
+               "verdict": self.verdict, "ood_score": self.ood_score, "breed_set": [s.to_dict() for s in self.breed_set]}
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 class Predictor:
@@ -75,12 +90,22 @@ class Predictor:
     """
 
     def __init__(self, backend: Backend, threshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, calibration: Any = "auto",
+                 ood_threshold: float | None = None, coverage: float | None = None):
+        """calibration: "auto" (the run's calibration.json, or the ONNX file's metadata; none
+        found = uncalibrated, with a note), a `trust.Calibration`, or None (uncalibrated).
+        ood_threshold / coverage: override the run's (each strictly within (0, 1))."""
+        from ..trust.scores import check_fraction
+
         if not 0 <= threshold <= 1:
             raise ValueError(f"low-confidence threshold must be within [0, 1], got {threshold!r}")
         self.backend = backend
         self.threshold = threshold
         self.max_pixels = max_pixels
+        self.ood_threshold = None if ood_threshold is None else check_fraction("ood threshold", ood_threshold)
+        self.coverage = None if coverage is None else check_fraction("coverage", coverage)
+        self.calibration = find_calibration(backend) if isinstance(calibration, str) and calibration == "auto" \
+            else calibration
 
     @classmethod
     def from_run(cls, path: str | Path, engine: str = DEFAULT_ENGINE, **kwargs) -> "Predictor":
@@ -150,9 +175,29 @@ class Predictor:
         breed_ids, names = self.classes.breed_ids, self.classes.names
         return [BreedScore(int(i), breed_ids[i], names[i], float(probs[i])) for i in order]
 
-    def make_prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
+    def make_prediction(self, name: str, probs: np.ndarray, top_k: int, assessment=None) -> Prediction:
+        """A row of probabilities (and its trust `assessment`, from `assess`) -> a Prediction."""
+        if assessment is None:  # a caller that only has probabilities
+            from ..trust import assess_uncalibrated
+
+            assessment = assess_uncalibrated(np.log(np.clip(probs, 1e-30, None))[None, :], self.threshold)[0]
+        probs = assessment.probs
         top = self.scores(probs, top_k)
-        return Prediction(image=name, top=top, low_confidence=top[0].prob < self.threshold)
+        breed_ids, names = self.classes.breed_ids, self.classes.names
+        breed_set = [BreedScore(int(i), breed_ids[i], names[i], float(probs[i])) for i in assessment.breed_set]
+        return Prediction(image=name, top=top, low_confidence=top[0].prob < self.threshold,
+                          verdict=assessment.verdict, ood_score=assessment.ood_score, breed_set=breed_set,
+                          note=assessment.note)
+
+    def assess(self, batch: np.ndarray) -> list:
+        """float32 NCHW -> one `trust.Assessment` per row (calibrated probabilities, verdict,
+        OOD score, breed set); uncalibrated runs get what their logits alone can say."""
+        from ..trust import assess_uncalibrated
+
+        if self.calibration is None:
+            return assess_uncalibrated(self.backend.forward(batch), self.threshold)
+        logits, features = self.backend.embed(batch)
+        return self.calibration.assess(logits, features, self.ood_threshold, self.coverage)
 
     # --- the one-call API ---
 
@@ -181,10 +226,24 @@ class Predictor:
             except DogbreedsError as exc:
                 results.append(Prediction(image=name, error=str(exc)))
         if inputs:
-            probs = self.forward(np.stack(inputs))
-            for (slot, name), row in zip(slots, probs):
-                results[slot] = self.make_prediction(name, row, top_k)
+            answers = self.assess(np.stack(inputs))
+            for (slot, name), answer in zip(slots, answers):
+                results[slot] = self.make_prediction(name, answer.probs, top_k, answer)
         return results  # type: ignore[return-value]
+
+
+def find_calibration(backend: Backend):
+    """The calibration that travels with `backend`: an ONNX file's metadata ("trust" in
+    dogbreeds.extra), else the run's calibration.json beside its checkpoint; None when neither."""
+    from ..rundir import RunDir
+    from ..trust import Calibration
+
+    stored = (backend.metadata or {}).get("extra", {}).get("trust")
+    if stored:
+        return Calibration.from_metadata(stored, origin=f"{backend.path} metadata")
+    if backend.checkpoint is not None and Path(backend.checkpoint).exists():
+        return Calibration.load(RunDir.locate(backend.checkpoint))
+    return None
 
 
 def describe_image(image: Any, index: int) -> str:

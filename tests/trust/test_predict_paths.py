@@ -1,0 +1,118 @@
+"""A calibrated run predicts the same verdicts on PyTorch, on the cached onnxruntime export and
+from an exported .onnx file (torch-free: the calibration travels in its metadata); a run
+without calibration still predicts, with a note."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dogbreeds.errors import DogbreedsError
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def photos(mini_root) -> list[Path]:
+    images = sorted(p for d in sorted((mini_root / "Images").iterdir())[:6] for p in sorted(d.glob("*.jpg"))[:4])
+    return images
+
+
+@pytest.fixture(scope="module")
+def cats(mini_root) -> list[Path]:
+    folder = mini_root.parent / "cats-and-dogs" / "cats"
+    return sorted(folder.glob("*.jpg"))[:8]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mini_root) -> Path:
+    import torch
+
+    from dogbreeds.data.records import ClassInfo
+    from dogbreeds.models.checkpoint_format import save_model_checkpoint
+    from dogbreeds.models.factory import create_model
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("trust_run")
+    breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:5]
+    model = create_model("mobilenetv2_050", num_classes=5)
+    model.preprocessing = model.preprocessing.with_input_size(SIZE)
+    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory, tiny_run, photos, cats) -> Path:
+    import shutil
+
+    from dogbreeds.infer.predictor import Predictor
+    from dogbreeds.rundir import RunDir
+    from dogbreeds.trust import fit_calibration
+
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(tiny_run, run)
+    predictor = Predictor.from_run(run, engine="torch", calibration=None)
+
+    def embed(paths):
+        return predictor.backend.embed(np.stack([predictor.preprocess(predictor.decode(p)) for p in paths]))
+
+    train_logits, train_x = embed(photos[:16])
+    val_logits, val_x = embed(photos[16:])
+    _, other_x = embed(photos[:4])
+    _, cat_x = embed(cats[:4])
+    labels = np.arange(len(val_x)) % 5
+    fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x).save(RunDir(run))
+    return run
+
+
+def _answers(predictor, images):
+    return predictor.predict(images, top_k=5, batch_size=4)
+
+
+def test_torch_onnxruntime_and_exported_file_agree(calibrated_run, photos, cats, tmp_path):
+    from dogbreeds.infer.export import export_onnx
+    from dogbreeds.infer.predictor import Predictor
+
+    images = photos[16:] + cats[4:]
+    reference = _answers(Predictor.from_run(calibrated_run, engine="torch"), images)
+    cached = _answers(Predictor.from_run(calibrated_run), images)  # onnxruntime, export cached in RUN/export
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(calibrated_run, onnx_file, check_images=[str(p) for p in photos[:2]])
+    # the file alone, in a folder with no run: the calibration comes from its metadata
+    alone = tmp_path / "elsewhere" / "model.onnx"
+    alone.parent.mkdir()
+    onnx_file.rename(alone)
+    exported = Predictor.from_onnx(alone)
+    assert exported.calibration is not None
+    from_file = _answers(exported, images)
+    assert {p.verdict for p in reference} <= {"breed", "unknown_breed", "not_a_dog"}
+    for a, b, c in zip(reference, cached, from_file):
+        assert a.verdict == b.verdict == c.verdict
+        assert abs(a.ood_score - b.ood_score) < 1e-4 and abs(a.ood_score - c.ood_score) < 1e-4
+        assert [s.index for s in a.breed_set] == [s.index for s in b.breed_set] == [s.index for s in c.breed_set]
+        for x, y in zip(a.top, c.top):
+            assert x.index == y.index and abs(x.prob - y.prob) < 1e-4
+        assert a.note is None
+
+
+def test_overrides_change_the_answer_and_bad_values_name_themselves(calibrated_run, photos):
+    from dogbreeds.infer.predictor import Predictor
+
+    strict = _answers(Predictor.from_run(calibrated_run, engine="torch", ood_threshold=1e-6), photos[16:])
+    assert all(p.verdict != "breed" for p in strict)
+    wide = _answers(Predictor.from_run(calibrated_run, engine="torch", coverage=0.999), photos[16:])
+    narrow = _answers(Predictor.from_run(calibrated_run, engine="torch", coverage=0.05), photos[16:])
+    assert sum(len(p.breed_set) for p in wide) >= sum(len(p.breed_set) for p in narrow)
+    for kwargs, text in (({"ood_threshold": 1.5}, "1.5"), ({"coverage": 0}, "0")):
+        with pytest.raises(DogbreedsError, match=text):
+            Predictor.from_run(calibrated_run, engine="torch", **kwargs)
+
+
+def test_uncalibrated_run_predicts_with_a_note(tiny_run, photos):
+    from dogbreeds.infer.predictor import Predictor
+
+    answers = _answers(Predictor.from_run(tiny_run, engine="torch"), photos[:3])
+    for p in answers:
+        assert p.ok and p.verdict in ("breed", "unknown_breed") and "dogbreeds calibrate" in p.note
+        assert p.to_dict()["note"] == p.note and p.breed_set[0].index == p.top[0].index
