@@ -92,3 +92,18 @@ def test_fractions_outside_zero_one_are_errors_naming_the_value(bad):
     with pytest.raises(DogbreedsError, match="coverage") as info:
         check_fraction("coverage", bad)
     assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["calibrate", "RUN", "--data", "D", "--coverage", "1.5"], "1.5"),
+    (["calibrate", "RUN", "--data", "D", "--keep", "0"], "0"),
+    (["predict", "RUN", "x.jpg", "--ood-threshold", "-0.2"], "-0.2"),
+    (["predict", "RUN", "x.jpg", "--coverage", "1"], "1"),
+])
+def test_cli_refuses_values_outside_zero_one_naming_them(argv, text, capsys):
+    from dogbreeds.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert "strictly between 0 and 1" in err and repr(text) in err

@@ -57,6 +57,11 @@ def register(subparsers) -> None:
                    help="flag an answer as low confidence ('not sure — maybe not a dog') when the top "
                         f"breed's probability is below this (default {DEFAULT_THRESHOLD})")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--ood-threshold", type=_open_fraction("ood threshold"), default=None,
+                   help="OOD score above which a photo is not one of the known breeds, in (0, 1) "
+                        "(default: the run's, chosen by `dogbreeds calibrate`; docs/trust.md)")
+    p.add_argument("--coverage", type=_open_fraction("coverage"), default=None,
+                   help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
     p.set_defaults(func=_predict)
 
@@ -85,7 +90,12 @@ def register(subparsers) -> None:
 def _predict(args) -> int:
     from .predictor import Predictor, collect_images
 
-    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold)
+    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
+                                    ood_threshold=args.ood_threshold, coverage=args.coverage)
+    if predictor.calibration is None and not args.json:
+        from ..trust import UNCALIBRATED_NOTE
+
+        print(f"note: {UNCALIBRATED_NOTE}", file=sys.stderr)
     images = collect_images(args.images)
     if not images:
         from ..errors import DogbreedsError
@@ -101,24 +111,43 @@ def _predict(args) -> int:
             if args.json:
                 print(json.dumps(prediction.to_dict(), ensure_ascii=False), flush=True)
             else:
-                _print_human(prediction)
+                _print_human(prediction, len(predictor.classes))
     if failed:
         print(f"{failed} of {len(images)} images could not be read (see above)", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _print_human(prediction) -> None:
+def _print_human(prediction, num_breeds: int | None = None) -> None:
     name = _shorten(prediction.image, 40)
     if not prediction.ok:
         print(f"{name:<40}  error: {prediction.error}")
         return
     for rank, score in enumerate(prediction.top, 1):
         print(f"{name if rank == 1 else '':<40} {rank:>2}  {_shorten(score.breed, 32):<32} {score.prob:>6.1%}")
-    if prediction.low_confidence:
+    if prediction.verdict is not None:
+        from ..trust.present import verdict_text
+
+        words = verdict_text(prediction.verdict, num_breeds or 0, prediction.top[0].breed,
+                             [s.breed for s in prediction.breed_set])
+        print(f"{'':<40}     => {words} (OOD score {prediction.ood_score:.3f})")
+    elif prediction.low_confidence:
         from .predictor import LOW_CONFIDENCE_MESSAGE
 
         print(f"{'':<40}     ({LOW_CONFIDENCE_MESSAGE})")
     sys.stdout.flush()
+
+
+def _open_fraction(name: str):
+    def parse(text: str) -> float:
+        from ..errors import DogbreedsError
+        from ..trust.scores import check_fraction
+
+        try:
+            return check_fraction(name, text)
+        except DogbreedsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _shorten(text: str, width: int) -> str:

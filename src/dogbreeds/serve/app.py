@@ -34,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import EmptyImageError, ImageDecodeError, NotAnImageError, TooManyPixelsError
 from ..infer.predictor import DEFAULT_MAX_PIXELS, Predictor
+from ..trust.present import verdict_text
 from .batcher import MicroBatcher, Overloaded
 
 log = logging.getLogger("dogbreeds.serve")
@@ -75,7 +76,8 @@ class _Admission:
 def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     predictor.max_pixels = settings.max_pixels
-    batcher = MicroBatcher(predictor.forward, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    # Each row comes back as a trust.Assessment: calibrated probabilities, verdict, OOD score, breed set.
+    batcher = MicroBatcher(predictor.assess, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     admission = _Admission(settings.max_queue + settings.max_batch)
     explainer_holder: dict = {"lock": threading.Lock()}
 
@@ -110,11 +112,14 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
             name, data = await read_image_upload(request, settings.max_upload_bytes)
             inputs = await asyncio.to_thread(_decode_and_preprocess, predictor, data, name)
             try:
-                probs = await batcher.submit(inputs)
+                answer = await batcher.submit(inputs)
             except Overloaded as exc:
                 raise HTTPException(503, f"server busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
-            result = predictor.make_prediction(name, probs, top).to_dict()
+            prediction = predictor.make_prediction(name, answer.probs, top, answer)
+            result = prediction.to_dict()
             result["model"] = predictor.backend.name
+            result["verdict_text"] = verdict_text(prediction.verdict, len(predictor.classes), prediction.top[0].breed,
+                                                  [s.breed for s in prediction.breed_set])
             return result
 
     @app.post("/v1/explain", openapi_extra=_IMAGE_BODY_DOC, response_class=Response,

@@ -44,7 +44,20 @@ function renderBars(result) {
     li.append(label, track);
     list.append(li);
   }
-  $("low-confidence").hidden = !result.low_confidence;
+  // The verdict in words (issue 11): "breed", "unknown_breed" or "not_a_dog", and the breed set.
+  const verdict = $("verdict");
+  verdict.textContent = result.verdict_text || "";
+  verdict.dataset.verdict = result.verdict || "";
+  verdict.hidden = !result.verdict_text;
+  const set = result.breed_set || [];
+  $("breed-set").textContent = result.verdict === "breed" && set.length > 1
+    ? "Could also be: " + set.slice(1).map((s) => s.breed).join(", ")
+    : (result.verdict === "unknown_breed" && set.length ? "Look-alikes it knows: " + set.map((s) => s.breed).join(", ") : "");
+  $("breed-set").hidden = !$("breed-set").textContent;
+  $("trust-note").textContent = result.note || "";
+  $("trust-note").hidden = !result.note;
+  // Kept for compatibility; the verdict says more (low_confidence is derived from top-1).
+  $("low-confidence").hidden = !result.low_confidence || Boolean(result.verdict_text);
 }
 
 async function explain(file) {
