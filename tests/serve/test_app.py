@@ -178,10 +178,11 @@ def test_serve_refuses_bad_limits_before_loading_the_model(bad, tmp_path, capsys
 
 
 def test_explain_without_a_pytorch_model_is_501(predictor, photos):
-    class OnnxLikeBackend:  # what an .onnx backend offers: no `.model`
+    class OnnxLikeBackend:  # what an .onnx file's backend offers: no `.model`, no run checkpoint behind it
         def __init__(self, inner):
             self.classes, self.preprocessing, self.name, self.path = inner.classes, inner.preprocessing, "onnx-like", inner.path
-            self.preprocess, self.forward = inner.preprocess, inner.forward
+            self.metadata, self.kind, self.description, self.checkpoint = inner.metadata, inner.kind, "fake", None
+            self.preprocess, self.forward, self.embed = inner.preprocess, inner.forward, inner.embed
 
     with TestClient(create_app(Predictor(OnnxLikeBackend(predictor.backend)))) as client:
         assert client.post("/v1/predict", content=_jpeg(photos[0])).status_code == 200

@@ -44,10 +44,13 @@ def register(subparsers) -> None:
     evaluate.add_argument("--tta", choices=("flip",), default=None,
                           help="test-time augmentation: 'flip' averages the probabilities of the photo and its mirror")
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
-    evaluate.add_argument("--engine", choices=("auto", "torch"), default="auto",
+    from ..infer.backend import engine_names  # the one list of engine names (torch-free)
+
+    evaluate.add_argument("--engine", choices=engine_names(), default="auto",
                           help="how the model runs: 'auto' (default) = the onnxruntime fast path, exported once and "
-                               "cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager. "
-                               "Both get the same preprocessed images; the eval JSON records which ran")
+                               "cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager; "
+                               "also 'onnxruntime', 'int8', 'torch-compile'. All get the same preprocessed images; "
+                               "the eval JSON records which ran")
     _add_threads(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 

@@ -48,7 +48,8 @@ class TorchBackend(Backend):
                  fast: bool = True):
         import torch
 
-        super().__init__(info or info_for_model(model), info.checkpoint if info and info.checkpoint else None)
+        info = info or info_for_model(model)
+        super().__init__(info, info.checkpoint)
         if threads:
             torch.set_num_threads(threads)
         model = model.eval()
