@@ -13,8 +13,9 @@ does:
     the absence); an unknown revision: 404 RevisionNotFound; an unknown repo: 401 RepoNotFound.
 - GET {cdn}/{sha256}: the bytes, with Range support (resumed downloads).
 
-Repositories are materialised lazily on first request, so a test that never asks for
-convnext_base never pays for 350 MB of random weights. Every request is logged for assertions.
+Repositories are materialised lazily (`files_of`), so a test that never asks for convnext_base
+never pays for 350 MB of random weights; tests materialise a repo before the client asks, since
+writing one takes longer than create_model's hub probe waits. Every request is logged.
 """
 from __future__ import annotations
 

@@ -32,8 +32,9 @@ def assert_holds(model, weights: dict[str, torch.Tensor], skip_prefix: str = "cl
 def test_download_cache_and_offline_reuse(hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
+    weights = served_weights(hub, REPO)  # the repo is written first: a real hub answers at once
+    hub.requests.clear()
     model = create_model(MOBILENET, num_classes=5)
-    weights = served_weights(hub, REPO)
     assert_holds(model, weights)
     assert model.classifier.weight.shape == (5, 1280)  # new head for 5 classes, body from the hub
     # What went over the wire: HEAD on the hub (our probe, then huggingface_hub's), a 302 to the
@@ -113,3 +114,22 @@ def test_served_repo_is_timm_push_to_hub_layout(hub):
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "mobilenetv2_100" and config["num_classes"] == 1000
     assert config["pretrained_cfg"]["tag"] == "ra_in1k"
+
+
+def test_pretrained_convnext_into_the_conv_mlp_layout_training_uses(hub):
+    """Training builds ConvNeXt-T with conv_mlp=True (faster on CPUs); timm alone refuses to load
+    its Linear-MLP hub file into that model. create_model moves the weights across."""
+    name = "convnext_tiny.fb_in22k_ft_in1k"
+    weights = served_weights(hub, "timm/" + name)
+    hub.requests.clear()
+    conv = create_model(name, num_classes=3, conv_mlp=True)
+    linear = create_model(name, num_classes=3)
+    assert {b.use_conv_mlp for b in conv.modules() if hasattr(b, "use_conv_mlp")} == {True}
+    assert conv.stages[3].blocks[2].mlp.fc2.weight.ndim == 4
+    assert torch.equal(conv.stages[3].blocks[2].mlp.fc2.weight.flatten(1), weights["stages.3.blocks.2.mlp.fc2.weight"])
+    assert conv.pretrained_cfg["hf_hub_id"] == "timm/" + name and conv.preprocessing.source == "timm:" + name
+    linear.head.fc.load_state_dict(conv.head.fc.state_dict())  # both heads are new: make them equal
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(conv.eval()(x), linear.eval()(x), atol=1e-4)
+    assert len(hub.calls("GET", "cdn")) == 1  # downloaded once, the second model came from the cache

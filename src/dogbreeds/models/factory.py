@@ -152,7 +152,10 @@ def _download(name: str, num_classes: int | None, kwargs: dict) -> torch.nn.Modu
         kwargs["num_classes"] = num_classes
     try:
         with _hub_access(name):
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            if _same_layout(name, kwargs):
+                model = timm.create_model(name, pretrained=True, **kwargs)
+            else:
+                model = _download_into_layout(name, kwargs)
     except WeightsError:
         raise
     except Exception as exc:
@@ -166,6 +169,34 @@ def _download(name: str, num_classes: int | None, kwargs: dict) -> torch.nn.Modu
     cfg_classes = model.pretrained_cfg.get("num_classes")
     if num_classes is not None and cfg_classes and cfg_classes != num_classes:
         log.info("%s: pretrained head has %d classes, model has %d: head re-initialised", name, cfg_classes, num_classes)
+    return model
+
+
+def _same_layout(name: str, kwargs: dict) -> bool:
+    """Do `kwargs` leave the parameter shapes of timm's pretrained file as they are (num_classes
+    aside)? timm loads its files strictly, so e.g. conv_mlp=True (1x1-conv MLPs, what training
+    uses for speed) on a Linear-MLP ConvNeXt file fails inside timm. Checked on meta models."""
+    shaping = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    if not shaping:
+        return True
+    classes = {"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}
+
+    def shapes(**kw) -> dict:
+        return {k: tuple(v.shape) for k, v in meta_model(name, **kw).state_dict().items()}
+
+    return shapes(**classes, **shaping) == shapes(**classes)
+
+
+def _download_into_layout(name: str, kwargs: dict) -> torch.nn.Module:
+    """timm's pretrained model in its own layout, its weights moved into the model `kwargs`
+    build (load_converted matches layouts that differ only by size-1 dims, refuses the rest)."""
+    classes = {"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}
+    source = timm.create_model(name, pretrained=True, **classes)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    arch = name.split(".")[0]
+    converted = ConvertedWeights("timm", arch, source.state_dict(), int(source.num_classes or 0))
+    load_converted(model, converted, f"timm:{name}")
+    model.pretrained_cfg = model.default_cfg = dict(source.pretrained_cfg)
     return model
 
 
