@@ -32,7 +32,8 @@ def test_predict_returns_sorted_top_k_with_names_from_the_classes(predictor, pho
         assert {s.breed_id for s in result.top} <= set(predictor.classes.breed_ids)
         assert all(predictor.classes.names[s.index] == s.breed for s in result.top)
         as_dict = result.to_dict()
-        assert set(as_dict) == {"image", "top", "low_confidence"}
+        # issue 11 added the verdict fields; an uncalibrated run also carries a note saying so
+        assert set(as_dict) - {"note"} == {"image", "top", "low_confidence", "verdict", "ood_score", "breed_set"}
         assert set(as_dict["top"][0]) == {"breed_id", "breed", "prob"}
         json.dumps(as_dict)  # JSON-able as is
 
