@@ -152,3 +152,25 @@ def test_dog_head_from_not_dog_photos(world, tmp_path):
     again = Calibration.load(run)
     x = np.concatenate([test_cats, world["val_x"][:10] + rng.normal(size=(10, DIM))])
     np.testing.assert_array_equal(again.dog_scores(x), calibration.dog_scores(x))
+
+
+def test_evaluate_reports_ece_before_after_coverage_and_draws_the_diagram(tmp_path):
+    from dogbreeds.evaluate.metrics import expected_calibration_error
+    from dogbreeds.trust.evaluation import trust_metrics
+    from dogbreeds.trust.scores import softmax
+
+    rng = np.random.default_rng(5)
+    true_logits = rng.normal(size=(3000, 6)) * 1.5
+    labels = np.array([rng.choice(6, p=p / p.sum()) for p in softmax(true_logits).astype(np.float64)])
+    logits = true_logits * 3  # over-confident
+    features = rng.normal(size=(3000, 8))
+    calibration = fit_calibration(features[:500], features[500:1500], logits[500:1500], labels[500:1500])
+    run = RunDir(tmp_path / "run")
+    assert trust_metrics(run, softmax(logits[1500:]), labels[1500:]) is None  # not calibrated yet
+    calibration.save(run)
+    figure = run.figure("reliability_test_calibrated.png")
+    result = trust_metrics(run, softmax(logits[1500:]), labels[1500:], figure, title="synthetic")
+    assert result["ece_before"] == pytest.approx(expected_calibration_error(softmax(logits[1500:]), labels[1500:]))
+    assert result["ece_after"] < result["ece_before"] / 2 and result["top1_unchanged"]
+    assert abs(result["coverage"] - 0.9) < 0.03 and 1 <= result["mean_set_size"] <= 6
+    assert figure.is_file() and figure.stat().st_size > 1000

@@ -71,6 +71,7 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
                   other_dogs=(), not_dogs=(), other_breeds: bool = True, ood_k: int = DEFAULT_OOD_K, dog_k: int = DEFAULT_DOG_K,
                   batch_size: int = 32, workers: int = 0, progress: bool = False):
     """Fit and store the calibration of `run` on its own train / val split under `data`."""
+    import numpy as np
     import torch
 
     from ..data.records import ImageRecord
@@ -120,6 +121,10 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
                                   ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name})
     calibration.save(run)
+    if calibration.ood_threshold >= 1.0 - 1e-5:
+        print(f"note: {len(val_y)} validation photos are too few for a {keep:.0%} threshold (it needs "
+              f"{int(np.ceil(1 / (1 - keep))) - 1} or more): every dog counts as a known breed until the run "
+              "has more validation photos (--val-fraction), or pass --ood-threshold to predict", flush=True)
     return calibration
 
 
