@@ -318,6 +318,10 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "calibration": summary["calibration"].to_jsonable(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    from ..trust.evaluation import trust_metrics  # issue 11: ECE after temperature scaling, conformal coverage
+
+    result["trust"] = trust_metrics(RunDir(run_dir), probs, labels, RunDir(run_dir).figure(
+        f"reliability_{split}{'_' + tta if tta else ''}_calibrated.png"), title=f"{loaded.name} — {split}")
     write_eval(run_dir, result, loaded.classes, summary)
     return result
 
@@ -343,6 +347,11 @@ def format_summary(result: dict) -> str:
     if result.get("breeds_without_photos"):
         lines.append(f"no photo of {len(result['breeds_without_photos'])} of the run's breeds: "
                      f"{', '.join(result['breeds_without_photos'])}")
+    trust = result.get("trust")
+    lines.append(f"calibrated (T={trust['temperature']:.2f}): ECE {trust['ece_before']:.3f} -> {trust['ece_after']:.3f}; "
+                 f"breed sets: coverage {100 * trust['coverage']:.1f}% (target {100 * trust['coverage_target']:.0f}%), "
+                 f"mean size {trust['mean_set_size']:.2f}" if trust else
+                 "no calibration in this run (ECE after scaling, breed sets): run `dogbreeds calibrate RUN --data DATA`")
     return "\n".join(lines + [f"wrote {result.get('eval_path', '')}"])
 
 
