@@ -136,3 +136,35 @@ def test_skipped_files_report_is_bounded():
     skipped.add([SkippedSample(i, f"/x/{i}.jpg", "CorruptImageError: bad") for i in range(30)])
     report = skipped.report(max_lines=5)
     assert "skipped 30 file(s)" in report and "... and 25 more" in report
+
+
+def test_workers_leave_ctrl_c_and_sigterm_to_the_loaders_owner(records):
+    """A group kill (terminal Ctrl-C, SLURM, `kill -TERM -PGID`) reaches the workers too: they must
+    ignore it, so the process that owns the loader decides (training saves, then stops). A SIGTERM
+    from the owner itself (DataLoader's shutdown, multiprocessing at exit) still ends a worker."""
+    import multiprocessing
+    import os
+    import signal
+    import subprocess
+    import time
+
+    before = set(multiprocessing.active_children())
+    loader = make_loader(records[:4], build_eval_transform(PP), 2, shuffle=False, seed=0, workers=1)
+    first = _epoch(loader)
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 1, "expected one persistent worker"
+    worker = workers[0]
+    try:
+        for sig in ("-INT", "-TERM"):  # sent by another process, as a group kill is
+            subprocess.run(["kill", sig, str(worker.pid)], check=True)
+        time.sleep(1.0)
+        assert worker.is_alive(), f"the worker died of a signal meant for its owner (exit code {worker.exitcode})"
+        _assert_same_epoch(_epoch(loader), first)  # and it still works
+        os.kill(worker.pid, signal.SIGTERM)  # from the owner
+        worker.join(10)
+        assert not worker.is_alive() and worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        loader.dataloader._iterator = None  # no shutdown handshake with a worker that may be gone
+        del loader
