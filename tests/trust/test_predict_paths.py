@@ -116,3 +116,17 @@ def test_uncalibrated_run_predicts_with_a_note(tiny_run, photos):
     for p in answers:
         assert p.ok and p.verdict in ("breed", "unknown_breed") and "dogbreeds calibrate" in p.note
         assert p.to_dict()["note"] == p.note and p.breed_set[0].index == p.top[0].index
+
+
+def test_predict_cli_json_carries_the_verdict_and_honours_the_flags(calibrated_run, photos, capsys):
+    import json
+
+    from dogbreeds.cli import main
+
+    assert main(["predict", str(calibrated_run), str(photos[16]), str(photos[17]), "--json", "--engine", "torch",
+                 "--ood-threshold", "0.000001", "--coverage", "0.5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["verdict"] in ("unknown_breed", "not_a_dog") and 0 <= line["ood_score"] <= 1
+        assert line["breed_set"] and "note" not in line

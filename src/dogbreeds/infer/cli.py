@@ -124,16 +124,16 @@ def _print_human(prediction, num_breeds: int | None = None) -> None:
         return
     for rank, score in enumerate(prediction.top, 1):
         print(f"{name if rank == 1 else '':<40} {rank:>2}  {_shorten(score.breed, 32):<32} {score.prob:>6.1%}")
+    if prediction.low_confidence:  # kept: derived from the top-1 probability (see the verdict below)
+        from .predictor import LOW_CONFIDENCE_MESSAGE
+
+        print(f"{'':<40}     ({LOW_CONFIDENCE_MESSAGE})")
     if prediction.verdict is not None:
         from ..trust.present import verdict_text
 
         words = verdict_text(prediction.verdict, num_breeds or 0, prediction.top[0].breed,
                              [s.breed for s in prediction.breed_set])
         print(f"{'':<40}     => {words} (OOD score {prediction.ood_score:.3f})")
-    elif prediction.low_confidence:
-        from .predictor import LOW_CONFIDENCE_MESSAGE
-
-        print(f"{'':<40}     ({LOW_CONFIDENCE_MESSAGE})")
     sys.stdout.flush()
 
 
