@@ -130,3 +130,23 @@ def test_predict_cli_json_carries_the_verdict_and_honours_the_flags(calibrated_r
     for line in lines:
         assert line["verdict"] in ("unknown_breed", "not_a_dog") and 0 <= line["ood_score"] <= 1
         assert line["breed_set"] and "note" not in line
+
+
+def test_service_answers_carry_the_verdict_in_words(calibrated_run, photos, cats):
+    from fastapi.testclient import TestClient
+
+    from dogbreeds.infer.predictor import Predictor
+    from dogbreeds.serve.app import create_app
+
+    predictor = Predictor.from_run(calibrated_run, engine="torch")
+    expected = predictor.predict([photos[16], cats[5]])
+    with TestClient(create_app(predictor)) as client:
+        for photo, want in zip([photos[16], cats[5]], expected):
+            body = client.post("/v1/predict", content=photo.read_bytes()).json()
+            assert body["verdict"] == want.verdict and abs(body["ood_score"] - want.ood_score) < 1e-6
+            assert [s["breed_id"] for s in body["breed_set"]] == [s.breed_id for s in want.breed_set]
+            words = {"not_a_dog": "This does not look like a dog",
+                     "unknown_breed": "A dog, but not one of the 5 breeds this model knows — closest: "}
+            assert body["verdict_text"].startswith(words.get(body["verdict"], body["top"][0]["breed"]))
+        page = client.get("/static/app.js").text
+        assert "verdict_text" in page and "breed-set" in client.get("/").text
