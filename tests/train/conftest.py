@@ -34,8 +34,10 @@ def tiny_recipe():
 
 
 def make_tiny_recipe(data: Path, out: Path, **overrides) -> Recipe:
-    """convnext_atto at 32 px on ~20 train images: deterministic, fp32, a second per epoch."""
+    """convnext_atto at 32 px on ~20 train images: deterministic, fp32, a second per epoch. The full
+    ConvNeXt augmentation (RandAugment, erasing, mixup/cutmix), so every random stream is exercised."""
     settings = dict(model="convnext_atto", data=str(data), breeds="all", out=str(out), epochs=2, batch_size=4,
+                    augment=Recipe().augment.preset("convnext"),
                     input_size=32, workers=0, precision="fp32", deterministic=True, lr=1e-3, warmup_epochs=0.5,
                     val_fraction=0.2, test_fraction=0.2, drop_path=0.1, ema_decay=0.9, channels_last=False)
     settings.update(overrides)

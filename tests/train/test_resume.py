@@ -29,7 +29,7 @@ def _command(data: Path, out: Path, workers: int = 0) -> list[str]:
             "--breeds", "all", "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", "2",
             "--input-size", "32", "--workers", str(workers), "--precision", "fp32", "--deterministic", "--lr", "1e-3",
             "--warmup-epochs", "0.5", "--val-fraction", "0.2", "--test-fraction", "0.2", "--drop-path", "0.1",
-            "--ema-decay", "0.9", "--no-channels-last"]
+            "--ema-decay", "0.9", "--no-channels-last", "--augment", "convnext"]
 
 
 def _start(data: Path, out: Path, workers: int = 0, own_group: bool = False) -> subprocess.Popen:
