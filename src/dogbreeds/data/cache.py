@@ -156,10 +156,9 @@ def default_cache_dir(data_root: str | Path, short_side: int, interpolation: str
 
 
 def find_cache(data_root: str | Path, preprocessing) -> ImageCache | None:
-    """The cache `prepare` wrote by default for this model's sizing under DATA, if there is one."""
-    directory = default_cache_dir(data_root, preprocessing.resize_size,
-                                  preprocessing.interpolation)
-    return ImageCache.open(directory) if (directory / "index.json").is_file() else None
+    """The cache `prepare` wrote by default for this model's sizing under DATA, if there is one
+    (`find_prepared_cache` without the records check or the log line)."""
+    return find_prepared_cache(data_root, preprocessing).cache
 
 
 class CacheLookup(NamedTuple):
