@@ -30,7 +30,7 @@ def tiny_run(mini_root, tmp_path_factory) -> Path:
 
     recipe = Recipe(model="convnext_atto", data=str(mini_root), breeds="top3", epochs=1, batch_size=32, input_size=32,
                     workers=0, lr=2e-3, warmup_epochs=0.0, ema_decay=None, layer_decay=None, drop_path=0.0,
-                    precision="fp32", augment=AugmentConfig.preset("quick"),
+                    precision="fp32", augment=AugmentConfig.preset("quick"), calibrate=False,
                     out=str(tmp_path_factory.mktemp("runs") / "atto"))
     return train(recipe)
 

@@ -39,7 +39,8 @@ def make_tiny_recipe(data: Path, out: Path, **overrides) -> Recipe:
     settings = dict(model="convnext_atto", data=str(data), breeds="all", out=str(out), epochs=2, batch_size=4,
                     augment=Recipe().augment.preset("convnext"),
                     input_size=32, workers=0, precision="fp32", deterministic=True, lr=1e-3, warmup_epochs=0.5,
-                    val_fraction=0.2, test_fraction=0.2, drop_path=0.1, ema_decay=0.9, channels_last=False)
+                    val_fraction=0.2, test_fraction=0.2, drop_path=0.1, ema_decay=0.9, channels_last=False,
+                    calibrate=False)  # tests/trust/ covers the calibration after training
     settings.update(overrides)
     return Recipe(**settings)
 

@@ -119,7 +119,8 @@ def build_recipe(plan: ModelPlan, options: CompareOptions):
     base = dict(model=plan.model, weights=plan.weights, data=options.data, breeds=options.breeds, seed=options.seed,
                 out=out, workers=workers)
     if options.quick:
-        base.update(augment=AugmentConfig.preset("quick"), batch_size=32)
+        # minutes, not a product: the calibration after training (docs/trust.md) is left to `dogbreeds calibrate`
+        base.update(augment=AugmentConfig.preset("quick"), batch_size=32, calibrate=False)
         if plan.pretrained:
             # The frozen-backbone mode trains only the classifier on features computed once.
             base.update(freeze="backbone", input_size=QUICK_PRETRAINED_INPUT, epochs=QUICK_PRETRAINED_EPOCHS,

@@ -26,6 +26,8 @@ HELP = {
     "grad_clip": "max gradient norm ('none' turns clipping off)",
     "input_size": "training/eval image size in pixels (default: the weights' own)",
     "head_init_scale": "a head made new on pretrained weights starts at this fraction of timm's init (1 keeps it)",
+    "calibrate": "fit the 'not a dog' / 'unknown breed' thresholds, temperature and breed sets at the end "
+                 "(--no-calibrate skips it; `dogbreeds calibrate RUN --data DATA` does it later)",
     "deterministic": "deterministic algorithms: bit-identical reruns and resumes (slower)",
     "fast_layout": "ConvNeXt-T and larger with 1x1-convolution MLPs (same weights; faster training step on CPU)",
 }

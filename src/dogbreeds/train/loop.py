@@ -144,9 +144,10 @@ def _run(s: Session, stop: _StopFlag, hooks: TrainHooks) -> None:
         best = s.best
         print(f"done: {s.run_dir} (best val top-1 {best['val_top1']:.4f} at epoch {best['epoch']}, "
               f"{best['weights']} weights)" if best else f"done: {s.run_dir}", flush=True)
-        from ..trust.cli import calibrate_after_training  # issue 11: thresholds, temperature, breed sets
+        if recipe.calibrate:
+            from ..trust.cli import calibrate_after_training  # thresholds, temperature, breed sets
 
-        calibrate_after_training(s.run_dir, recipe.data, progress=s.progress)
+            calibrate_after_training(s.run_dir, recipe.data, progress=s.progress)
 
 
 def _stop_votes(stop: _StopFlag, ctx) -> float:

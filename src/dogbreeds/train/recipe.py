@@ -73,6 +73,8 @@ class Recipe:
     channels_last: bool = True        # NHWC memory layout: faster convolutions on GPUs with tensor cores
     deterministic: bool = False       # torch.use_deterministic_algorithms: bit-identical reruns, slower
     out: str = "runs/convnext_tiny"   # the run directory
+    calibrate: bool = True            # fit temperature, "not a dog" / "unknown breed" thresholds and breed sets
+                                      # at the end (`dogbreeds calibrate`, docs/trust.md); off for quick experiments
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -186,7 +188,7 @@ class Recipe:
         return recipe
 
     # Fields that do not change the numbers a run produces: they may differ on resume.
-    RESUME_FREE = ("workers", "out", "device")
+    RESUME_FREE = ("workers", "out", "device", "calibrate")
 
     def resume_mismatches(self, saved: "Recipe") -> list[str]:
         mine, theirs = self.to_dict(), saved.to_dict()

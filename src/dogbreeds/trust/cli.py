@@ -8,6 +8,8 @@ from pathlib import Path
 from .calibration import DEFAULT_COVERAGE, DEFAULT_DOG_K, DEFAULT_KEEP, DEFAULT_OOD_K
 from .scores import check_fraction
 
+OTHER_BREED_PHOTOS = 20  # per breed the run does not know, in the bank that sets the 'not a dog' line
+
 
 def _fraction(name: str):
     def parse(text: str) -> float:
@@ -111,7 +113,7 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     others: list = []
     if other_breeds:
         known = set(loaded.classes.breed_ids)
-        others = [r for r in scan_source(data)[1] if r.breed_id not in known]
+        others = _capped_per_breed([r for r in scan_source(data)[1] if r.breed_id not in known], OTHER_BREED_PHOTOS)
     others += [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
     train_x, _, _ = embed(train, "training photos (the bank)")
     val_x, val_logits, val_y = embed(val, "validation photos")
@@ -141,6 +143,18 @@ def calibrate_after_training(run_dir, data, progress: bool = False) -> None:
         return
     print(f"calibrated: temperature {calibration.temperature:.3f}, OOD threshold {calibration.ood_threshold:.4f} "
           f"(see docs/trust.md)", flush=True)
+
+
+def _capped_per_breed(records, limit: int) -> list:
+    """At most `limit` photos of each breed (the first by path): the 'other dogs' part of the bank
+    needs breadth, not depth, and calibration must not cost more than training on a big dataset
+    (the full Stanford Dogs has ~17,000 photos outside a top 20)."""
+    kept, seen = [], {}
+    for record in sorted(records, key=lambda r: (r.breed_id, str(r.path))):
+        seen[record.breed_id] = seen.get(record.breed_id, 0) + 1
+        if seen[record.breed_id] <= limit:
+            kept.append(record)
+    return kept
 
 
 def _records(chosen) -> list:
