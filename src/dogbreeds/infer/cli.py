@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from ..trust.fractions import fraction_type
+
 DEFAULT_THRESHOLD = 0.3  # same as predictor.DEFAULT_LOW_CONFIDENCE_THRESHOLD (reason there)
 
 
@@ -57,10 +59,10 @@ def register(subparsers) -> None:
                    help="flag an answer as low confidence ('not sure — maybe not a dog') when the top "
                         f"breed's probability is below this (default {DEFAULT_THRESHOLD})")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--ood-threshold", type=_open_fraction("ood threshold"), default=None,
+    p.add_argument("--ood-threshold", type=fraction_type("ood threshold"), default=None,
                    help="OOD score above which a photo is not one of the known breeds, in (0, 1) "
                         "(default: the run's, chosen by `dogbreeds calibrate`; docs/trust.md)")
-    p.add_argument("--coverage", type=_open_fraction("coverage"), default=None,
+    p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
                    help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
     p.set_defaults(func=_predict)
@@ -135,19 +137,6 @@ def _print_human(prediction, num_breeds: int | None = None) -> None:
                              [s.breed for s in prediction.breed_set])
         print(f"{'':<40}     => {words} (OOD score {prediction.ood_score:.3f})")
     sys.stdout.flush()
-
-
-def _open_fraction(name: str):
-    def parse(text: str) -> float:
-        from ..errors import DogbreedsError
-        from ..trust.scores import check_fraction
-
-        try:
-            return check_fraction(name, text)
-        except DogbreedsError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def _shorten(text: str, width: int) -> str:

@@ -6,21 +6,9 @@ import argparse
 from pathlib import Path
 
 from .calibration import DEFAULT_COVERAGE, DEFAULT_DOG_K, DEFAULT_KEEP, DEFAULT_OOD_K
-from .scores import check_fraction
+from .fractions import check_fraction, fraction_type
 
 OTHER_BREED_PHOTOS = 20  # per breed the run does not know, in the bank that sets the 'not a dog' line
-
-
-def _fraction(name: str):
-    def parse(text: str) -> float:
-        from ..errors import DogbreedsError
-
-        try:
-            return check_fraction(name, text)
-        except DogbreedsError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def register(subparsers) -> None:
@@ -34,9 +22,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("run", help="run directory written by `dogbreeds train`")
     parser.add_argument("--data", required=True, help="dataset root the run was trained on")
-    parser.add_argument("--coverage", type=_fraction("coverage"), default=DEFAULT_COVERAGE,
+    parser.add_argument("--coverage", type=fraction_type("coverage"), default=DEFAULT_COVERAGE,
                         help=f"default coverage of the breed sets, in (0, 1) (default {DEFAULT_COVERAGE})")
-    parser.add_argument("--keep", type=_fraction("keep"), default=DEFAULT_KEEP,
+    parser.add_argument("--keep", type=fraction_type("keep"), default=DEFAULT_KEEP,
                         help=f"share of in-breed validation dogs the thresholds keep, in (0, 1) (default {DEFAULT_KEEP})")
     parser.add_argument("--other-dogs", nargs="*", default=[], metavar="PATH",
                         help="more photos of dogs of other breeds or mixes (files, folders, globs) for the "
@@ -88,8 +76,8 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     from .calibration import fit_calibration
 
     run = RunDir.locate(run)
-    check_fraction("coverage", coverage)
-    check_fraction("keep", keep)
+    checkfraction_type("coverage", coverage)
+    checkfraction_type("keep", keep)
     loaded = load_run(run.path)
     model = loaded.model.eval()
     transform = build_eval_transform(loaded.preprocessing)

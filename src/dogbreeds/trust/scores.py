@@ -18,17 +18,7 @@ import math
 import numpy as np
 
 from ..errors import DogbreedsError
-
-
-def check_fraction(name: str, value) -> float:
-    """A threshold / coverage must lie strictly inside (0, 1); the error names the value."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DogbreedsError(f"{name} must be a number strictly between 0 and 1, got {value!r}") from None
-    if not 0.0 < number < 1.0:  # also refuses NaN
-        raise DogbreedsError(f"{name} must be strictly between 0 and 1, got {value!r}")
-    return number
+from .fractions import check_fraction  # noqa: F401  (re-exported)
 
 
 # --- temperature ---
@@ -195,3 +185,4 @@ def fpr_at_tpr(negatives: np.ndarray, positives: np.ndarray, tpr: float = 0.95) 
     `negatives` (in-distribution photos) below it, i.e. OOD photos let through as in-distribution."""
     threshold = np.quantile(np.asarray(negatives, dtype=np.float64), tpr, method="higher")
     return float(np.mean(np.asarray(positives) <= threshold))
+
