@@ -9,6 +9,8 @@ runs/<name>/
   checkpoints/         best.safetensors, last.safetensors (+ .json sidecars), resume.pt
   eval/<split>.json    final metrics of `dogbreeds evaluate`
   figures/*.png        curves, confusion matrices, reliability diagrams
+  calibration.json     temperature, OOD thresholds, conformal scores (`dogbreeds calibrate`)
+  calibration_bank.npz the training photos' features the OOD score compares against
   export/              ONNX exports cached by the inference engines (keyed by the weights' hash)
   features/            backbone features of --freeze backbone runs (keyed by what they depend on)
 ```
