@@ -174,3 +174,37 @@ def test_evaluate_reports_ece_before_after_coverage_and_draws_the_diagram(tmp_pa
     assert result["ece_after"] < result["ece_before"] / 2 and result["top1_unchanged"]
     assert abs(result["coverage"] - 0.9) < 0.03 and 1 <= result["mean_set_size"] <= 6
     assert figure.is_file() and figure.stat().st_size > 1000
+
+
+def test_dog_head_catches_not_dogs_the_knn_lets_through(world, tmp_path):
+    """On a fine-tuned model cats can sit among the training dogs in cosine distance (docs/trust.md:
+    59% of cats were "breed" when only the kNN decided who the head may look at). With not-dog
+    photos the head decides for every photo, its L2 penalty is chosen by cross-validation, and at
+    least 95% of validation dogs still stay "breed"."""
+    rng = np.random.default_rng(3)
+    shift = np.zeros(DIM)
+    shift[-1] = 2.0  # a direction dogs never take; small next to the dogs' norm (~6)
+
+    def lookalikes(n):
+        return world["train_x"][rng.integers(0, len(world["train_x"]), n)] + shift + rng.normal(size=(n, DIM)) * 0.1
+
+    fit_cats, report_cats = lookalikes(100), lookalikes(200)
+    calibration = fit_calibration(world["train_x"], world["val_x"], world["logits"](world["val_x"]), world["val_y"],
+                                  world["other_x"], not_dog_features=fit_cats)
+    assert calibration.head_on_all and calibration.info["dog_head_l2"] in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+    cats = calibration.assess(world["logits"](report_cats), report_cats)
+    within_knn = np.mean([a.ood_score <= calibration.ood_threshold for a in cats])
+    assert within_knn > 0.5  # the kNN alone would call most of them a breed
+    assert np.mean([a.verdict == "not_a_dog" for a in cats]) >= 0.9
+    val = calibration.assess(world["logits"](world["val_x"]), world["val_x"])
+    assert np.mean([a.verdict == "breed" for a in val]) >= 0.95
+    # stored and read back: same rule; a file from before the rule existed keeps the old one
+    run = RunDir(tmp_path / "run")
+    calibration.save(run)
+    assert Calibration.load(run).head_on_all
+    meta = run.read_json(run.calibration_file)
+    del meta["not_a_dog"]["applies_to"]
+    old = Calibration.from_parts(meta, run.calibration_bank_file.read_bytes(), "old")
+    assert not old.head_on_all
+    old_cats = old.assess(world["logits"](report_cats), report_cats)
+    assert np.mean([a.verdict == "breed" for a in old_cats]) == pytest.approx(within_knn)

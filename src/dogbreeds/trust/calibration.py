@@ -12,8 +12,10 @@ A photo's answer (`assess`):
   (`--not-dogs`), P(not a dog) from a logistic-regression head on the pooled features (dogs:
   training photos + other dogs; non-dogs: those photos); without them, the kNN distance to
   every dog photo the calibration saw (the training photos and the "other dogs": the data
-  root's breeds the run does not know). Above `not_a_dog_threshold` (and above
-  `ood_threshold`) the verdict is "not_a_dog", else "unknown_breed";
+  root's breeds the run does not know). With the head, any photo above `not_a_dog_threshold`
+  is "not_a_dog" (on a fine-tuned model many cats fall within the kNN threshold: docs/trust.md);
+  with the kNN dog score only photos above `ood_threshold` can be. The others above
+  `ood_threshold` are "unknown_breed";
 - `breed_set`: the split-conformal set for the chosen coverage.
 Banks are stored L2-normalised in float16 and read back as the same float16 values on every
 path, so only the features themselves (torch vs onnxruntime, ~1e-5) differ between paths.
@@ -41,7 +43,9 @@ DEFAULT_RAPS_LAMBDA = 0.0  # APS, when there are too few validation photos to ch
 DEFAULT_RAPS_K_REG = 0
 # RAPS (lambda, k_reg) candidates, chosen by 2-fold cross-validation on the validation split
 RAPS_GRID = ((0.0, 0), (0.01, 1), (0.01, 3), (0.05, 1), (0.05, 3), (0.2, 1))
-DOG_HEAD_L2 = 1e-3
+DOG_HEAD_L2 = 1e-3         # used when there are too few not-dog photos to choose one
+# dog / not-dog head regularisation candidates, chosen by 2-fold cross-validation (docs/trust.md)
+DOG_HEAD_L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 VERDICTS = ("breed", "unknown_breed", "not_a_dog")
 UNCALIBRATED_NOTE = ("this run has no calibration: the verdict comes from the top-1 probability alone and cannot "
                      "tell 'not a dog' from 'unknown breed'; run `dogbreeds calibrate RUN --data DATA`")
@@ -74,6 +78,7 @@ class Calibration:
     info: dict = field(default_factory=dict)  # what it was fitted on, and what that measured
     dog_head_w: np.ndarray | None = None  # float32 [D]: the dog / not-dog head (None: kNN dog score)
     dog_head_b: float | None = None
+    head_on_all: bool = False             # the head's threshold applies to every photo, not only OOD ones
 
     def __post_init__(self):
         # float32 copies of the float16 banks, made once (the same values on every path)
@@ -97,9 +102,12 @@ class Calibration:
         sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
         out = []
         for i in range(len(logits)):
-            if ood[i] <= ood_threshold:
+            not_a_dog = self.not_a_dog_threshold is not None and dog[i] > self.not_a_dog_threshold
+            if self.head_on_all and not_a_dog:
+                verdict = "not_a_dog"
+            elif ood[i] <= ood_threshold:
                 verdict = "breed"
-            elif self.not_a_dog_threshold is not None and dog[i] > self.not_a_dog_threshold:
+            elif not_a_dog:
                 verdict = "not_a_dog"
             else:
                 verdict = "unknown_breed"
@@ -120,7 +128,8 @@ class Calibration:
             "ood": {"method": "knn-cosine", "k": self.ood_k, "threshold": self.ood_threshold},
             "not_a_dog": {"method": "knn-cosine to training + other dogs" if self.dog_head_w is None else
                           "logistic head on normalised features", "k": self.dog_k,
-                          "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold},
+                          "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold,
+                          "applies_to": "all" if self.head_on_all else "ood"},
             "conformal": {"method": "raps", "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
                           "scores": [float(s) for s in self.conformal_scores]},
             "bank": {"train": int(len(self.bank)), "other_dogs": int(len(self.dog_bank)),
@@ -152,6 +161,7 @@ class Calibration:
                 raps_lambda=float(meta["conformal"]["lambda"]), raps_k_reg=int(meta["conformal"]["k_reg"]),
                 bank=bank, dog_bank=dog_bank.reshape(-1, bank.shape[1]), info=dict(meta.get("info", {})),
                 dog_head_w=head if bias is not None else None, dog_head_b=None if bias is None else float(bias),
+                head_on_all=meta["not_a_dog"].get("applies_to", "ood") == "all",  # older files: "ood"
             )
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
@@ -214,8 +224,12 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       known breed or not, are never called "not a dog". No photo of a non-dog is needed.
       None when there are no other dogs (the validation dogs alone say nothing about non-dogs).
       With `not_dog_features` (photos of anything but dogs), a logistic dog / not-dog head
-      replaces the kNN dog score; its threshold keeps `keep` of the validation dogs (which
-      the head never saw) as dogs;
+      (L2 penalty from DOG_HEAD_L2_GRID by 2-fold cross-validation over the not-dog photos:
+      best AUROC of validation dogs vs the held-out half) replaces the kNN dog score and
+      applies to every photo; its threshold keeps (1 + keep) / 2 of the validation dogs (which
+      the head never saw) as dogs, and the OOD threshold is then the `keep` quantile of the
+      validation dogs' kNN distances counting those the head rejects as infinitely far, so at
+      least `keep` of them stay "breed" overall;
     - RAPS penalty `raps` = (lambda, k_reg): given, or the grid entry with the smallest sets in
       2-fold cross-validation on the validation split (APS when it has under 40 photos).
     """
@@ -233,9 +247,15 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
     ood_threshold = min(conformal_quantile(val_ood, keep), 1.0 - 1e-6)
     not_a_dog_threshold = None
     head_w = head_b = None
+    head_l2 = None
     if not_dog_features is not None and len(not_dog_features):
-        head_w, head_b = fit_logistic(np.concatenate([train_features, other]), not_dog_features, DOG_HEAD_L2)
-        not_a_dog_threshold = min(conformal_quantile(logistic_score(val_features, head_w, head_b), keep), 1.0 - 1e-6)
+        dogs = np.concatenate([train_features, other])
+        head_l2 = choose_head_l2(dogs, np.asarray(not_dog_features), val_features, seed)
+        head_w, head_b = fit_logistic(dogs, not_dog_features, head_l2)
+        val_dog = logistic_score(val_features, head_w, head_b)
+        not_a_dog_threshold = min(conformal_quantile(val_dog, (1.0 + keep) / 2.0), 1.0 - 1e-6)
+        combined = np.where(val_dog <= not_a_dog_threshold, val_ood, np.inf)
+        ood_threshold = min(conformal_quantile(combined, keep), 1.0 - 1e-6)
     elif len(dog_bank):
         full = np.concatenate([bank, dog_bank])
         val_dog = knn_distance(val_features, full, dog_k)
@@ -247,10 +267,11 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         not_a_dog_threshold=None if not_a_dog_threshold is None else float(not_a_dog_threshold),
         conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
         coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg, dog_head_w=head_w, dog_head_b=head_b,
+        head_on_all=head_w is not None,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
-        "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)),
+        "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)), "dog_head_l2": head_l2,
         "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
                                                                                            temperature),
         **(info or {}),
@@ -270,6 +291,27 @@ def _knn_leave_one_out(features: np.ndarray, full_bank: np.ndarray, offset: int,
         kth = min(k, len(bank) - 1)
         out[start:start + 1024] = (1.0 - np.partition(sims, len(bank) - kth, axis=1)[:, len(bank) - kth]) / 2.0
     return np.clip(out, 0.0, 1.0)
+
+
+def choose_head_l2(dogs: np.ndarray, not_dogs: np.ndarray, val_features: np.ndarray, seed: int = 0) -> float:
+    """The DOG_HEAD_L2_GRID entry with the best mean AUROC of validation dogs vs not-dog photos in
+    2-fold cross-validation over the not-dog photos (the head fitted on the dogs and one half,
+    scored on the other half); DOG_HEAD_L2 when there are under 20 not-dog photos."""
+    from .scores import auroc
+
+    if len(not_dogs) < 20:
+        return DOG_HEAD_L2
+    order = np.random.default_rng(seed).permutation(len(not_dogs))
+    folds = (order[: len(order) // 2], order[len(order) // 2:])
+    best, best_auroc = DOG_HEAD_L2, -1.0
+    for l2 in DOG_HEAD_L2_GRID:
+        scores = []
+        for fit, held in (folds, folds[::-1]):
+            w, b = fit_logistic(dogs, not_dogs[fit], l2)
+            scores.append(auroc(logistic_score(val_features, w, b), logistic_score(not_dogs[held], w, b)))
+        if np.mean(scores) > best_auroc + 1e-4:  # ties keep the stronger penalty
+            best, best_auroc = l2, float(np.mean(scores))
+    return best
 
 
 def choose_raps(probs: np.ndarray, labels: np.ndarray, coverage: float, seed: int = 0) -> tuple[float, int]:
