@@ -76,8 +76,8 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     from .calibration import fit_calibration
 
     run = RunDir.locate(run)
-    checkfraction_type("coverage", coverage)
-    checkfraction_type("keep", keep)
+    check_fraction("coverage", coverage)
+    check_fraction("keep", keep)
     loaded = load_run(run.path)
     model = loaded.model.eval()
     transform = build_eval_transform(loaded.preprocessing)
