@@ -197,7 +197,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["X-Error-Message"] = payload["error"]
         if commit:
             headers["X-Repo-Commit"] = commit
-        self._send(status, headers, json.dumps(payload).encode(), True)
+        # A HEAD answer has no body, errors included: a body after it would be read by a kept-alive
+        # connection as the start of the next response ("illegal status line").
+        self._send(status, headers, json.dumps(payload).encode(), self.command != "HEAD")
 
     def _send(self, status: int, headers: dict, data: bytes, body: bool) -> None:
         self.send_response(status)

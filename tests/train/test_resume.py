@@ -52,6 +52,12 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
         time.sleep(0.01)
 
 
+def _epoch_seconds(run: Path) -> float:
+    """The reference run's median training time of one epoch (metrics.jsonl's epoch_time)."""
+    times = sorted(json.loads(line)["epoch_time"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    return times[len(times) // 2]
+
+
 def _assert_same_run(run: Path, reference: Path) -> None:
     for name in ("last.safetensors", "best.safetensors"):
         mine, theirs = load_file(run / "checkpoints" / name), load_file(reference / "checkpoints" / name)
@@ -102,6 +108,9 @@ def test_ctrl_c_saves_mid_epoch_exits_cleanly_and_resumes_bit_identically(tiny_d
     out = tmp_path / "run"
     process = _start(tiny_data, out)
     _wait_for(out / "checkpoints" / "resume.pt", process)
+    # A signal that lands while epoch 0 is still being saved stops at that epoch's end (by design, so
+    # no partial state); wait into epoch 1's training steps so that this test stops mid-epoch.
+    time.sleep(0.4 * _epoch_seconds(reference[0]))
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
