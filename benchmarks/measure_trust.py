@@ -45,7 +45,7 @@ def extract(run: Path, data: Path, wild: Path, batch_size: int, workers: int) ->
     transform = build_eval_transform(loaded.preprocessing)
     groups: dict[str, list] = {}
     for split in ("train", "val", "test"):
-        groups[split] = _records(records_for_split(run, data, split, classes))
+        groups[split] = records_for_split(run, data, split, classes).records
     known = set(classes.breed_ids)
     _, everything = scan_source(data)
     unknown = [r for r in everything if r.breed_id not in known]
@@ -238,11 +238,6 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
         "fit_seconds": fit_seconds,
         "assess_ms_per_photo": {g: round(1000 * t, 4) for g, t in timing.items()},
     }
-
-
-def _records(chosen) -> list:
-    """records_for_split's records (an EvalRecords, or the older (records, source) tuple)."""
-    return chosen.records if hasattr(chosen, "records") else chosen[0]
 
 
 if __name__ == "__main__":

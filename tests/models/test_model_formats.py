@@ -3,7 +3,6 @@ logits on a real photo must agree (fp32, max |diff| <= 1e-4)."""
 from __future__ import annotations
 
 import logging
-import re
 
 import pytest
 import timm

@@ -3,7 +3,6 @@ conformal sets (see calibration.py), and store them in the run. torch is importe
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .calibration import DEFAULT_COVERAGE, DEFAULT_DOG_K, DEFAULT_KEEP, DEFAULT_OOD_K
 from .fractions import check_fraction, fraction_type
@@ -93,8 +92,8 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
             print(f"  {what}: {len(y)} photos", flush=True)
         return x.numpy(), logits.numpy(), y.numpy()
 
-    train = _records(records_for_split(run.path, data, "train", loaded.classes))
-    val = _records(records_for_split(run.path, data, "val", loaded.classes))
+    train = records_for_split(run.path, data, "train", loaded.classes).records
+    val = records_for_split(run.path, data, "val", loaded.classes).records
     if not val:
         raise DogbreedsError(f"{run.path} has no validation photos under {data}; calibration fits on them: "
                              "train with --val-fraction > 0 (default 0.1)")
@@ -143,8 +142,3 @@ def _capped_per_breed(records, limit: int) -> list:
         if seen[record.breed_id] <= limit:
             kept.append(record)
     return kept
-
-
-def _records(chosen) -> list:
-    """records_for_split's records (an EvalRecords, or the older (records, source) tuple)."""
-    return chosen.records if hasattr(chosen, "records") else chosen[0]
