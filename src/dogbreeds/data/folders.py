@@ -1,8 +1,13 @@
 """Readers for people's own photos.
 
-Folder per breed (any folder names; images found by extension, case-insensitive):
+Folder per breed (any folder names; images found by extension, case-insensitive, the list in
+`listing.image_extensions`):
 
     ROOT/<breed>/*.jpg|jpeg|png|...
+
+Files that are not used (a notes.txt, a dangling symlink, a name with a newline, an image
+lying in ROOT itself...) are never dropped silently: the readers add them to `left_out`
+(see `listing.py`), which `sources.load_dataset` reports and records in split.json.
 
 CSV in the Kaggle dog-breed-identification layout:
 
@@ -19,40 +24,64 @@ import csv
 from pathlib import Path
 
 from ..errors import DataError
+from .listing import HIDDEN, NOT_IMAGE, LeftOut, classify, describe_extensions, list_images
 from .records import ImageRecord
 
 UNSPLIT = "unsplit"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 KAGGLE_CSV = "labels.csv"
 
 
-def list_image_files(folder: Path) -> list[Path]:
+def list_image_files(folder: Path, left_out: list[LeftOut] | None = None) -> list[Path]:
     """Image files directly in `folder` (by extension, case-insensitive), sorted by name so
-    every later step is reproducible whatever order the file system lists them in."""
-    return sorted(
-        p for p in Path(folder).iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+    every later step is reproducible whatever order the file system lists them in. Every
+    other entry goes to `left_out` (when given) with the reason."""
+    listing = list_images(folder, recursive=False, in_breed_folder=True)
+    if left_out is not None:
+        left_out += listing.left_out
+    return listing.files
 
 
-def _breed_dirs(root: Path) -> list[Path]:
+# In ROOT itself, plain non-image files (README.md, notes) and hidden entries are expected and
+# not reported; anything that looks like it was meant as a photo is.
+_QUIET_IN_ROOT = (HIDDEN, NOT_IMAGE)
+
+
+def breed_dirs(root: Path, left_out: list[LeftOut] | None = None) -> list[Path]:
     # Hidden folders (.git, .ipynb_checkpoints) are tooling, never breeds.
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        verdict = classify(p)
+        if verdict is None and p.is_dir():
+            folders.append(p)
+        elif left_out is not None:
+            if verdict is None:  # an image file: it has no breed
+                verdict = ("in_root", "an image directly in the data root, not in a breed folder; "
+                                      "move it into its breed's folder")
+            if verdict[0] not in _QUIET_IN_ROOT:
+                left_out.append(LeftOut(str(p), verdict[1], verdict[0]))
+    return folders
 
 
 def is_breed_folders(root: Path) -> bool:
-    return root.is_dir() and any(list_image_files(d) for d in _breed_dirs(root))
+    return root.is_dir() and any(list_image_files(d) for d in breed_dirs(root))
 
 
-def read_breed_folders(root: Path) -> list[ImageRecord]:
+def read_breed_folders(root: Path, left_out: list[LeftOut] | None = None) -> list[ImageRecord]:
+    """Records of ROOT/<breed>/<image>; what is not used goes to `left_out` with the reason."""
     records = []
-    for folder in _breed_dirs(root):
-        files = list_image_files(folder)
+    for folder in breed_dirs(root, left_out):
+        skipped: list[LeftOut] = []
+        files = list_image_files(folder, skipped)
         if not files:
+            found = f"; found only: {'; '.join(f'{Path(s.path).name!r} ({s.reason})' for s in skipped[:3])}" if skipped else ""
             raise DataError(
-                f"breed folder has no images: {folder} (expected {', '.join(sorted(IMAGE_EXTENSIONS))} "
-                "files directly inside it); add photos or remove the folder"
+                f"breed folder has no images: {folder} (expected {describe_extensions()} "
+                f"files directly inside it{found}); add photos or remove the folder"
             )
+        if left_out is not None:
+            left_out += skipped
         records += [ImageRecord(path=str(p), label=-1, breed_id=folder.name, split=UNSPLIT) for p in files]
     return records
 

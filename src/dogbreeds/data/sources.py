@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import folders, stanford_dogs
+from .listing import LeftOut, left_out_summary, warn_left_out
 from .records import ClassInfo, ImageRecord, breed_display_name
 
 SPLITS = ("train", "val", "test")
@@ -48,6 +49,7 @@ class Dataset:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     test_split: str = "seeded"   # "official" (Stanford Dogs lists) | "seeded"
+    left_out: tuple[LeftOut, ...] = ()  # files under root not used, with why (see listing.py)
 
     def split(self, name: str) -> list[ImageRecord]:
         if name not in SPLITS:
@@ -79,6 +81,8 @@ class Dataset:
             "counts": {s: len(self.split(s)) for s in SPLITS},
             "per_breed": per_breed,
             "files": {s: [relative(r.path) for r in self.split(s)] for s in SPLITS},
+            # files under root that are not in any split, and why (the first few by name)
+            "left_out": left_out_summary([replace(item, path=relative(item.path)) for item in self.left_out]),
         }
 
 
@@ -98,15 +102,25 @@ def detect_layout(root: str | Path) -> str:
     raise DataError(f"{root} is not a dataset root. Expected {EXPECTED_LAYOUTS}. Found: {found or 'an empty folder'}")
 
 
-def scan_source(root: str | Path) -> tuple[str, list[ImageRecord]]:
-    """(layout, every image as a record with label -1 and split 'train'/'test' or UNSPLIT)."""
+def scan_source(root: str | Path, left_out: list[LeftOut] | None = None) -> tuple[str, list[ImageRecord]]:
+    """(layout, every image as a record with label -1 and split 'train'/'test' or UNSPLIT).
+
+    Files of the layout's folders that are not used go to `left_out` (with why) when it is
+    given; otherwise they are reported as a `LeftOutFilesWarning`, so never silently."""
     root = Path(root).expanduser().resolve()
     layout = detect_layout(root)
+    found: list[LeftOut] = []
     if layout == "stanford_dogs":
-        return layout, stanford_dogs.read_stanford_dogs(root)
-    if layout == "csv":
-        return layout, folders.read_csv(folders.find_csv(root))
-    return layout, folders.read_breed_folders(root)
+        records = stanford_dogs.read_stanford_dogs(root, found)
+    elif layout == "csv":
+        records = folders.read_csv(folders.find_csv(root))
+    else:
+        records = folders.read_breed_folders(root, found)
+    if left_out is None:
+        warn_left_out(found, str(root))
+    else:
+        left_out += found
+    return layout, records
 
 
 def breed_counts(root: str | Path) -> dict[str, int]:
@@ -216,7 +230,9 @@ def load_dataset(
     test_fraction: float = 0.2,
 ) -> Dataset:
     root = Path(root).expanduser().resolve()
-    layout, records = scan_source(root)
+    left_out: list[LeftOut] = []
+    layout, records = scan_source(root, left_out)
+    warn_left_out(left_out, str(root))
     counts = dict(Counter(r.breed_id for r in records))
     chosen = choose_breeds(breeds, counts)
     label_of = {breed_id: i for i, breed_id in enumerate(chosen)}
@@ -250,4 +266,5 @@ def load_dataset(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         test_split="official" if has_official_split(selected) else "seeded",
+        left_out=tuple(left_out),
     )

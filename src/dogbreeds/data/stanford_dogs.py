@@ -21,7 +21,8 @@ import numpy as np
 import scipy.io
 
 from ..errors import DataError
-from .folders import UNSPLIT, list_image_files
+from .folders import UNSPLIT, breed_dirs, list_image_files
+from .listing import LeftOut
 from .records import Box, ImageRecord
 
 # A WordNet id ("n" + 8 digits), a dash, then the breed name: n02085936-Maltese_dog
@@ -42,22 +43,28 @@ def find_lists_dir(root: Path) -> Path | None:
     return None
 
 
-def read_stanford_dogs(root: Path) -> list[ImageRecord]:
+def read_stanford_dogs(root: Path, left_out: list[LeftOut] | None = None) -> list[ImageRecord]:
     """All images as records with label -1 (breeds are chosen later) and split "train"/"test"
     from the official lists, or UNSPLIT when there are no lists. Boxes are not read here
-    (see `attach_boxes`): only the chosen breeds need them."""
+    (see `attach_boxes`): only the chosen breeds need them. Entries of Images/ that are not
+    used (a notes file, a dangling link, a name with a newline...) go to `left_out` with why."""
     root = Path(root)
     images_dir = root / "Images"
-    folders = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found: list[LeftOut] = []
+    folders = breed_dirs(images_dir, found)
+    files_of: dict[Path, list[Path]] = {}
     for folder in folders:
-        if not list_image_files(folder):
+        files_of[folder] = list_image_files(folder, found)
+        if not files_of[folder]:
             raise DataError(f"breed folder has no images: {folder} (remove the folder or put its photos back)")
     lists_dir = find_lists_dir(root)
     if lists_dir is None:
+        if left_out is not None:
+            left_out += found
         return [
             ImageRecord(path=str(path), label=-1, breed_id=folder.name, split=UNSPLIT)
             for folder in folders
-            for path in list_image_files(folder)
+            for path in files_of[folder]
         ]
 
     records: list[ImageRecord] = []
@@ -78,7 +85,9 @@ def read_stanford_dogs(root: Path) -> list[ImageRecord]:
             records.append(ImageRecord(path=str(images_dir / rel), label=-1, breed_id=breed_id, split=split))
 
     listed = {r.path for r in records}
-    unlisted = [str(p) for folder in folders for p in list_image_files(folder) if str(p) not in listed]
+    if left_out is not None:  # a file the lists name is used even when the folder listing would not take it
+        left_out += [item for item in found if item.path not in listed]
+    unlisted = [str(p) for folder in folders for p in files_of[folder] if str(p) not in listed]
     if unlisted:
         # Not an error (the official split is still well defined) but never silent.
         warnings.warn(

@@ -264,29 +264,36 @@ def _is_pil_image(obj: Any) -> bool:
     return type(obj).__module__.startswith("PIL.") and hasattr(obj, "convert") and hasattr(obj, "size")
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def collect_images(specs: Iterable[str | Path]) -> list[Path]:
+def collect_images(specs: Iterable[str | Path], left_out: list | None = None) -> list[Path]:
     """Files as given, folders searched recursively for image extensions, globs expanded.
 
     A file given by name is kept whatever its extension, and so is a name that does not exist
     or a pattern that matches nothing: each then gets its own error in the results instead of
-    stopping the other images.
+    stopping the other images. What a folder or glob holds that is not used (not an image
+    extension, a dangling symlink, a name with a newline...) goes to `left_out` as
+    `data.listing.LeftOut`s when it is given (the one extension list: `data.listing`).
     """
     import glob
+
+    from ..data.listing import LeftOut, classify, list_images
 
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            listing = list_images(path, recursive=True)
+            found.extend(listing.files)
+            if left_out is not None:
+                left_out.extend(listing.left_out)
         elif not path.exists() and glob.has_magic(str(spec)) and glob.glob(str(spec), recursive=True):
             for match in map(Path, sorted(glob.glob(str(spec), recursive=True))):
-                if match.is_dir():
-                    found.extend(collect_images([match]))
-                elif match.suffix.lower() in IMAGE_EXTENSIONS:
+                verdict = classify(match)
+                if verdict is None and match.is_dir():
+                    found.extend(collect_images([match], left_out))
+                elif verdict is None:
                     found.append(match)
+                elif left_out is not None:
+                    left_out.append(LeftOut(str(match), verdict[1], verdict[0]))
         else:
             found.append(path)
     return found
