@@ -132,6 +132,21 @@ def test_predict_cli_json_carries_the_verdict_and_honours_the_flags(calibrated_r
         assert line["breed_set"] and "note" not in line
 
 
+def test_serve_flags_reach_the_predictor(calibrated_run, monkeypatch):
+    import uvicorn
+
+    from dogbreeds.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: apps.append(app))
+    assert main(["serve", str(calibrated_run), "--engine", "torch", "--ood-threshold", "0.125",
+                 "--coverage", "0.75"]) == 0
+    assert main(["serve", str(calibrated_run), "--engine", "torch"]) == 0
+    flagged, default = (app.state.predictor for app in apps)
+    assert (flagged.ood_threshold, flagged.coverage) == (0.125, 0.75)
+    assert (default.ood_threshold, default.coverage) == (None, None)  # the run's own
+
+
 def test_service_answers_carry_the_verdict_in_words(calibrated_run, photos, cats):
     from fastapi.testclient import TestClient
 

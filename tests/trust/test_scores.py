@@ -99,6 +99,8 @@ def test_fractions_outside_zero_one_are_errors_naming_the_value(bad):
     (["calibrate", "RUN", "--data", "D", "--keep", "0"], "0"),
     (["predict", "RUN", "x.jpg", "--ood-threshold", "-0.2"], "-0.2"),
     (["predict", "RUN", "x.jpg", "--coverage", "1"], "1"),
+    (["serve", "RUN", "--ood-threshold", "1.5"], "1.5"),
+    (["serve", "RUN", "--coverage", "0"], "0"),
 ])
 def test_cli_refuses_values_outside_zero_one_naming_them(argv, text, capsys):
     from dogbreeds.cli import build_parser

@@ -12,6 +12,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def register(subparsers) -> None:
     from ..infer.cli import DEFAULT_THRESHOLD, add_engine_option, positive_int, probability
+    from ..trust.fractions import fraction_type
 
     p = subparsers.add_parser(
         "serve", help="REST service + web page (POST /v1/predict, GET /docs, / in a browser)",
@@ -31,6 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request body limit in MB (default 10)")
     p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                    help=f"low-confidence threshold (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--ood-threshold", type=fraction_type("ood threshold"), default=None,
+                   help="OOD score above which a photo is not one of the known breeds, in (0, 1) "
+                        "(default: the run's, chosen by `dogbreeds calibrate`; docs/trust.md)")
+    p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
+                   help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
@@ -60,7 +66,8 @@ def _serve(args) -> int:
         print(f"warning: binding {args.host}: the service will be reachable from other machines; it has no "
               "authentication. Put it behind a reverse proxy with TLS and auth, or use --host 127.0.0.1.",
               file=sys.stderr)
-    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold)
+    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
+                                    ood_threshold=args.ood_threshold, coverage=args.coverage)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
     app = create_app(predictor, settings)
