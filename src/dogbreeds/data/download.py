@@ -200,8 +200,46 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _check_member(member: tarfile.TarInfo, dest: str, archive_path: Path) -> None:
-    """Refuse any member that could write outside `dest` (our own check, before tarfile's filter)."""
+class _Escapes(Exception):
+    """A path inside the archive resolves outside the destination."""
+
+
+MAX_LINK_HOPS = 40  # as the kernel's limit on symlinks followed in one path (ELOOP)
+
+
+def _resolve(parts: list[str], symlinks: dict[str, str], follow_last: bool = True, hops: int = 0) -> list[str]:
+    """The archive path `parts` (relative to the destination) with every '..' and every symlink
+    seen so far in the archive resolved, as the file system will resolve them once unpacked.
+    Raises _Escapes when it climbs above the destination."""
+    resolved: list[str] = []
+    for i, part in enumerate(parts):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                raise _Escapes
+            resolved.pop()
+            continue
+        resolved.append(part)
+        key = "/".join(resolved)
+        if key in symlinks and (follow_last or i < len(parts) - 1):
+            if hops >= MAX_LINK_HOPS:
+                raise _Escapes  # a loop; refusing it is the safe answer
+            target = symlinks[key]
+            if target.startswith("/"):
+                raise _Escapes
+            resolved = _resolve(resolved[:-1] + target.split("/"), symlinks, True, hops + 1)
+    return resolved
+
+
+def _check_member(member: tarfile.TarInfo, dest: str, archive_path: Path, symlinks: dict[str, str] | None = None) -> None:
+    """Refuse any member that could write outside `dest` (our own check, before tarfile's filter).
+
+    `symlinks` holds the symlinks of the earlier members (resolved location -> target); a path
+    is resolved through them as it will be on disk once they are unpacked, so a chain such as
+    `x/y -> ..` then `x/y/z -> ..` is caught (each link alone stays inside). This member's own
+    symlink is added to it."""
+    symlinks = {} if symlinks is None else symlinks
     name = member.name.replace("\\", "/")
 
     def refuse(why: str):
@@ -215,30 +253,89 @@ def _check_member(member: tarfile.TarInfo, dest: str, archive_path: Path) -> Non
     target = os.path.realpath(os.path.join(dest, name))
     if not _within(target, dest):
         refuse("resolves outside the destination (through a symlink on disk)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    try:  # through the archive's own earlier symlinks (a symlink member itself is not followed)
+        where = _resolve(parts, symlinks, follow_last=not member.issym())
+    except _Escapes:
+        refuse("is written through the archive's own symlinks to a place outside the destination")
     if member.issym() or member.islnk():
         link = member.linkname.replace("\\", "/")
-        if link.startswith("/"):
+        if link.startswith("/") or (len(link) > 1 and link[1] == ":"):
             refuse(f"links to the absolute path {member.linkname!r}")
         # Symlinks resolve from their own folder; hard links from the archive's root.
         base = posixpath.dirname(name) if member.issym() else ""
         if not _within(os.path.realpath(os.path.join(dest, base, link)), dest):
             refuse(f"links to {member.linkname!r}, outside the destination")
+        try:
+            start = where[:-1] if member.issym() else []
+            _resolve(start + link.split("/"), symlinks)
+        except _Escapes:
+            refuse(f"links to {member.linkname!r}, which leads outside the destination through the archive's "
+                   "earlier symlinks")
+        if member.issym():
+            symlinks["/".join(where)] = link
     elif not (member.isfile() or member.isdir()):
         refuse("is a device or pipe, which no image archive needs")
 
 
+UNPACK_PREFIX = ".dogbreeds-unpacking-"
+
+
 def safe_extract(archive_path: Path, dest: Path) -> list[str]:
-    """Unpack a tar into `dest` after checking every member; returns its top-level names."""
+    """Unpack a tar into `dest` after checking every member; returns its top-level names.
+
+    The members are unpacked into a temporary folder inside `dest` and moved into place only
+    when all of them are out, so a refused or broken archive leaves nothing behind."""
+    import shutil
+    import tempfile
+
     dest_str = os.path.realpath(dest)
-    with tarfile.open(archive_path) as tar:
-        members = tar.getmembers()
+    try:
+        tar = tarfile.open(archive_path)
+    except (tarfile.TarError, OSError) as exc:
+        raise DogbreedsError(f"cannot read {archive_path} as a tar file ({exc}); delete it and download it again") from exc
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DogbreedsError(f"{archive_path} is damaged ({exc}); delete it and download it again") from exc
+        symlinks: dict[str, str] = {}
         for member in members:  # check all first: a bad archive writes nothing
-            _check_member(member, dest_str, archive_path)
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: tarfile's own safety net too
-            tar.extractall(dest_str, members=members, filter="data")
-        else:
-            tar.extractall(dest_str, members=members)
+            _check_member(member, dest_str, archive_path, symlinks)
+        staging = tempfile.mkdtemp(prefix=UNPACK_PREFIX, dir=dest_str)
+        try:
+            try:
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: tarfile's own safety net too
+                    tar.extractall(staging, members=members, filter="data")
+                else:
+                    tar.extractall(staging, members=members)
+            except tarfile.FilterError as exc:
+                member = getattr(exc, "tarinfo", None)
+                raise DogbreedsError(
+                    f"refusing to unpack {archive_path}: member {getattr(member, 'name', '?')!r} was stopped by "
+                    f"tarfile's safety filter ({exc}); nothing was unpacked. This is not a clean copy of the "
+                    "release; delete it and download it again") from None
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise DogbreedsError(f"unpacking {archive_path} failed ({exc}); nothing was unpacked. Free disk "
+                                     "space or delete the file and download it again") from exc
+            for entry in sorted(os.listdir(staging)):
+                _move_into(os.path.join(staging, entry), os.path.join(dest_str, entry))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return sorted({posixpath.normpath(m.name.replace("\\", "/")).split("/")[0] for m in members} - {".", ""})
+
+
+def _move_into(source: str, target: str) -> None:
+    """Move `source` to `target`, merging folders into existing ones (as unpacking in place would)."""
+    if os.path.isdir(source) and not os.path.islink(source) and os.path.isdir(target):
+        for entry in sorted(os.listdir(source)):
+            _move_into(os.path.join(source, entry), os.path.join(target, entry))
+        return
+    if os.path.isdir(target) and not os.path.islink(target):
+        import shutil
+
+        shutil.rmtree(target)  # a file of the archive replaces a folder of the same name, as tar does
+    os.replace(source, target)
 
 
 def _read_marker(dest: Path) -> dict:

@@ -40,6 +40,8 @@ KNOWN_UNSUPPORTED = {".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL", ".raw"
                      ".nef": "camera RAW", ".dng": "camera RAW", ".psd": "Photoshop"}
 # How many left-out or skipped files a report or a JSON file lists by name (the count is always whole).
 LIST_LIMIT = 20
+# How many files that could not be decoded metrics.jsonl and eval/<split>.json list by name.
+SKIPPED_LIST_LIMIT = 100
 
 
 class LeftOutFilesWarning(UserWarning):

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ImageDecodeError
+from .listing import SKIPPED_LIST_LIMIT
 from .records import Box, ImageRecord
 
 
@@ -126,6 +127,24 @@ class SkippedFiles:
         if len(samples) > max_lines:
             lines.append(f"  ... and {len(samples) - max_lines} more")
         return "\n".join(lines)
+
+
+def capped_skipped(items: Sequence[dict], limit: int = SKIPPED_LIST_LIMIT) -> list[dict]:
+    """The first `limit` skipped-file entries ({'path', 'reason'}), for a JSON record."""
+    return list(items)[:limit]
+
+
+def skipped_report(items: Sequence[dict], what: str, max_lines: int = 20) -> str:
+    """'skipped N <what> file(s) that could not be decoded (fix or delete them):' and one line per
+    file (path: reason), for stderr. `items`: {'path', 'reason'} dicts (SkippedFiles.to_list())."""
+    items = list(items)
+    if not items:
+        return ""
+    lines = [f"skipped {len(items)} {what} file(s) that could not be decoded (fix or delete them):"]
+    lines += [f"  {item['path']}: {item.get('reason', '?')}" for item in items[:max_lines]]
+    if len(items) > max_lines:
+        lines.append(f"  ... and {len(items) - max_lines} more")
+    return "\n".join(lines)
 
 
 class RecordDataset(Dataset):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.listing import SKIPPED_LIST_LIMIT
 from ..data.records import ClassInfo, ImageRecord
 from ..errors import DataError
 from ..infer.backend import check_engine, softmax
@@ -278,6 +280,10 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
     cache = prepared_cache(data_root, loaded.preprocessing, records, log=log)
     backend = make_backend(loaded, run_dir, engine, threads)
     probs, labels, skipped = predict_probabilities(backend, records, transform, batch_size, tta, cache=cache)
+    if skipped:  # named on stderr, and in the eval JSON (count, and the first files by name)
+        from ..data.loaders import skipped_report
+
+        print(skipped_report(skipped, f"{split}-split"), file=sys.stderr, flush=True)
     if len(labels) == 0:
         raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
                         f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
@@ -300,7 +306,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "cache": str(cache.directory) if cache is not None else None,
         "n_images": int(len(labels)),
         "skipped": len(skipped),
-        "skipped_files": skipped,
+        "skipped_files": skipped[:SKIPPED_LIST_LIMIT],
         "top1": summary["top1"],
         "top5": summary["top5"],
         "loss": summary["loss"],

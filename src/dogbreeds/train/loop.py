@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..data.loaders import capped_skipped, skipped_report
 from ..errors import DogbreedsError
 from .checkpoint import append_metrics
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown_distributed
@@ -264,6 +266,7 @@ def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
     line = None
     if ctx.is_main:
         raw = s.evaluate(s.net_unwrapped)
+        val_skipped = s.val_skipped()  # the same files for the EMA pass
         ema = s.evaluate(s.ema.module) if s.ema is not None else None
         line = {
             "epoch": epoch, "step": s.step,
@@ -276,7 +279,10 @@ def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
             "skipped_files": len(skipped), "val_images": raw["count"],
         }
         if skipped:
-            line["skipped"] = skipped
+            line["skipped"] = capped_skipped(skipped)
+        line["val_skipped_files"] = len(val_skipped)  # val_images counts only the decoded ones
+        if val_skipped:
+            line["val_skipped"] = capped_skipped(val_skipped)
         s.history.append(line)
         candidates = [("raw", raw)] + ([("ema", ema)] if ema else [])
         source, metrics = max(candidates, key=lambda c: (c[1]["top1"], -c[1]["loss"]))
@@ -294,7 +300,7 @@ def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
         print(f"epoch {epoch}: train loss {line['train_loss']:.4f} | val loss {line['val_loss']:.4f} "
               f"top-1 {line['val_top1']:.4f} top-5 {line['val_top5']:.4f}{ema_text} | lr {line['lr']:.3g} | "
               f"{line['epoch_time']:.1f}s, {line['images_per_s']:.1f} img/s", flush=True)
-        if skipped:
-            print(f"  skipped {len(skipped)} file(s) that could not be decoded: "
-                  + ", ".join(item["path"] for item in skipped[:5]), file=sys.stderr, flush=True)
+        for items, what in ((skipped, "training"), (val_skipped, "validation")):
+            if items:
+                print(textwrap.indent(skipped_report(items, what), "  "), file=sys.stderr, flush=True)
     barrier(ctx)

@@ -310,6 +310,12 @@ class Session:
             return list(self.features["train_skipped"])
         return [{"path": s.path, "reason": s.reason} for s in self.train_loader.skipped]
 
+    def val_skipped(self) -> list[dict]:
+        """The validation files the last `evaluate` could not decode (path and reason)."""
+        if self.head_only:
+            return list(self.features.get("val_skipped", []))
+        return [{"path": s.path, "reason": s.reason} for s in self.val_loader.skipped]
+
     def gather_skipped(self, skipped: list[dict]) -> list[dict]:
         if not self.ctx.distributed:
             return skipped
