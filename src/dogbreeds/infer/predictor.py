@@ -214,6 +214,21 @@ class Predictor:
             results.extend(self._predict_chunk(images[start:start + batch_size], start, top_k))
         return results
 
+    def detect(self, images: Iterable[Any] | Any, detector: Any, top_k: int = 5,
+               score_threshold: float | None = None) -> list[dict]:
+        """Every dog in each photo, a breed per dog (issue 14, detect/infer.py): one
+        {"image": ..., "dogs": [{"box", "score", "top", "verdict", ...}, ...]} per image, in
+        order ({"image", "error"} for one that cannot be read). detector: a `detect.infer.Detector`
+        or a detector run / exported .onnx file (opened on the default engine)."""
+        from ..detect.infer import Detector, detect_breeds
+
+        if not isinstance(detector, Detector):
+            detector = Detector.from_path(detector)
+        if isinstance(images, (str, Path, bytes, np.ndarray)) or _is_pil_image(images):
+            images = [images]
+        return [detect_breeds(detector, self, image, top_k=top_k, score_threshold=score_threshold,
+                              name=describe_image(image, i)) for i, image in enumerate(images)]
+
     def _predict_chunk(self, images: Sequence[Any], offset: int, top_k: int) -> list[Prediction]:
         results: list[Prediction | None] = []
         inputs, slots = [], []

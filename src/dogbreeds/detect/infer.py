@@ -1,0 +1,350 @@
+"""Every dog in the photo: `Detector` finds the dogs, `detect_breeds` gives each one a breed.
+
+    detector = Detector.from_path("runs/det")        # a detector run (or an exported .onnx file)
+    detector.detect(rgb)                               # [Detection(box=(x0, y0, x1, y1), score), ...]
+    detect_breeds(detector, Predictor.from_run("runs/breeds"), "photo.jpg")
+    # {"image": "photo.jpg", "dogs": [{"box": [...], "score": 0.98, "top": [...], "verdict": ...}]}
+
+Engines, as for breed runs (`--engine`): "auto" (= "onnxruntime") runs the detector's ONNX
+export in a tuned onnxruntime session (the file written by detect/export.py, cached in
+RUN/export/ under a hash of the checkpoint, so a second start never imports torch); "torch"
+runs the PyTorch model (`detect.model.load_detector`). An `.onnx` file always runs on
+onnxruntime, torch-free.
+
+The model is a torchvision detection model: its own transform scales 0..1 pixels, normalises
+them and resizes the photo to its min_size/max_size, and it answers boxes in the photo's own
+pixel coordinates. So the input prepared here is only the photo as float32 CHW in [0, 1], the
+same on both runtimes, and the exported graph holds the rest (resize, normalisation, box
+decoding, NMS).
+
+A breed per dog: each box is cropped with a margin (`DEFAULT_MARGIN` of its size on every
+side, clipped to the photo: some context, as in the photos the breed runs were trained on)
+and the crops go through the breed `Predictor` as one batch: top-k breeds and, for a
+calibrated run, the verdict, OOD score and breed set of each dog. A photo where nothing
+scores at least the score threshold gives "dogs": [].
+
+This module imports neither torch nor onnxruntime at import time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..errors import DogbreedsError, WeightsError
+
+# The ONNX contract of a detector file (written by detect/export.py only).
+FORMAT_NAME = "dogbreeds-detector"
+FORMAT_VERSION = 1
+INPUT_NAME = "image"                        # float32 (3, H, W) in [0, 1], any H and W
+OUTPUT_NAMES = ("boxes", "scores", "labels")  # (N, 4) x0 y0 x1 y1 in input pixels, (N,), (N,) int64
+# The order torchvision's detection models return them in (each output dict is boxes, labels, scores).
+GRAPH_OUTPUTS = ("boxes", "labels", "scores")
+META_FORMAT, META_VERSION, META_CONFIG, META_THRESHOLD = (
+    "dogbreeds.format", "dogbreeds.version", "dogbreeds.detector", "dogbreeds.score_threshold")
+# Part of the export cache key: bump it when what a detector export holds changes.
+CACHE_VERSION = "detector-v1"
+
+# A detection counts as a dog from this score on, unless the run's config or the caller says
+# otherwise (`DetectorConfig.score_threshold` when C1's config has one).
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_MARGIN = 0.1
+ENGINES = ("auto", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the photo's pixels
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 6)}
+
+
+def to_model_input(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> float32 (3, H, W) in [0, 1]: what the detection model takes."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        what = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".strip()
+        raise TypeError(f"the detector takes an HxWx3 uint8 RGB numpy array (decode_image's output), got {what}")
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw /= np.float32(255)
+    return chw
+
+
+def config_to_dict(config: Any) -> dict:
+    """A DetectorConfig (dataclass, or anything with to_dict) or a dict -> a JSON-able dict."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    import dataclasses
+
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    raise TypeError(f"detector config must be a dict or a DetectorConfig, got {type(config).__name__}")
+
+
+def _config_threshold(config: dict) -> float:
+    value = config.get("score_threshold")
+    return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else DEFAULT_SCORE_THRESHOLD
+
+
+def check_score_threshold(value: float) -> float:
+    value = float(value)
+    if not 0 <= value <= 1:  # also refuses nan
+        raise DogbreedsError(f"detector score threshold must be within [0, 1], got {value!r}")
+    return value
+
+
+class Detector:
+    """A dog detector on one runtime: `detect(rgb)` -> detections scoring >= the threshold.
+
+    runner: float32 (3, H, W) in [0, 1] -> (boxes (N, 4), scores (N,), labels (N,)) numpy arrays,
+    all of the model's detections (best first), before this class's threshold."""
+
+    def __init__(self, runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]], config: dict,
+                 score_threshold: float | None = None, kind: str = "", description: str = "",
+                 path: Path | None = None, checkpoint: Path | None = None):
+        self.runner = runner
+        self.config = config_to_dict(config)
+        self.score_threshold = check_score_threshold(
+            _config_threshold(self.config) if score_threshold is None else score_threshold)
+        self.kind, self.description = kind, description
+        self.path = Path(path) if path is not None else None
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.exported = False  # True when building this detector wrote a new export
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("backbone") or self.config.get("name") or (self.path.stem if self.path else "detector"))
+
+    # --- building ---
+
+    @classmethod
+    def from_path(cls, path: str | Path, engine: str = "auto", score_threshold: float | None = None,
+                  threads: int | None = None, cache_dir: str | Path | None = None) -> "Detector":
+        """A detector run directory (or its checkpoint) on `engine`, or an exported `.onnx` file
+        (onnxruntime only, torch never imported)."""
+        engine = check_detect_engine(engine)
+        path = Path(path)
+        if path.suffix.lower() == ".onnx":
+            if engine == "torch":
+                raise DogbreedsError(f"{path} is an exported .onnx file, which runs on onnxruntime only; drop "
+                                     "--engine torch, or pass the detector run directory it was exported from")
+            return cls.from_onnx(path, score_threshold=score_threshold, threads=threads)
+        if engine == "torch":
+            return cls.from_run_torch(path, score_threshold=score_threshold)
+        return cls.from_run_onnx(path, score_threshold=score_threshold, threads=threads, cache_dir=cache_dir)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, score_threshold: float | None = None, threads: int | None = None,
+                  checkpoint: Path | None = None, kind: str = "onnxruntime") -> "Detector":
+        import onnxruntime as ort
+
+        from ..infer.runtime_onnxruntime import session as make_session
+
+        path = Path(path)
+        session = make_session(path, threads)
+        config = read_detector_metadata(session.get_modelmeta().custom_metadata_map, path)
+        stored = config.pop("__score_threshold__", None)
+        input_name = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        missing = [name for name in OUTPUT_NAMES if name not in outputs]
+        if missing:
+            raise WeightsError(f"{path}: the detector graph lacks outputs {missing}; re-export it with "
+                               "`dogbreeds detect export DETECTOR_RUN --out FILE.onnx`")
+
+        def run(chw: np.ndarray):
+            boxes, scores, labels = session.run(list(OUTPUT_NAMES), {input_name: chw})
+            return boxes, scores, labels
+
+        threshold = score_threshold if score_threshold is not None else stored
+        used = session.get_session_options().intra_op_num_threads
+        detector = cls(run, config, threshold, kind=kind, path=path, checkpoint=checkpoint,
+                       description=f"onnxruntime {ort.__version__} ({used or 'default'} threads): {path.name}")
+        detector.session = session
+        return detector
+
+    @classmethod
+    def from_model(cls, model, config: Any, score_threshold: float | None = None, path: Path | None = None,
+                   checkpoint: Path | None = None) -> "Detector":
+        """A torchvision detection model in memory, on PyTorch eager."""
+        import torch
+
+        model = model.eval()
+
+        def run(chw: np.ndarray):
+            with torch.inference_mode():
+                out = model([torch.from_numpy(chw)])[0]
+            return out["boxes"].float().numpy(), out["scores"].float().numpy(), out["labels"].numpy()
+
+        detector = cls(run, config, score_threshold, kind="torch", path=path, checkpoint=checkpoint,
+                       description=f"torch {torch.__version__} eager")
+        detector.model = model
+        return detector
+
+    @classmethod
+    def from_run_torch(cls, run: str | Path, score_threshold: float | None = None) -> "Detector":
+        from ..rundir import RunDir
+        from .model import load_detector
+
+        located = RunDir.locate(run)
+        model, config = load_detector(run)
+        checkpoint = located.find_checkpoint()
+        return cls.from_model(model, config, score_threshold, path=checkpoint, checkpoint=checkpoint)
+
+    @classmethod
+    def from_run_onnx(cls, run: str | Path, score_threshold: float | None = None, threads: int | None = None,
+                      cache_dir: str | Path | None = None) -> "Detector":
+        """The run's export cached in RUN/export/ (opened without torch), exported there first if missing."""
+        from ..rundir import RunDir
+
+        located = RunDir.locate(run)
+        checkpoint = located.checkpoint()
+        folder = Path(cache_dir) if cache_dir is not None else located.export_dir
+        cached = folder / f"detector-{detector_key(checkpoint)}.onnx"
+        exported = False
+        if not cached.is_file():
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError as exc:
+                raise DogbreedsError("the detector's default engine needs onnxruntime (pip install onnxruntime); "
+                                     "or use --engine torch") from exc
+            from .export import write_detector_onnx
+            from .model import load_detector
+
+            model, config = load_detector(run)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DogbreedsError(f"cannot create the export folder {folder} ({exc}); make it writable, "
+                                     "or use --engine torch") from exc
+            write_detector_onnx(model, cached, config)
+            exported = True
+        detector = cls.from_onnx(cached, score_threshold=score_threshold, threads=threads, checkpoint=checkpoint)
+        detector.exported = exported
+        return detector
+
+    # --- running ---
+
+    def raw(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All of the model's detections for an HxWx3 uint8 photo: (boxes, scores, labels)."""
+        boxes, scores, labels = self.runner(to_model_input(image))
+        return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(scores, dtype=np.float32).reshape(-1),
+                np.asarray(labels).reshape(-1))
+
+    def detect(self, image: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
+        """The dogs in an HxWx3 uint8 RGB photo, best first: boxes in its pixel coordinates."""
+        threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
+        boxes, scores, _ = self.raw(image)
+        height, width = image.shape[:2]
+        found = []
+        for box, score in zip(boxes, scores):
+            if score >= threshold:
+                x0, y0, x1, y1 = (float(v) for v in box)
+                box = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+                       min(max(y1, 0.0), height))
+                found.append(Detection(box, float(score)))
+        found.sort(key=lambda d: -d.score)
+        return found
+
+    def __repr__(self) -> str:
+        return f"Detector({self.kind}: {self.description})"
+
+
+def check_detect_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise DogbreedsError(f"unknown detector engine {engine!r}; choose one of {', '.join(ENGINES)} "
+                             "('auto' = onnxruntime on the run's ONNX export, cached in RUN/export/)")
+    return "onnxruntime" if engine == "auto" else engine
+
+
+def detector_key(checkpoint: Path) -> str:
+    """Names a run's cached export: the checkpoint's bytes and its sidecar (no torch)."""
+    import hashlib
+
+    from ..infer.backend import file_sha256
+
+    digest = hashlib.sha256(CACHE_VERSION.encode())
+    digest.update(file_sha256(checkpoint).encode())
+    sidecar = Path(checkpoint).with_suffix(".json")
+    if sidecar.is_file():
+        digest.update(sidecar.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def detector_metadata(config: Any, score_threshold: float | None = None) -> dict[str, str]:
+    """The metadata_props of a detector export."""
+    config = config_to_dict(config)
+    threshold = _config_threshold(config) if score_threshold is None else check_score_threshold(score_threshold)
+    return {META_FORMAT: FORMAT_NAME, META_VERSION: str(FORMAT_VERSION),
+            META_CONFIG: json.dumps(config, sort_keys=True, default=str), META_THRESHOLD: repr(float(threshold))}
+
+
+def read_detector_metadata(props: dict[str, str], path: Path) -> dict:
+    """The config stored in a detector export (plus "__score_threshold__"); errors say what to do."""
+    fmt = props.get(META_FORMAT)
+    if fmt != FORMAT_NAME:
+        what = "a breed model (dogbreeds export): pass it as the breed RUN_OR_MODEL" if fmt == "dogbreeds" else \
+            f"not a dogbreeds detector (format {fmt!r})"
+        raise WeightsError(f"{path}: {what}; export a detector run with `dogbreeds detect export DETECTOR_RUN "
+                           "--out FILE.onnx`")
+    try:
+        version = int(props.get(META_VERSION, "1"))
+        config = json.loads(props.get(META_CONFIG, "{}"))
+        threshold = float(props[META_THRESHOLD]) if META_THRESHOLD in props else None
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"{path}: unreadable detector metadata ({exc}); re-export it with "
+                           "`dogbreeds detect export DETECTOR_RUN --out FILE.onnx`") from None
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path}: written by a newer dogbreeds (detector format {version}; this one reads up to "
+                           f"{FORMAT_VERSION}); upgrade dogbreeds, or re-export the run with this version")
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: {META_CONFIG} is not a JSON object; re-export it")
+    config["__score_threshold__"] = threshold
+    return config
+
+
+# --- a breed per dog ----------------------------------------------------------------------------
+
+def crop_box(image: np.ndarray, box: Iterable[float], margin: float = DEFAULT_MARGIN) -> np.ndarray:
+    """The part of `image` under `box` (x0, y0, x1, y1), grown by `margin` of its width and height
+    on each side and clipped to the photo; at least one pixel."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = margin * max(x1 - x0, 0.0), margin * max(y1 - y0, 0.0)
+    left = int(np.clip(np.floor(x0 - dx), 0, width - 1))
+    top = int(np.clip(np.floor(y0 - dy), 0, height - 1))
+    right = int(np.clip(np.ceil(x1 + dx), left + 1, width))
+    bottom = int(np.clip(np.ceil(y1 + dy), top + 1, height))
+    return np.ascontiguousarray(image[top:bottom, left:right])
+
+
+def dog_entry(detection: Detection, prediction: dict) -> dict:
+    """One dog of the answer: its box and score, then the breed prediction's fields (top, verdict, ...)."""
+    entry = detection.to_dict()
+    entry.update({k: v for k, v in prediction.items() if k != "image"})
+    return entry
+
+
+def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, margin: float = DEFAULT_MARGIN,
+                  score_threshold: float | None = None, name: str | None = None) -> dict:
+    """{"image": name, "dogs": [{"box", "score", "top", "low_confidence", "verdict", "ood_score",
+    "breed_set"[, "note"]}, ...]} for one photo (a path, bytes, PIL image or HxWx3 uint8 array),
+    dogs best first; {"image": name, "error": ...} when the photo cannot be read."""
+    from ..infer.predictor import describe_image
+
+    name = name or describe_image(image, 0)
+    try:
+        rgb = predictor.decode(image, name)
+    except DogbreedsError as exc:
+        return {"image": name, "error": str(exc)}
+    detections = detector.detect(rgb, score_threshold)
+    crops = [crop_box(rgb, d.box, margin) for d in detections]
+    predictions = predictor.predict(crops, top_k=top_k) if crops else []
+    return {"image": name, "dogs": [dog_entry(d, p.to_dict()) for d, p in zip(detections, predictions)]}
