@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
                    help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
+    from ..detect.predict_cli import add_detect_options  # issue 14: --detect DETECTOR_RUN
+
+    add_detect_options(p)
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("explain", help="Grad-CAM heat map: where the evidence for a breed is",
@@ -90,6 +93,10 @@ def register(subparsers) -> None:
 
 
 def _predict(args) -> int:
+    if getattr(args, "detect", None):  # every dog in the photo, a breed per dog
+        from ..detect.predict_cli import predict_dogs
+
+        return predict_dogs(args)
     from .predictor import Predictor, collect_images
 
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
