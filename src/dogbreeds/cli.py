@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "dogbreeds.serve.cli",
     "dogbreeds.roadmap.cli",
     "dogbreeds.bench.cli",
+    "dogbreeds.detect.cli",
 )
 
 

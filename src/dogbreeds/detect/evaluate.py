@@ -1,0 +1,285 @@
+"""`dogbreeds detect evaluate`: how well the detector finds, counts and names the dogs.
+
+    map, ap50, ap75   COCO box AP (IoU 0.5:0.95, 0.5, 0.75) by torchmetrics' MeanAveragePrecision
+                      (pycocotools backend), over every detection the model keeps (score >= its
+                      box_score_thresh, at most detections_per_img)
+    recall_at_10      COCO AR with at most 10 detections per photo (mar_10, IoU 0.5:0.95)
+    exact_count       share of photos whose number of detections with score >= score_threshold
+                      equals their number of dogs; exact_count_multi: the same over photos with 2+ dogs
+    breed_accuracy    end-to-end, over the ground-truth dogs: right when a detection (score >=
+                      score_threshold) with IoU >= 0.5 carries the dog's breed as its top-1 (each
+                      box cropped with a margin and classified by the breed run given with --breeds-run)
+
+score_threshold is the one the run chose on its validation photos (the best exact count),
+saved in the checkpoint; --score-threshold overrides it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DogbreedsError
+
+THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.30, 0.96, 0.05))
+MATCH_IOU = 0.5
+
+
+# --- pure metrics (numpy in, numbers out) ---
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of x0 y0 x1 y1 boxes."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def count_scores(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float) -> dict:
+    counted = np.asarray([int((np.asarray(p["scores"]) >= threshold).sum()) for p in predictions])
+    truth = np.asarray([len(g) for g in gt_boxes])
+    exact = counted == truth
+    multi = truth >= 2
+    return {"exact_count": float(exact.mean()) if len(exact) else 0.0,
+            "exact_count_multi": float(exact[multi].mean()) if multi.any() else None,
+            "count_mae": float(np.abs(counted - truth).mean()) if len(exact) else 0.0,
+            "n_photos": int(len(truth)), "n_multi": int(multi.sum()), "n_dogs": int(truth.sum())}
+
+
+def best_count_threshold(predictions: list[dict], gt_boxes: list[np.ndarray], grid=THRESHOLD_GRID) -> float:
+    """The score threshold with the best exact count (ties: the one nearest 0.5)."""
+    best = max(grid, key=lambda t: (count_scores(predictions, gt_boxes, t)["exact_count"], -abs(t - 0.5)))
+    return float(best)
+
+
+def coco_scores(predictions: list[dict], gt_boxes: list[np.ndarray]) -> dict:
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy", max_detection_thresholds=[1, 10, 100],
+                                  backend="pycocotools")
+    preds = [{"boxes": torch.as_tensor(np.asarray(p["boxes"], dtype=np.float32).reshape(-1, 4)),
+              "scores": torch.as_tensor(np.asarray(p["scores"], dtype=np.float32).reshape(-1)),
+              "labels": torch.ones(len(p["scores"]), dtype=torch.int64)} for p in predictions]
+    target = [{"boxes": torch.as_tensor(np.asarray(g, dtype=np.float32).reshape(-1, 4)),
+               "labels": torch.ones(len(g), dtype=torch.int64)} for g in gt_boxes]
+    metric.update(preds, target)
+    out = metric.compute()
+    return {"map": float(out["map"]), "ap50": float(out["map_50"]), "ap75": float(out["map_75"]),
+            "recall_at_10": float(out["mar_10"]), "recall_at_100": float(out["mar_100"])}
+
+
+def score_detections(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float | None = None) -> dict:
+    """COCO AP/AR and count accuracy; threshold None: the best one for these photos (validation)."""
+    if threshold is None:
+        threshold = best_count_threshold(predictions, gt_boxes)
+    return {**coco_scores(predictions, gt_boxes), **count_scores(predictions, gt_boxes, threshold),
+            "count_threshold": float(threshold)}
+
+
+def breed_hits(pred_boxes: np.ndarray, pred_breeds: list[str], gt_boxes: np.ndarray, gt_breeds: list[str]) -> list[bool]:
+    """Per ground-truth dog: does some detection with IoU >= 0.5 carry its breed as top-1?"""
+    if not len(pred_boxes):
+        return [False] * len(gt_boxes)
+    iou = box_iou(gt_boxes, pred_boxes)
+    return [bool(any(iou[i, j] >= MATCH_IOU and pred_breeds[j] == gt_breeds[i] for j in range(len(pred_breeds))))
+            for i in range(len(gt_boxes))]
+
+
+# --- running the detector ---
+
+def predict_records(model, records, batch_size: int = 8) -> list[dict]:
+    """The detector's raw detections (boxes, scores as numpy) for each record's photo."""
+    import torch
+
+    from .data import DetectionDataset
+
+    was_training = model.training
+    model.eval()
+    dataset = DetectionDataset(records)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(records), batch_size):
+            images = [dataset[i][0] for i in range(start, min(len(records), start + batch_size))]
+            for det in model(images):
+                out.append({"boxes": det["boxes"].numpy(), "scores": det["scores"].numpy()})
+    model.train(was_training)
+    return out
+
+
+def _crop(image: np.ndarray, box) -> np.ndarray:
+    try:  # the crop the predict path uses (detect/infer.py), so that evaluation measures what users get
+        from .infer import DEFAULT_MARGIN, crop_box
+
+        return crop_box(image, box, DEFAULT_MARGIN)
+    except ImportError:
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = box
+        x0, y0 = int(max(0, np.floor(x0))), int(max(0, np.floor(y0)))
+        x1, y1 = int(min(width, max(x0 + 1, np.ceil(x1)))), int(min(height, max(y0 + 1, np.ceil(y1))))
+        return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False) -> tuple[dict, list]:
+    """End-to-end breed accuracy, and the breed run's own top-1 on the whole single-dog photos."""
+    from tqdm import tqdm
+
+    from ..data.decode import decode_image
+
+    known = set(predictor.classes.breed_ids)
+    hits_all, hits_single, whole_single, labels = [], [], [], []
+    for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
+        image = decode_image(record.path)
+        keep = np.asarray(pred["scores"]) >= threshold
+        boxes = np.asarray(pred["boxes"])[keep]
+        crops = [_crop(image, b) for b in boxes]
+        names = [p.top[0].breed_id if p.ok and p.top else None for p in predictor.predict(crops, top_k=1)] if crops else []
+        labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
+        if record.breed_id not in known:
+            continue
+        hits = breed_hits(boxes, names, record.boxes, [record.breed_id] * record.count)
+        hits_all.extend(hits)
+        if record.count == 1:
+            hits_single.extend(hits)
+            whole = predictor.predict([image], top_k=1)[0]
+            whole_single.append(bool(whole.ok and whole.top and whole.top[0].breed_id == record.breed_id))
+    scores = {
+        "breed_accuracy": float(np.mean(hits_all)) if hits_all else None,
+        "breed_accuracy_single": float(np.mean(hits_single)) if hits_single else None,
+        "breed_run_single_dog_top1": float(np.mean(whole_single)) if whole_single else None,
+        "breed_dogs": len(hits_all),
+    }
+    return scores, labels
+
+
+# --- the figure ---
+
+def detection_figure(path: Path, records, predictions: list[dict], threshold: float, labels: list | None = None,
+                     n: int = 8, seed: int = 0) -> Path:
+    """Predicted (orange, with score [and breed]) and true (green, dashed) boxes on `n` photos,
+    half of them multi-dog photos when there are that many."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ..data.decode import decode_image
+
+    rng = np.random.default_rng(seed)
+    multi = [i for i, r in enumerate(records) if r.count >= 2]
+    single = [i for i, r in enumerate(records) if r.count < 2]
+    take_multi = list(rng.permutation(multi)[: n // 2]) if multi else []
+    take_single = list(rng.permutation(single)[: n - len(take_multi)])
+    chosen = take_multi + take_single
+    cols = min(4, max(1, len(chosen)))
+    rows = max(1, -(-len(chosen) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), chosen):
+        record, pred = records[i], predictions[i]
+        ax.imshow(decode_image(record.path))
+        for x0, y0, x1, y1 in record.boxes:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linestyle="--", linewidth=2))
+        keep = np.flatnonzero(np.asarray(pred["scores"]) >= threshold)
+        for k, j in enumerate(keep):
+            x0, y0, x1, y1 = pred["boxes"][j]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="orange", linewidth=2))
+            text = f"{pred['scores'][j]:.2f}"
+            if labels is not None and k < len(labels[i]):
+                text += f" {labels[i][k]}"
+            ax.text(x0 + 2, y0 + 2, text, color="black", fontsize=7, va="top",
+                    bbox={"facecolor": "orange", "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+        ax.set_title(f"{Path(record.path).name}: {record.count} dog(s), {len(keep)} found", fontsize=8)
+    fig.suptitle("dashed green: true boxes; orange: detections (score >= %.2f)" % threshold, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- the command ---
+
+def evaluation_records(run, data_root, split: str, breeds: str | None = None):
+    """The photos to evaluate, and a sentence saying where they came from.
+
+    The run's own data: its split, rebuilt exactly (same breeds, seed, fractions). Another
+    dataset: its official split when it has lists, else every photo (a dataset of test photos);
+    the breeds are the run's own where the dataset has them, else all of its breeds."""
+    from ..data.sources import scan_source
+    from .data import load_detection_data
+
+    cfg = run.read_config()
+    root = Path(data_root).expanduser().resolve()
+    trained_on = Path(cfg["data"]).expanduser().resolve() if cfg.get("data") else None
+    if trained_on == root and breeds is None:
+        data = load_detection_data(root, breeds=cfg.get("breeds", "top20"), seed=cfg.get("seed", 0),
+                                   val_fraction=cfg.get("val_fraction", 0.1), test_fraction=cfg.get("test_fraction", 0.2))
+        return data, data.split(split), f"the run's own {split} split of {data_root}"
+    _, records = scan_source(root)
+    present = {r.breed_id for r in records}
+    if breeds is None:
+        trained = [b["breed_id"] for b in run.read_json(run.classes_file)] if run.classes_file.is_file() else []
+        chosen = [b for b in trained if b in present]
+        breeds = chosen if chosen else "all"
+    has_split = all(r.split in ("train", "test") for r in records)
+    if has_split:
+        data = load_detection_data(root, breeds=breeds, seed=cfg.get("seed", 0))
+        return data, data.split(split), f"the {split} split of {data_root}"
+    data = load_detection_data(root, breeds=breeds, all_as=split)
+    return data, data.split(split), f"every photo of {data_root} (it has no train/test lists)"
+
+
+def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
+                      score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
+                      figure_photos: int = 8) -> dict:
+    import time
+
+    from ..rundir import RunDir
+    from .model import load_detector, read_detector_meta
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    run = RunDir.locate(run_path)
+    model, cfg = load_detector(run_path)
+    checkpoint = run.checkpoint()
+    data, records, origin = evaluation_records(run, data_root, split, breeds)
+    if not records:
+        raise DogbreedsError(f"{data_root}: no {split} photos with dog boxes to evaluate ({origin})")
+    report = data.problem_report()
+    if report:
+        print("annotation problems:\n  " + report.replace("\n", "\n  "), file=sys.stderr, flush=True)
+    threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
+    started = time.perf_counter()
+    predictions = predict_records(model, records)
+    seconds = time.perf_counter() - started
+    result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
+              "min_size": cfg.min_size, "max_size": cfg.max_size, "records_from": origin,
+              "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
+              **score_detections(predictions, [r.boxes for r in records], threshold),
+              "detect_seconds_per_photo": seconds / len(records),
+              "annotation_problems": data.problem_counts(),
+              "annotation_problem_files": [p.to_dict() for p in data.problems][:200]}
+    labels = None
+    if breeds_run is not None:
+        from ..infer.predictor import Predictor
+
+        predictor = Predictor.from_run(breeds_run, engine=engine)
+        breed, labels = breed_scores(predictor, records, predictions, threshold, progress)
+        result.update(breed, breeds_run=str(breeds_run))
+    else:
+        result["breed_accuracy"] = None
+        result["note"] = "breed_accuracy needs --breeds-run BREED_RUN"
+    figure = detection_figure(run.figure(f"detections_{split}.png"), records, predictions, threshold, labels,
+                              n=figure_photos)
+    result["figure"] = str(figure)
+    run.write_json(run.eval_file(split), result)
+    return result

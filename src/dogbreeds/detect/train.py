@@ -1,0 +1,250 @@
+"""`dogbreeds detect train`: the detector on the dogs' boxes, with the breed runs' run contract.
+
+    runs/NAME/config.yaml       the DetectorConfig (+ versions)
+    runs/NAME/classes.json      the breeds whose photos it trained on
+    runs/NAME/split.json        the photos of each split, their dog counts, every annotation problem
+    runs/NAME/metrics.jsonl     one line per epoch: losses, val mAP / AP50 / exact count, seconds
+    runs/NAME/checkpoints/      best.safetensors (val mAP), last.safetensors (+ .json), resume.pt
+
+Resume is bit-identical: the photo order and flips of an epoch come from a generator seeded by
+(seed, epoch), the loader's own seeds from a generator of its own, and resume.pt holds the
+weights, optimizer, scheduler, global RNG states and the position within the epoch. Ctrl-C or
+SIGTERM saves at the next step (train/loop.py's handler); rerunning the command resumes.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import DogbreedsError
+from ..rundir import RunDir
+from .model import DetectorConfig, detector_from_config, save_detector
+
+# Fields that may differ between a saved run and the command that resumes it.
+RESUME_FREE = ("out", "workers", "extra", "score_threshold")
+
+
+@dataclass
+class DetectHooks:
+    """Test seams: after_step(epoch, step) -> True asks the loop to stop as Ctrl-C would."""
+
+    after_step: Callable | None = None
+
+
+def quick_config(**overrides) -> DetectorConfig:
+    """The --quick recipe: a usable detector on the mini data (224 px photos) in ~20 min on 2 CPU cores."""
+    base = dict(min_size=224, max_size=224, epochs=4, batch_size=8, lr=0.02, warmup_epochs=0.25, frozen_levels=2,
+                quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=64)
+    return DetectorConfig(**{**base, **overrides})
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return 0.001 + (1 - 0.001) * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.01 + (1 - 0.01) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _config_mismatches(saved: dict, cfg: DetectorConfig) -> list[str]:
+    now = cfg.to_dict()
+    out = []
+    for key, value in now.items():
+        if key in RESUME_FREE or key in ("mean", "std"):  # mean/std follow the weights
+            continue
+        if key == "out_indices" and value is None:  # None: the backbone's last three, resolved when built
+            continue
+        if key in saved and saved[key] != value:
+            out.append(f"{key}: saved {saved[key]!r}, now {value!r}")
+    return out
+
+
+def epoch_plan(cfg: DetectorConfig, n: int, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+    """The batches (lists of photo indices) and flips of an epoch: a function of (seed, epoch) only."""
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    flips = (torch.rand(n, generator=gen) < cfg.hflip).numpy()
+    steps = n // cfg.batch_size
+    return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps)], flips
+
+
+def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progress: bool | None = None,
+                   data=None) -> Path:
+    """Train (or resume) the detector `cfg` describes; returns the run directory."""
+    from ..train.checkpoint import (append_metrics, capture_rng_state, load_resume_state, restore_rng_state,
+                                    save_resume_state, write_metrics)
+    from ..train.loop import TrainingStopped, _stop_on_signals
+    from ..train.recipe import environment_versions
+    from ..train.session import seed_everything
+    from .data import load_detection_data
+
+    hooks = hooks or DetectHooks()
+    if not cfg.out:
+        raise DogbreedsError("detect train needs --out (the run directory, e.g. runs/detect_mnv2)")
+    if not cfg.data:
+        raise DogbreedsError("detect train needs --data (a Stanford Dogs root with Annotation/)")
+    run = RunDir(cfg.out)
+    progress = sys.stderr.isatty() if progress is None else progress
+    saved = None
+    if run.resume_file.is_file():
+        saved_cfg = run.read_config()
+        mismatches = _config_mismatches(saved_cfg, cfg)
+        if mismatches:
+            raise DogbreedsError(f"{run.path} holds a detector run with other settings, so it cannot be resumed: "
+                                 + "; ".join(mismatches) + ". Repeat its settings, or train into a new --out")
+        saved = load_resume_state(run.resume_file)
+        for leftover in run.checkpoints.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    data = data or load_detection_data(cfg.data, breeds=cfg.breeds, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                                       test_fraction=cfg.test_fraction)
+    report = data.problem_report()
+    if report:
+        print("annotation problems (see split.json):\n  " + report.replace("\n", "\n  "), file=sys.stderr, flush=True)
+    train_records, val_records = data.split("train"), data.split("val")
+    if len(train_records) < cfg.batch_size:
+        raise DogbreedsError(f"{cfg.data}: {len(train_records)} training photo(s) with boxes, fewer than "
+                             f"--batch-size {cfg.batch_size}; lower it or add photos")
+
+    seed_everything(cfg.seed)
+    model = detector_from_config(cfg, weights=cfg.weights)
+    cfg = model.detector_config  # with the weights' mean/std and the resolved feature levels
+    if saved is None:
+        from ..data.records import ClassInfo
+
+        run.path.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        run.write_text(run.config, yaml.safe_dump({**cfg.to_dict(), "versions": environment_versions()},
+                                                  sort_keys=False))
+        run.write_json(run.classes_file, ClassInfo(tuple(data.breeds)).to_json())
+        run.write_json(run.split_file, data.summary(), indent=1)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+    steps_per_epoch = len(train_records) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
+
+    epoch, step_in_epoch, step, history, best, partial = 0, 0, 0, [], None, None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        epoch, step_in_epoch, step = saved["epoch"], saved["micro_done"], saved["step"]
+        history, best, partial = list(saved["history"]), saved["best"], saved["partial"]
+        restore_rng_state(saved["rng"][0])
+    else:
+        seed_everything(cfg.seed * 1000 + 1)
+    write_metrics(run.metrics_file, history)
+    print(f"{'resuming' if saved else 'training'} detector {cfg.backbone} ({cfg.min_size}-{cfg.max_size} px) on "
+          f"{len(train_records)} train / {len(val_records)} val photos "
+          f"({sum(r.count for r in train_records)} dogs), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+          + (f", from epoch {epoch} step {step_in_epoch}" if saved else ""), flush=True)
+
+    def save_state(at_epoch: int, in_epoch: int, sums: dict | None) -> None:
+        state = {"epoch": at_epoch, "micro_done": in_epoch, "step": step, "partial": sums, "world_size": 1,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": [capture_rng_state()], "best": best,
+                 "history": history}
+        save_resume_state(run.resume_file, state)
+
+    from tqdm import tqdm
+
+    from .data import DetectionDataset, collate
+    from .evaluate import predict_records, score_detections
+
+    with _stop_on_signals() as stop:
+        while epoch < cfg.epochs:
+            batches, flips = epoch_plan(cfg, len(train_records), epoch)
+            dataset = DetectionDataset(train_records, flips)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
+                                                 num_workers=cfg.workers, generator=torch.Generator().manual_seed(0),
+                                                 persistent_workers=False)
+            sums = dict(partial) if partial else {"loss": 0.0, "steps": 0, "seconds": 0.0}
+            partial = None
+            model.train()
+            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", disable=not progress,
+                       leave=False, dynamic_ncols=True)
+            tick = time.perf_counter()
+            stopped = False
+            try:
+                for images, targets in loader:
+                    losses = model(images, targets)
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss):
+                        optimizer.zero_grad(set_to_none=True)
+                        raise DogbreedsError(f"the loss became {float(loss)} at epoch {epoch} step {step_in_epoch}; "
+                                             f"the last good checkpoint is in {run.checkpoints}. Lower --lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    step_in_epoch += 1
+                    for key, value in losses.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    sums["loss"] += float(loss.detach())
+                    sums["steps"] += 1
+                    now = time.perf_counter()
+                    sums["seconds"] += now - tick
+                    tick = now
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                    if hooks.after_step is not None and hooks.after_step(epoch, step_in_epoch):
+                        stop.requested = True
+                    if stop.requested:
+                        stopped = True
+                        break
+            finally:
+                bar.close()
+            if stopped:
+                save_detector(model, run.checkpoint_path("last"), cfg,
+                              {"epoch": epoch, "epoch_completed": False, "step": step})
+                save_state(epoch, step_in_epoch, sums)
+                print(f"stopped at epoch {epoch} step {step_in_epoch}; checkpoint saved in {run.checkpoints}. "
+                      "Run the same command again to resume.", file=sys.stderr, flush=True)
+                raise TrainingStopped(stop.signum)
+
+            started = time.perf_counter()
+            predictions = predict_records(model, val_records)
+            val = score_detections(predictions, [r.boxes for r in val_records])
+            threshold = val["count_threshold"]
+            line = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                    **{f"train_{k}": v / max(1, sums["steps"]) for k, v in sums.items() if k not in ("steps", "seconds")},
+                    **{f"val_{k}": v for k, v in val.items()},
+                    "seconds": sums["seconds"], "val_seconds": time.perf_counter() - started}
+            history.append(line)
+            append_metrics(run.metrics_file, line)
+            epoch_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "score_threshold": threshold})
+            extra = {"epoch": epoch, "epoch_completed": True, "step": step, "val_map": val["map"],
+                     "val_ap50": val["ap50"], "val_exact_count": val["exact_count"]}
+            save_detector(model, run.checkpoint_path("last"), epoch_cfg, extra)
+            if best is None or val["map"] > best["val_map"]:
+                best = {"epoch": epoch, "val_map": val["map"]}
+                save_detector(model, run.checkpoint_path("best"), epoch_cfg, extra)
+            epoch += 1
+            step_in_epoch = 0
+            save_state(epoch, 0, None)
+            print(f"epoch {epoch - 1}: loss {line['train_loss']:.3f}, val mAP {val['map']:.3f} AP50 {val['ap50']:.3f} "
+                  f"exact count {val['exact_count']:.3f} (score >= {threshold:.2f}), "
+                  f"{sums['seconds']:.0f} s train + {line['val_seconds']:.0f} s val", flush=True)
+            if epoch < cfg.epochs and stop.requested:
+                print(f"stopped at the end of epoch {epoch - 1}; rerun the same command to resume",
+                      file=sys.stderr, flush=True)
+                raise TrainingStopped(stop.signum)
+    print(f"done: {run.path} (best val mAP {best['val_map']:.4f} at epoch {best['epoch']})" if best
+          else f"done: {run.path}", flush=True)
+    return run.path
