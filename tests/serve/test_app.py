@@ -159,7 +159,7 @@ def test_serve_warns_when_binding_beyond_loopback(serve_run, monkeypatch, capsys
     from dogbreeds.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level, **_: seen.update(host=host, port=port))
     assert main(["serve", str(serve_run), "--host", "0.0.0.0", "--port", "8123"]) == 0
     assert seen == {"host": "0.0.0.0", "port": 8123}
     assert "warning: binding 0.0.0.0" in capsys.readouterr().err
@@ -199,7 +199,7 @@ def test_engine_option_picks_the_backend_and_explain_works_on_both(serve_run, ph
     from dogbreeds.infer.runtime_torch import TorchBackend
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: apps.append(app))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level, **_: apps.append(app))
     assert main(["serve", str(serve_run)]) == 0
     assert main(["serve", str(serve_run), "--engine", "torch"]) == 0
     default, eager = (app.state.predictor for app in apps)

@@ -138,7 +138,7 @@ def test_serve_flags_reach_the_predictor(calibrated_run, monkeypatch):
     from dogbreeds.cli import main
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: apps.append(app))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level, **_: apps.append(app))
     assert main(["serve", str(calibrated_run), "--engine", "torch", "--ood-threshold", "0.125",
                  "--coverage", "0.75"]) == 0
     assert main(["serve", str(calibrated_run), "--engine", "torch"]) == 0

@@ -11,7 +11,16 @@ Limits (each answered with a status code and a message, never by growing memory)
     413  body over --max-upload-mb (Content-Length checked first, then enforced while reading),
          or an image over the pixel limit
     415  not an image (or empty); 422  a corrupt or truncated image, or a missing form field
-    503  too many requests in flight (Retry-After says when to try again)
+    408  the body did not arrive within --body-timeout (the headers: --header-timeout, serve/timeouts.py)
+    503  too many requests in flight, or too many body bytes being received (Retry-After says when to retry)
+
+Slow clients cost a socket, not a slot: a request's body is read (bounded in bytes, time, and
+in total bytes across all requests being read) before it takes an admission slot, so clients
+that trickle bytes cannot lock real requests out. Decoding is bounded too: at most one decode
+per CPU core at once (--max-decodes), each decoding no more pixels than the model needs
+(data/decode.py's min_short_side: JPEG draft mode, integer box reduction), and freed heap memory
+is handed back to the OS after each decode (glibc malloc_trim), so pixel bombs under the pixel
+limit cost bounded, transient memory. A client that disconnects mid-upload gets one log line.
 
 Predictions run on whatever backend the predictor has (infer/backend.py; for a run: onnxruntime
 by default, `--engine torch` for PyTorch eager). Grad-CAM needs the PyTorch model, so /v1/explain
@@ -22,9 +31,12 @@ checkpoint: 501.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import os
 import threading
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +61,25 @@ class ServeSettings:
     max_queue: int = 64          # requests waiting beyond the batch in progress; then 503
     max_upload_mb: float = 10.0  # request body limit
     max_pixels: int = DEFAULT_MAX_PIXELS
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this (serve/timeouts.py)
+    body_timeout_s: float = 60.0     # the whole body must arrive within this once the headers are in; else 408
+    max_decodes: int = 0             # images decoded at once; 0: one per CPU core
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_slots(self) -> int:
+        if self.max_decodes:
+            return self.max_decodes
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
+    def max_reading_bytes(self) -> int:
+        """Body bytes being received across all requests at once: the memory that admission
+        used to bound (max_queue + max_batch bodies of max_upload_mb), now counted in bytes."""
+        return (self.max_queue + self.max_batch) * self.max_upload_bytes
 
 
 class _Admission:
@@ -63,14 +90,46 @@ class _Admission:
         self.capacity = capacity
         self.in_flight = 0
 
-    def __enter__(self):
+    def check(self) -> None:
         if self.in_flight >= self.capacity:
             raise HTTPException(503, f"server busy: {self.in_flight} requests in flight; retry shortly",
                                 headers={"Retry-After": RETRY_AFTER_S})
+
+    def __enter__(self):
+        self.check()
         self.in_flight += 1  # single event-loop thread: no lock needed
 
     def __exit__(self, *exc):
         self.in_flight -= 1
+
+
+class _ReadingBudget:
+    """Body bytes being received, across all requests. Bodies are read before a request takes
+    an admission slot, so this bounds their memory: a request that would push the total past
+    `capacity` gets 503. A slow client holds only the bytes it has sent."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held = 0
+        self.requests = 0
+
+    @contextmanager
+    def account(self):
+        taken = [0]
+
+        def take(count: int) -> None:
+            if self.held + count > self.capacity:
+                raise HTTPException(503, f"server busy: {self.held:,} bytes of uploads being received; retry shortly",
+                                    headers={"Retry-After": RETRY_AFTER_S})
+            self.held += count
+            taken[0] += count
+
+        self.requests += 1
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
+            self.requests -= 1
 
 
 def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
@@ -79,6 +138,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     # Each row comes back as a trust.Assessment: calibrated probabilities, verdict, OOD score, breed set.
     batcher = MicroBatcher(predictor.assess, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     admission = _Admission(settings.max_queue + settings.max_batch)
+    reading = _ReadingBudget(settings.max_reading_bytes)
+    decodes = asyncio.Semaphore(settings.decode_slots)  # binds to the server's loop on first use
     explainer_holder: dict = {"lock": threading.Lock()}
 
     @asynccontextmanager
@@ -90,6 +151,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     app = FastAPI(title="dogbreeds", version="1", lifespan=lifespan,
                   description="Tell a dog's breed from a photo. Upload an image to /v1/predict.")
     app.state.predictor, app.state.batcher, app.state.settings, app.state.admission = predictor, batcher, settings, admission
+    app.state.reading, app.state.decodes = reading, decodes
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -99,7 +161,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "model": predictor.backend.name, "backend": _backend_kind(predictor),
-                "num_classes": len(predictor.classes), "in_flight": admission.in_flight,
+                "engine_choice": getattr(predictor.backend, "auto_choice", None),  # what "auto" measured (issue 13)
+                "num_classes": len(predictor.classes), "in_flight": admission.in_flight, "reading": reading.requests,
                 "queued": batcher.queued, "batcher": batcher.stats.to_dict()}
 
     @app.get("/v1/breeds")
@@ -108,9 +171,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
 
     @app.post("/v1/predict", openapi_extra=_IMAGE_BODY_DOC)
     async def predict(request: Request, top: int = Query(5, ge=1, description="how many breeds to return")):
-        with admission:
-            name, data = await read_image_upload(request, settings.max_upload_bytes)
-            inputs = await asyncio.to_thread(_decode_and_preprocess, predictor, data, name)
+        admission.check()  # already full: 503 before reading a byte
+        name, data = await read_image_upload(request, settings.max_upload_bytes)
+        with admission:  # taken once the whole body is here: a slow upload holds no slot
+            async with decodes:
+                inputs = await asyncio.to_thread(_decode_and_preprocess, predictor, data, name)
             try:
                 answer = await batcher.submit(inputs)
             except Overloaded as exc:
@@ -127,9 +192,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     async def explain(request: Request, breed: str | None = Query(None, description="breed name or id; default: the top one")):
         if not _can_explain(predictor):
             raise HTTPException(501, "Grad-CAM needs the PyTorch model; serve the run directory instead of the .onnx file")
+        admission.check()
+        name, data = await read_image_upload(request, settings.max_upload_bytes)
         with admission:
-            name, data = await read_image_upload(request, settings.max_upload_bytes)
-            explanation = await asyncio.to_thread(_explain, predictor, explainer_holder, data, name, breed)
+            async with decodes:
+                explanation = await asyncio.to_thread(_explain, predictor, explainer_holder, data, name, breed)
             target, top1 = explanation.target, explanation.top[0]
             return Response(explanation.png_bytes(), media_type="image/png", headers={
                 "X-Breed": _ascii(target.breed), "X-Breed-Prob": f"{target.prob:.6f}",
@@ -151,11 +218,30 @@ def decode_error_status(exc: ImageDecodeError) -> int:
 
 
 async def read_image_upload(request: Request, limit: int) -> tuple[str, bytes]:
-    """(name, bytes) of the uploaded image: the multipart field `image`, or the raw body."""
+    """(name, bytes) of the uploaded image: the multipart field `image`, or the raw body.
+
+    Bounded three ways, each answered at once: `limit` bytes (413), the app's body timeout
+    (408, `ServeSettings.body_timeout_s`) and the bytes being received by all requests together
+    (503, `ServeSettings.max_reading_bytes`). A client that disconnects mid-upload is logged in
+    one line (no traceback)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPException(413, f"upload of {int(length):,} bytes exceeds the limit of {limit:,} bytes (--max-upload-mb)")
-    stream = _limited_stream(request, limit)
+    settings = getattr(request.app.state, "settings", None)
+    timeout_s = settings.body_timeout_s if settings is not None else None
+    reading = getattr(request.app.state, "reading", None) or _ReadingBudget(limit)
+    from starlette.requests import ClientDisconnect
+
+    with reading.account() as take:
+        try:
+            return await _read_upload(request, _limited_stream(request, limit, timeout_s, take))
+        except ClientDisconnect:
+            client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            log.info("%s disconnected before its upload to %s was complete", client, request.url.path)
+            raise HTTPException(400, "the client disconnected before the upload was complete") from None
+
+
+async def _read_upload(request: Request, stream) -> tuple[str, bytes]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         from starlette.formparsers import MultiPartException, MultiPartParser
@@ -176,18 +262,62 @@ async def read_image_upload(request: Request, limit: int) -> tuple[str, bytes]:
     return "<body>", b"".join(chunks)
 
 
-async def _limited_stream(request: Request, limit: int):
-    # Content-Length can be absent (chunked) or wrong: count what actually arrives.
+async def _limited_stream(request: Request, limit: int, timeout_s: float | None = None, take=None):
+    # Content-Length can be absent (chunked) or wrong: count what actually arrives, and give
+    # the whole body one deadline (a client sending a byte now and then never trips a per-chunk one).
     received = 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            if deadline is None:
+                chunk = await chunks.__anext__()
+            else:
+                chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the upload did not arrive within {timeout_s:g} s (--body-timeout); "
+                                     "send the whole request at once", headers={"Connection": "close"}) from None
         received += len(chunk)
         if received > limit:
             raise HTTPException(413, f"upload exceeds the limit of {limit:,} bytes (--max-upload-mb)")
+        if take is not None:
+            take(len(chunk))
         yield chunk
 
 
 def _decode_and_preprocess(predictor: Predictor, data: bytes, name: str):
-    return predictor.preprocess(predictor.decode(data, name))
+    """Decode no more pixels than the model's resize needs (a bounded decode: pixel bombs under
+    the pixel limit stay cheap), then preprocess; freed heap memory goes back to the OS."""
+    from ..data.decode import decode_image
+
+    try:
+        image = decode_image(data, max_pixels=predictor.max_pixels,
+                             min_short_side=predictor.preprocessing.resize_size)
+    except ImageDecodeError as exc:  # name the upload rather than "<bytes>"
+        raise type(exc)(name, exc.reason) from None
+    finally:
+        release_freed_memory()
+    return predictor.preprocess(image)
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse, and a large decode's buffers would otherwise stay
+    in the process's RSS; malloc_trim(0) hands the free pages back. No-op without glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: str | None):
@@ -202,6 +332,8 @@ def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: 
         raise
     except DogbreedsError as exc:  # e.g. an unknown breed name
         raise HTTPException(422, str(exc)) from None
+    finally:
+        release_freed_memory()
 
 
 def _make_explainer(predictor: Predictor):

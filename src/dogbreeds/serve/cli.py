@@ -30,6 +30,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond the running batch; more are answered 503 (default 64)")
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="request body limit in MB (default 10)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
+                   help="seconds a client has to send the request line and headers; then 408 and the connection "
+                        "closes (default 10)")
+    p.add_argument("--body-timeout", type=positive_float, default=60.0,
+                   help="seconds a client has to send the whole body once the headers are in; then 408 "
+                        "(default 60: 10 MB at 1.4 Mbit/s)")
+    p.add_argument("--max-decodes", type=positive_int, default=None,
+                   help="images decoded at once (default: one per CPU core)")
     p.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                    help=f"low-confidence threshold (default {DEFAULT_THRESHOLD})")
     p.add_argument("--ood-threshold", type=fraction_type("ood threshold"), default=None,
@@ -64,6 +72,7 @@ def _serve(args) -> int:
 
     from ..infer.predictor import Predictor
     from .app import ServeSettings, create_app
+    from .timeouts import timeout_protocol
 
     if args.host not in LOOPBACK:
         print(f"warning: binding {args.host}: the service will be reachable from other machines; it has no "
@@ -72,7 +81,9 @@ def _serve(args) -> int:
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
                                     ood_threshold=args.ood_threshold, coverage=args.coverage)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
+                             max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
+                             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                             max_decodes=args.max_decodes or 0)
     app = create_app(predictor, settings)
     from .detect_routes import attach_detector
 
@@ -82,8 +93,22 @@ def _serve(args) -> int:
     print(f"serving {predictor.backend.name} ({len(predictor.classes)} breeds, {_describe_backend(predictor)}) "
           f"on http://{args.host}:{args.port}/ "
           f"(API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                http=timeout_protocol(settings.header_timeout_s, settings.body_timeout_s),
+                log_config=log_config(args.log_level))
     return 0
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging setup, with the service's own logger ("dogbreeds", e.g. timeouts and
+    disconnects) printed the same way at the same level."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["dogbreeds"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def _describe_backend(predictor) -> str:
