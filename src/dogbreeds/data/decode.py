@@ -55,8 +55,16 @@ _IMAGE_MAGIC = (
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_short_side: int | None = None) -> np.ndarray:
     """Decode a path or raw bytes into an HxWx3 uint8 RGB array (EXIF-oriented).
+
+    min_short_side: the caller will scale the short side down to this many pixels, so decode
+    no more than that needs (a bounded decode, e.g. for the service): a JPEG decodes at 1/2,
+    1/4 or 1/8 scale (Pillow's draft mode), other formats are box-reduced by an integer factor
+    right after decoding, each only while the short side stays >= 3 * min_short_side (the
+    margin of Pillow's own `resize(reducing_gap=3)`). Images under 6 * min_short_side on the
+    short side decode exactly as without it.
 
     Raises an ImageDecodeError subclass naming the file and the reason; never returns a
     partial or placeholder image.
@@ -84,6 +92,8 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
                 f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
                 "(possible decompression bomb); resize the image or pass a larger max_pixels",
             )
+        if min_short_side:
+            return _decode_reduced(name, image, min_short_side)
         _load(name, image)
         try:
             oriented = ImageOps.exif_transpose(image)
@@ -92,6 +102,47 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
         return _to_rgb_array(name, oriented)
     finally:
         image.close()
+
+
+# Modes Image.reduce averages correctly; others are converted first (palette indices and
+# 1-bit pixels cannot be averaged; 16-bit gray widens to I, exactly).
+_REDUCIBLE = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "I": "I", "F": "F", "1": "L",
+              "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I", "CMYK": "RGB", "YCbCr": "RGB",
+              "PA": "RGBA", "La": "LA", "RGBa": "RGBA"}
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _decode_reduced(name: str, image: Image.Image, min_short_side: int) -> np.ndarray:
+    """decode_image's bounded path (see `min_short_side`): at most one full-size copy of the
+    pixels (Pillow's own buffer, for formats without draft mode; two while a palette or 16-bit
+    image is converted), freed before the array is made."""
+    keep = 3 * int(min_short_side)
+    if image.format == "JPEG" and min(image.size) >= 2 * keep:
+        image.draft(None, (keep, keep))  # DCT scaling: the decoder never builds the full size
+    _load(name, image)
+    try:
+        orientation = image.getexif().get(0x0112)  # read from the file before any copy is made
+    except Exception as exc:  # Pillow raises many types on malformed EXIF blocks
+        raise CorruptImageError(name, f"unreadable EXIF orientation data ({exc})") from exc
+    factor = min(image.size) // keep
+    reduced = image
+    if factor >= 2:
+        mode = image.mode
+        if mode == "P":
+            mode = "RGBA" if "transparency" in image.info else "RGB"
+        elif mode not in _REDUCIBLE:
+            raise CorruptImageError(name, f"unsupported colour mode {mode!r}; convert the file to 8-bit RGB")
+        target = _REDUCIBLE.get(mode, mode)
+        source = image if image.mode == target else image.convert(target)
+        reduced = source.reduce(factor)
+        if source is not image:
+            source.close()
+        image.close()  # the full-size pixels go before the array is made (closing twice is harmless)
+    if orientation in _ORIENTATION_TRANSPOSE:
+        reduced = reduced.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return _to_rgb_array(name, reduced)
 
 
 def _describe(source) -> tuple[str, bytes | None, Path | None]:
