@@ -33,12 +33,40 @@ def test_prepare_for_training_gives_the_same_loss_and_gradients():
     opt.step()  # fused AdamW runs on CPU tensors
 
 
-def test_matmul_ceiling_samples_both_libraries():
-    c = ceiling.MatmulCeiling(size=64)
+def test_ceilings_are_measured_per_precision_with_every_library():
+    c = ceiling.Ceilings(size=64, log=lambda *_: None)
     c.sample()
     medians = c.medians()
-    assert set(medians) == {"torch (MKL)", "onnxruntime (MLAS)"}
-    assert c.gflops == max(medians.values()) > 0
+    assert {"torch matmul", "onnxruntime MatMul"} <= set(medians["fp32"])
+    assert "torch matmul" in medians["bf16"] and "onnxruntime MatMulInteger" in medians["int8"]
+    for precision, libraries in medians.items():  # each precision's ceiling is its fastest library
+        assert c.gflops(precision) == max(libraries.values()) > 0
+    assert c.since("bf16", 0) == pytest.approx(c.best["bf16"][0])
+    saved = c.to_dict()
+    assert saved["gflops"]["int8"] == c.gflops("int8") and saved["sizes"]["fp32 torch matmul"] == 64
+
+
+def test_a_slow_precision_is_timed_at_a_smaller_product(monkeypatch):
+    """An emulated precision (bf16 on a CPU without it) must not stall the run: the product shrinks
+    until one call fits call_s, and the note says so (timed on a fake clock: exact)."""
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(ceiling, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def maker(seconds_per_flop):
+        def make(n):
+            def run():
+                now[0] += n ** 3 * seconds_per_flop
+            return run
+        return make
+    fast = maker(6e-11)  # 256: 1 ms, 512: 8 ms, 1024: 64 ms
+    size, run, note = ceiling._fit(fast, size=2048, call_s=0.02)
+    assert size == 512 and "timed at 512x512" in note
+    size, _, note = ceiling._fit(fast, size=512, call_s=1.0)
+    assert size == 512 and note == ""
+    size, _, _ = ceiling._fit(maker(2e-9), size=2048, call_s=0.02)
+    assert size == 128  # 256 takes 34 ms: halved until one call fits
 
 
 def test_scaling_point_reports_throughput_and_peak_memory(tmp_path):
@@ -72,23 +100,43 @@ def test_bench_is_a_dogbreeds_command():
     assert args.func is cli.run_bench and args.quick and args.batches == "1,16"
 
 
-def _fake_report() -> dict:
+FP32_FLAGS = {"avx2": True, "fma": True, "avx512f": False, "avx512_bf16": False, "amx_bf16": False, "amx_int8": False}
+AMX_FLAGS = dict(FP32_FLAGS, avx512f=True, avx512_bf16=True, amx_bf16=True, amx_int8=True)
+
+
+def _profile(flags: dict) -> dict:
+    return {"cpu": {"model": "Test CPU", "vendor": "TestVendor", "cores": 2, "logical": 2, "flags": dict(flags)},
+            "gpu": [], "libraries": {"torch": "x"}, "platform": {"system": "Linux", "machine": "x86_64", "python": "3"}}
+
+
+def _fake_report(flags: dict = FP32_FLAGS, paths=None) -> dict:
+    from dogbreeds.machine import describe, profile_key
+
+    paths = paths or ((inference.BASELINE, 1000.0, "fp32"), (inference.ENGINE, 400.0, "fp32"), ("HF transformers", None, "fp32"))
     rows = []
     for model, batch, gflop in (("convnext_tiny", 1, 10.0), ("convnext_tiny", 16, 10.0), ("mobilenetv2_100", 16, 0.6)):
-        for path, ms in ((inference.BASELINE, 1000.0 * batch), (inference.ENGINE, 400.0 * batch), ("HF transformers", None)):
+        for path, ms_per_image, precision in paths:
+            ms = ms_per_image * batch if ms_per_image else None
             ips = batch / ms * 1000 if ms else None
             rows.append(inference.Result(model, batch, path, ms, ips, (1000.0 * batch) / ms if ms else None,
                                          ips * gflop / 50 if ips else None, "" if ms else "unavailable: test",
-                                         gflop))
+                                         gflop, 50.0, precision))
+    profile = _profile(flags)
     return {
-        "machine": {"cpu": "Test CPU", "logical_cpus": 2, "threads": 2, "avx512": True, "torch_blas": "MKL",
-                    "versions": {"torch": "x"}, "load_start": "1 1 1", "load_end": "1 1 1"},
+        "machine": {"profile": profile, "profile_key": profile_key(profile), "describe": describe(profile),
+                    "threads": 2, "versions": {"keras": "x"}, "load_start": "1 1 1", "load_end": "1 1 1"},
         "started": "now", "quick": True, "rounds": 2, "minutes": 1.0,
-        "ceiling": {"samples": {}, "medians": {"torch (MKL)": 25.0, "onnxruntime (MLAS)": 50.0}, "gflops": 50.0, "size": 2048},
+        "ceiling": {"medians": {"fp32": {"torch matmul": 25.0, "onnxruntime MatMul": 50.0}, "bf16": {"torch matmul": 100.0}},
+                    "gflops": {"fp32": 50.0, "bf16": 100.0}, "size": 2048, "call_s": 1.0,
+                    "sizes": {"fp32 torch matmul": 2048, "fp32 onnxruntime MatMul": 2048, "bf16 torch matmul": 512},
+                    "notes": {"bf16 torch matmul": "timed at 512x512"}, "skipped": {"bf16 OpenVINO MatMul": "f32 here"}},
         "inference": rows,
         "int8": [{"model": "m", "photos": 10, "top1_agreement": 1.0, "max_abs_logit_diff": 0.01}],
         "training": {"model": "convnext_tiny", "batch": 16, "size": 224, "steps": 2, "first_loss": {"a": 1.0},
-                     "images_per_s": {"plain timm loop": 1.0, "dogbreeds settings": 1.1}, "ratio": 1.1},
+                     "images_per_s": {"plain timm loop, fp32": 1.0, "dogbreeds train setup (fp32)": 1.1},
+                     "notes": {"plain timm loop, bf16 autocast": "skipped: no native bf16"},
+                     "train_setup": {"precision": "fp32", "channels_last": True, "model_kwargs": {}, "optimizer": "AdamW"},
+                     "train_loop": "dogbreeds train setup (fp32)", "ratio": 1.1, "ratio_bf16": None},
     }
 
 
@@ -96,15 +144,174 @@ def test_report_checks_each_goal_against_the_numbers(tmp_path):
     report = _fake_report()
     lines = cli.goals(report)
     text = "\n".join(lines)
+    assert "Goal set: **fp32 CPU**" in text
     assert "**met**: ConvNeXt-T batch 16 at 2.50x" in text
-    assert "**not met**: ConvNeXt-T batch 16 at 50% of the measured matmul ceiling (goal >= 85%; 1.70x short)" in text
+    assert ("**not met**: ConvNeXt-T batch 16 at 50% of the measured fp32 matmul ceiling (50 GFLOP/s) "
+            "(goal >= 85%; 1.70x short)") in text
     assert "**not met**: ConvNeXt-T batch-1 latency 400 ms" in text
     assert "**met**: MobileNetV2 batch 16 at 2.50x" in text
     assert "**not met**: training step 1.10x" in text
     md = cli.render(report, tmp_path / "performance.md")
-    assert "| convnext_tiny | 16 | HF transformers | n/a |" in md and "unavailable: test" in md
-    assert (tmp_path / "figures" / "perf_inference.png").is_file()
-    assert "no GPU" in md
+    assert "| convnext_tiny | 16 | HF transformers | fp32 | n/a |" in md and "unavailable: test" in md
+    key = report["machine"]["profile_key"]
+    assert md.startswith(f"## Test CPU, 2 cores") and f"(profile {key})" in md.splitlines()[0]
+    assert (tmp_path / "figures" / f"perf_inference-{key}.png").is_file()
+    assert "GPU: none in the profile" in md
+    assert "bf16 ceiling **100.0 GFLOP/s**" in md and "not measured: bf16 OpenVINO MatMul: f32 here" in md
+
+
+def test_the_goal_set_is_chosen_from_the_profile():
+    assert cli.goal_set(_profile(FP32_FLAGS))[0] == cli.FP32_CPU
+    assert cli.goal_set(_profile(AMX_FLAGS))[0] == cli.BF16_CPU
+    assert cli.goal_set(_profile(dict(FP32_FLAGS, avx512_bf16=True)))[0] == cli.BF16_CPU
+    text = "\n".join(cli.goals(_fake_report(AMX_FLAGS)))
+    assert "Goal set: **bf16 CPU**" in text and "goal <= 40 ms" in text and "of the bf16 matmul ceiling" in text
+    assert "timm eager (goal >= 1.5x)" not in text  # the fp32 goals are not the ones checked here
+    assert "the bf16 loop was not timed: skipped: no native bf16" in text  # training goal without its peer
+
+
+def test_bf16_goals_are_never_met_with_a_peer_missing():
+    full = ((inference.BASELINE, 1000.0, "fp32"), (inference.ENGINE, 10.0, "bf16"), (inference.TIMM_BF16, 100.0, "bf16"),
+            (inference.OPENVINO_BF16, 100.0, "bf16"), (cli.ORT_PLAIN, 500.0, "fp32"), (cli.HF, 900.0, "fp32"),
+            (cli.KERAS, 900.0, "fp32"), (inference.INT8, 5.0, "int8"))
+    text = "\n".join(cli.goals(_fake_report(AMX_FLAGS, full)))
+    assert "**met**: ConvNeXt-T batch 16: the engine (bf16) at 10.00x the fastest fp32/bf16 peer (timm channels_last" in text
+    assert "**met**: ConvNeXt-T batch 16: the int8 path at 20.00x the fastest bf16 peer" in text
+    # OpenVINO asked for bf16 but computing in fp32 is still a peer of the engine, but not a bf16 peer
+    partial = tuple(p if p[0] != inference.OPENVINO_BF16 else (p[0], 100.0, "fp32") for p in full)
+    text = "\n".join(cli.goals(_fake_report(AMX_FLAGS, partial)))
+    assert "**met**: ConvNeXt-T batch 16: the engine (bf16) at 10.00x" in text
+    assert ("**not met**: ConvNeXt-T batch 16: the int8 path at 20.00x the fastest bf16 peer (timm channels_last + "
+            "bf16 autocast) (goal >= 1.5x); not checked against: OpenVINO bf16 hint (defaults) (computes in fp32 here)") in text
+    skipped = tuple(p if p[0] != cli.KERAS else (p[0], None, "fp32") for p in full)
+    text = "\n".join(cli.goals(_fake_report(AMX_FLAGS, skipped)))
+    assert "**not met**: MobileNetV2 batch 16: the engine" in text and "Keras 3 (torch backend) (unavailable: test)" in text
+
+
+class _FakeCeilings:
+    """Ceilings with a fixed value per precision (GFLOP/s), counting samples like the real one."""
+
+    def __init__(self, values):
+        self.values, self.rounds = values, 0
+
+    def sample(self):
+        self.rounds += 1
+
+    def since(self, precision, first):
+        return self.values.get(precision)
+
+
+def test_each_path_is_compared_with_the_ceiling_of_its_precision_and_emulated_ones_are_bounded(monkeypatch, tmp_path):
+    import time as clock
+
+    calls = {"bf16": 0}
+
+    def slow_bf16(batch):
+        calls["bf16"] += 1
+        clock.sleep(0.05 * len(batch))
+
+    def paths(name, cache_dir, with_compile, log, profile, photos, choices):
+        return [inference.Path_(inference.BASELINE, lambda b: clock.sleep(0.002)),
+                inference.Path_(inference.ENGINE, lambda b: clock.sleep(0.001), precision="int8"),
+                inference.Path_(inference.TIMM_BF16, slow_bf16, precision="bf16", bounded=True, note="bounded: emulated"),
+                inference.Path_("absent", None, "skipped: not installed")], 1.0
+    monkeypatch.setattr(inference, "build_paths", paths)
+    ceilings = _FakeCeilings({"fp32": 100.0, "bf16": 2.0, "int8": 400.0})
+    results = inference.measure(["m"], [1, 4], 2, tmp_path, False, ceilings, log=lambda *_: None, bound_s=0.1)
+    rows = {(r.batch, r.path): r for r in results}
+    assert rows[(1, inference.BASELINE)].ceiling_gflops == 100.0
+    engine = rows[(1, inference.ENGINE)]
+    assert engine.precision == "int8" and engine.ceiling_gflops == 400.0
+    assert engine.fraction_of_ceiling == pytest.approx(engine.images_per_s * 1.0 / 400.0)
+    bf16 = rows[(1, inference.TIMM_BF16)]
+    assert bf16.ceiling_gflops == 2.0 and bf16.ms is not None and "timed once" in bf16.note
+    # batch 4 would take ~0.2 s > bound 0.1 s: skipped with the measured reason, and never called there
+    assert rows[(4, inference.TIMM_BF16)].ms is None and "skipped at batch 4" in rows[(4, inference.TIMM_BF16)].note
+    assert calls["bf16"] == 2  # warm-up + one timed call at batch 1, none at batch 4
+    assert rows[(1, "absent")].ms is None and rows[(1, "absent")].ceiling_gflops == 100.0
+    assert ceilings.rounds == 2 * 3 + 2  # batch 1 runs 3x the rounds
+
+
+def test_train_setup_makes_trains_own_precision_decision(monkeypatch):
+    from dogbreeds.train import session
+
+    monkeypatch.setattr(session, "cpu_bf16_support", lambda: None)
+    setup = training.train_setup("convnext_atto", num_classes=3)
+    assert setup["precision"] == "fp32" and setup["channels_last"]
+    assert setup["model"].is_contiguous(memory_format=torch.channels_last) if hasattr(setup["model"], "is_contiguous") else True
+    monkeypatch.setattr(session, "cpu_bf16_support", lambda: "amx")  # what train does on an AMX CPU
+    setup = training.train_setup("convnext_atto", num_classes=3)
+    assert setup["precision"] == "bf16"
+    with setup["autocast"]():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_training_bench_bounds_the_bf16_loop_without_native_bf16():
+    kw = dict(name="convnext_atto", batch=2, size=32, steps=1, log=lambda *_: None, profile=_profile(FP32_FLAGS))
+    out = training.measure(bound_s=0.0, **kw)
+    assert set(out["images_per_s"]) == {training.PLAIN, out["train_loop"]} and out["ratio_bf16"] is None
+    assert out["notes"][training.PLAIN_BF16].startswith("skipped: the machine profile lists no native bf16")
+    assert out["train_loop"] == f"{training.TRAIN} ({out['train_setup']['precision']})"
+    out = training.measure(bound_s=1e9, **kw)
+    assert training.PLAIN_BF16 in out["images_per_s"] and "timed once" in out["notes"][training.PLAIN_BF16]
+    assert out["ratio_bf16"] == pytest.approx(out["images_per_s"][out["train_loop"]] / out["images_per_s"][training.PLAIN_BF16])
+
+
+def test_a_result_records_the_machine_profile(tmp_path):
+    from dogbreeds.machine import machine_profile, profile_key
+
+    m = cli.machine(2)
+    assert m["profile"] == machine_profile() and m["profile_key"] == profile_key()
+    report = _fake_report()
+    assert cli.headline(report)["profile_key"] == report["machine"]["profile_key"]
+
+
+def test_bench_machine_prints_the_profile(capsys):
+    from dogbreeds.cli import build_parser
+    from dogbreeds.machine import profile_key
+
+    args = build_parser().parse_args(["bench", "--machine"])
+    assert cli.run_bench(args) == 0
+    out = capsys.readouterr().out
+    assert f"profile key: {profile_key()}" in out and '"flags"' in out and "goal set: " in out
+
+
+def test_writing_a_section_keeps_the_other_profiles_sections(tmp_path):
+    out = tmp_path / "performance.md"
+    cli.write_section(out, "aaa", "## machine A\n\nfirst\n")
+    cli.write_section(out, "bbb", "## machine B\n")
+    out.write_text(out.read_text() + "\n## hand-written section\n")
+    cli.write_section(out, "aaa", "## machine A\n\nsecond\n")
+    text = out.read_text()
+    assert text.startswith("# Performance") and "second" in text and "first" not in text
+    assert "## machine B" in text and "## hand-written section" in text
+    assert text.index("machine A") < text.index("machine B")  # replaced where it was
+
+
+def test_openvino_peers_are_skipped_with_the_extra_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    paths = inference.openvino_paths(lambda: Path("unused.onnx"), log=lambda *_: None)
+    assert [p.name for p in paths] == [inference.OPENVINO_FP32, inference.OPENVINO_BF16]
+    assert all(p.run is None and '.[openvino]' in p.note for p in paths)
+
+
+def test_openvino_peers_say_what_precision_they_compute_in(tmp_path):
+    pytest.importorskip("openvino")
+    import timm
+
+    from dogbreeds.infer.export import write_onnx
+    from dogbreeds.machine import has_native_bf16, machine_profile
+
+    path = tmp_path / "tiny.onnx"
+    write_onnx(timm.create_model("mobilenetv2_050", num_classes=3).eval(), path, input_size=64)
+    fp32, bf16 = inference.openvino_paths(lambda: path, log=lambda *_: None)
+    assert fp32.precision == "fp32" and fp32.run(np.zeros((2, 3, 64, 64), np.float32)) is not None
+    if not has_native_bf16(machine_profile()["cpu"]["flags"]):
+        assert bf16.precision == "fp32" and "computes in fp32" in bf16.note
+    else:
+        assert bf16.precision == "bf16"
 
 
 @pytest.mark.parametrize("missing", ["transformers", "keras"])
@@ -135,6 +342,8 @@ def _saved_run(tmp_path) -> Path:
 
 
 def test_the_report_is_printed_and_written_only_where_told(tmp_path, monkeypatch, capsys):
+    import json
+
     from dogbreeds.cli import build_parser
 
     monkeypatch.chdir(tmp_path)  # nothing may appear in the working directory (e.g. docs/)
@@ -149,7 +358,9 @@ def test_the_report_is_printed_and_written_only_where_told(tmp_path, monkeypatch
     out = tmp_path / "report" / "perf.md"
     args = build_parser().parse_args(["bench", "--from-json", str(raw), "--cache-dir", str(raw.parent), "--out", str(out)])
     assert cli.run_bench(args) == 0
-    assert out.read_text().startswith("# Performance") and (out.parent / "figures" / "perf_inference.png").is_file()
+    key = json.loads(raw.read_text())["machine"]["profile_key"]
+    assert out.read_text().startswith("# Performance") and f"<!-- bench:begin {key} -->" in out.read_text()
+    assert (out.parent / "figures" / f"perf_inference-{key}.png").is_file()
 
 
 def test_bench_holds_no_machine_paths_or_dated_notes():
@@ -162,3 +373,5 @@ def test_bench_holds_no_machine_paths_or_dated_notes():
         assert not re.search(r"['\"(\s]/(work|home|Users|root|mnt)/", text), path.name  # absolute paths
         assert not re.search(r"\b\d{1,2}:\d{2} UTC\b", text), path.name  # clock times of one-off probes
         assert "lead's" not in text and "other users" not in text, path.name
+        # the machine is read from its profile, never named in the code
+        assert not re.search(r"\b(AMD|EPYC|Intel|Xeon)\b", text), path.name

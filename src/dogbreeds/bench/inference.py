@@ -1,14 +1,22 @@
 """Inference side by side: every path on the same batch, interleaved (A B C A B C ...), medians.
 
-Paths per model (all fp32 unless labelled):
+Paths per model (each labelled with the precision it computes in, and compared with the matmul
+ceiling of that precision measured in the same rounds: see ceiling.py):
   timm eager NCHW        what a user gets by default (the baseline of every ratio)
   timm channels_last     the simplest lever
+  timm channels_last + bf16 autocast
+                         what a practised PyTorch user does (two lines); on a CPU whose machine
+                         profile lists no native bf16 it is bounded (timed once; skipped at batches
+                         its batch-1 time says would take over BOUND_S per call)
   dogbreeds torch        build_backend(engine="torch"): conv-MLP layout + channels_last
   dogbreeds engine       build_backend(engine="auto"): the default of predict/evaluate/serve
   onnxruntime plain      the timm model exported as is, default SessionOptions
+  OpenVINO fp32 / bf16   the same plain export compiled by OpenVINO with its defaults and the
+                         f32 or bf16 INFERENCE_PRECISION_HINT (threads as every path); the bf16
+                         row computes in what OpenVINO reports it chose (f32 on CPUs without bf16)
   HF transformers        ConvNextForImageClassification / MobileNetV2ForImageClassification, random init
   Keras (torch backend)  keras.applications ConvNeXtTiny / MobileNetV2, weights=None, NHWC input
-                         (both optional: skipped, with a line saying so, when not installed)
+                         (optional, as OpenVINO: skipped, with a line saying so, when not installed)
   int8 (separate)        build_backend(engine="int8"): dynamic int8 matmuls; changes the numbers
   torch.compile          build_backend(engine="torch-compile"), only with --compile (minutes to compile)
 Weights are random: speed does not depend on them. The int8 agreement check uses real photos.
@@ -27,6 +35,10 @@ import numpy as np
 BASELINE = "timm eager NCHW"
 ENGINE = "dogbreeds engine (auto)"
 INT8 = "int8 dynamic (separate path)"
+TIMM_BF16 = "timm channels_last + bf16 autocast"
+OPENVINO_FP32 = "OpenVINO fp32 (defaults)"
+OPENVINO_BF16 = "OpenVINO bf16 hint (defaults)"
+BOUND_S = 20.0  # a bounded path (emulated precision) is not run where one call would take longer
 HF_CLASSES = {"convnext_tiny": ("ConvNextForImageClassification", "ConvNextConfig", {}),
               "mobilenetv2_100": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {})}
 KERAS_APPS = {"convnext_tiny": "ConvNeXtTiny", "mobilenetv2_100": "MobileNetV2"}
@@ -39,6 +51,9 @@ class Path_:
     run: Callable[[np.ndarray], object] | None  # None: unavailable (reason in note)
     note: str = ""
     times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per call
+    precision: str = "fp32"  # what it computes in: its ceiling ("fp32", "bf16", "int8")
+    bounded: bool = False  # emulated on this machine: timed once per batch, skipped where too slow
+    notes: dict[int, str] = field(default_factory=dict)  # batch -> note for that batch only
 
 
 @dataclass
@@ -52,13 +67,21 @@ class Result:
     fraction_of_ceiling: float | None  # of the ceiling sampled during this (model, batch)'s own rounds
     note: str = ""
     gflop_per_image: float = 0.0
-    ceiling_gflops: float = 0.0
+    ceiling_gflops: float = 0.0  # the ceiling of `precision`, sampled in this (model, batch)'s rounds
+    precision: str = "fp32"
 
 
-def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tuple[list[Path_], float]:
-    """Every path for timm model `name`; returns them and the model's GFLOP per 224 image."""
+def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print,
+                profile: dict | None = None, photos: list[Path] | None = None,
+                choices: dict | None = None) -> tuple[list[Path_], float]:
+    """Every path for timm model `name`; returns them and the model's GFLOP per 224 image.
+    `profile` (machine.machine_profile()) says whether bf16 is native here (else bf16 is bounded);
+    `photos`: the real photos "auto" probes its engines on (none: its fp32 fallback); what it
+    chose goes into `choices[name]` and gives the engine row its precision."""
     import timm
     import torch
+
+    from ..machine import has_native_bf16, machine_profile
 
     from ..infer.backend import build_backend
     from ..infer.export import write_onnx
@@ -75,24 +98,40 @@ def build_paths(name: str, cache_dir: Path, with_compile: bool, log=print) -> tu
     cl_model = timm.create_model(name, pretrained=False).eval()
     cl_model.load_state_dict(model.state_dict())
     paths.append(Path_("timm channels_last", _torch_call(cl_model.to(memory_format=torch.channels_last), True)))
+    native_bf16 = has_native_bf16((profile or machine_profile())["cpu"]["flags"])
+    paths.append(Path_(TIMM_BF16, _torch_call(cl_model, True, autocast=torch.bfloat16), precision="bf16",
+                       bounded=not native_bf16,
+                       note="" if native_bf16 else "bounded: the machine profile lists no native bf16 (emulated)"))
     paths.append(_try("dogbreeds torch (conv-MLP, channels_last)", lambda: build_backend(model, engine="torch").forward, log))
     engine = [None]
 
     def make_engine():
+        from ..infer.backend import info_for_model
+
         start = time.perf_counter()
-        engine[0] = build_backend(model, engine="auto", cache_dir=cache_dir)
+        info = info_for_model(model)
+        info.photos = list(photos) if photos else None
+        engine[0] = build_backend(model, engine="auto", info=info, cache_dir=cache_dir)
         log(f"  {name}: engine built in {time.perf_counter() - start:.1f}s ({engine[0]})")
         return engine[0].forward
     paths.append(_try(ENGINE, make_engine, log))
+    record = getattr(engine[0], "auto_choice", None) if engine[0] is not None else None
+    if record:
+        paths[-1].precision = record.get("precision") or "fp32"
+        paths[-1].note = f"auto chose {record.get('engine')} ({paths[-1].precision})"
+        if choices is not None:
+            choices[name] = record
 
-    def plain_ort():
+    def plain_export() -> Path:
         plain = cache_dir / f"{name}-plain.onnx"
         if not plain.is_file():
             write_onnx(model, plain, input_size=224)
-        return OrtBackend(plain, tuned=False).forward
-    paths.append(_try("onnxruntime plain (default options)", plain_ort, log))
+        return plain
+    paths.append(_try("onnxruntime plain (default options)", lambda: OrtBackend(plain_export(), tuned=False).forward, log))
+    paths += openvino_paths(plain_export, log)
     paths += peer_paths(name, log)
     paths.append(_try(INT8, lambda: build_backend(model, engine="int8", cache_dir=cache_dir).forward, log))
+    paths[-1].precision = "int8"
     if with_compile:
         compiled = []
 
@@ -123,6 +162,48 @@ def peer_paths(name: str, log=print) -> list[Path_]:
     return paths
 
 
+def openvino_paths(export: Callable[[], Path], log=print) -> list[Path_]:
+    """OpenVINO as a user would run it: `Core().compile_model(onnx, "CPU", {hint})` on the plain
+    export, fp32 and bf16 hints; the bf16 row computes in what OpenVINO says it chose. Skipped
+    with a message when openvino is not installed."""
+    labels = {OPENVINO_FP32: "f32", OPENVINO_BF16: "bf16"}
+    if not peer_installed("openvino"):
+        note = 'skipped: openvino is not installed (pip install -e ".[openvino]" to time it)'
+        log(f"  OpenVINO: {note}")
+        return [Path_(label, None, note) for label in labels]
+    paths = []
+    for label, hint in labels.items():
+        chosen = []
+
+        def make(hint=hint, chosen=chosen):
+            run, precision = _openvino_call(export(), hint)
+            chosen.append(precision)
+            return run
+        path = _try(label, make, log)
+        if chosen:
+            path.precision = chosen[0]
+            if hint == "bf16" and chosen[0] != "bf16":
+                path.note = f"OpenVINO computes in {chosen[0]} on this CPU when asked for bf16"
+        paths.append(path)
+    return paths
+
+
+def _openvino_call(onnx_path: Path, hint: str):
+    import openvino as ov
+    import torch
+
+    from .ceiling import openvino_precision
+
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                               "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    precision = {"f32": "fp32"}.get(openvino_precision(compiled), openvino_precision(compiled))
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray):
+        return request.infer({0: batch})
+    return run, precision
+
+
 def peer_installed(module: str) -> bool:
     """Whether an optional peer library imports (not just whether a folder of that name exists)."""
     try:
@@ -142,7 +223,9 @@ def _try(name: str, make, log) -> Path_:
         return Path_(name, None, f"unavailable: {reason}")
 
 
-def _torch_call(model, channels_last: bool, threads: int | None = None):
+def _torch_call(model, channels_last: bool, threads: int | None = None, autocast=None):
+    import contextlib
+
     import torch
 
     def run(batch: np.ndarray):
@@ -153,7 +236,8 @@ def _torch_call(model, channels_last: bool, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         try:
-            with torch.inference_mode():
+            cast = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with torch.inference_mode(), cast:
                 return model(x)
         finally:
             torch.set_num_threads(before)
@@ -195,40 +279,67 @@ def _keras_call(name: str):
 
 
 def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path, with_compile: bool,
-            ceiling, log=print) -> list[Result]:
-    """Time every path of every model at every batch size, interleaved, and sample the ceiling
-    once per round; return one Result per (model, batch, path)."""
+            ceiling, log=print, profile: dict | None = None, bound_s: float = BOUND_S,
+            photos: list[Path] | None = None, choices: dict | None = None) -> list[Result]:
+    """Time every path of every model at every batch size, interleaved, and sample the ceilings
+    once per round; return one Result per (model, batch, path), each against the ceiling of the
+    precision it computes in. A bounded path (an emulated precision) is timed once after its
+    warm-up, outside the rounds, and skipped at a batch its smaller batches say would take over
+    `bound_s` per call."""
     results = []
     rng = np.random.default_rng(0)
     for name in models:
-        paths, gflop = build_paths(name, cache_dir, with_compile, log)
+        paths, gflop = build_paths(name, cache_dir, with_compile, log, profile, photos, choices)
         live = [p for p in paths if p.run is not None]
+        per_image: dict[str, float] = {}  # bounded paths: seconds per image at the last batch timed
         for batch in batches:
             x = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
-            for p in live:  # warm-up (and, for torch.compile, the compilation)
-                start = time.perf_counter()
+            group = []
+            for p in live:
+                if p.bounded and p.name in per_image and per_image[p.name] * batch > bound_s:
+                    p.notes[batch] = (f"skipped at batch {batch}: {p.note.removeprefix('bounded: ')}; one call at a "
+                                      f"smaller batch took {per_image[p.name]:.2f} s per image, so this batch would "
+                                      f"take about {per_image[p.name] * batch:.0f} s (bound {bound_s:g} s)")
+                    log(f"  {name} {p.name}: {p.notes[batch]}")
+                    continue
+                start = time.perf_counter()  # warm-up (and, for torch.compile, the compilation)
                 p.run(x)
+                first = time.perf_counter() - start
                 if getattr(p, "compiled", None) is not None:
-                    p.note = f"first call (compile) {time.perf_counter() - start:.0f}s"
-            first_sample = len(ceiling.samples_best)
+                    p.note = f"first call (compile) {first:.0f}s"
+                if not p.bounded:
+                    group.append(p)
+                elif first > bound_s:  # too slow for a second call: the first one (warm-up included) is the time
+                    p.times[batch] = [first]
+                    p.notes[batch] = f"one call, its warm-up included, over the {bound_s:g} s bound ({p.note})"
+                else:  # one timed call after the warm-up, outside the rounds
+                    start = time.perf_counter()
+                    p.run(x)
+                    p.times[batch] = [time.perf_counter() - start]
+                    p.notes[batch] = f"timed once after a warm-up ({p.note})"
+                if p.bounded:
+                    per_image[p.name] = p.times[batch][0] / batch
+            first_sample = ceiling.rounds
             for r in range(rounds * 3 if batch == 1 else rounds):  # batch 1 is cheap: more rounds
-                order = live if r % 2 == 0 else live[::-1]  # alternate the order: no path always runs first
+                order = group if r % 2 == 0 else group[::-1]  # alternate the order: no path always runs first
                 for p in order:
                     start = time.perf_counter()
                     p.run(x)
                     p.times.setdefault(batch, []).append(time.perf_counter() - start)
                 ceiling.sample()
-            # the ceiling of this group's own rounds: the same load from other processes
-            group_ceiling = float(np.median(ceiling.samples_best[first_sample:]))
-            base = np.median(next(p for p in paths if p.name == BASELINE).times[batch])
+            # the ceilings of this group's own rounds: the same load from other processes
+            base_path = next(p for p in paths if p.name == BASELINE)
+            base = np.median(base_path.times[batch]) if base_path.times.get(batch) else None
             for p in paths:
-                if p.run is None:
-                    results.append(Result(name, batch, p.name, None, None, None, None, p.note, gflop, group_ceiling))
+                top = ceiling.since(p.precision, first_sample) or 0.0
+                note = p.notes.get(batch, p.note)
+                if p.run is None or not p.times.get(batch):
+                    results.append(Result(name, batch, p.name, None, None, None, None, note, gflop, top, p.precision))
                     continue
                 seconds = float(np.median(p.times[batch]))
                 ips = batch / seconds
-                results.append(Result(name, batch, p.name, seconds * 1000, ips, base / seconds,
-                                      ips * gflop / group_ceiling, p.note, gflop, group_ceiling))
+                results.append(Result(name, batch, p.name, seconds * 1000, ips, base / seconds if base else None,
+                                      ips * gflop / top if top else None, note, gflop, top, p.precision))
             log(f"  {name} batch {batch}: " + ", ".join(f"{r.path} {r.ratio:.2f}x" for r in results[-len(paths):] if r.ratio))
     return results
 
@@ -327,7 +438,8 @@ def plot(results: list[Result], path: Path) -> None:
     for ax, (model, batch) in zip(axes[0], groups):
         rows = {r.path: r for r in results if r.model == model and r.batch == batch}
         values = [rows[n].ratio or 0 if n in rows else 0 for n in names]
-        colors = ["tab:orange" if n == ENGINE else "tab:gray" if n == INT8 else "tab:blue" for n in names]
+        colors = ["tab:orange" if n == ENGINE else "tab:gray" if n == INT8 else
+                  "tab:green" if n in rows and rows[n].precision == "bf16" else "tab:blue" for n in names]
         # bars grow from 1x (as fast as timm eager) to the left or right
         ax.barh(range(len(names)), [v - 1 if v else 0 for v in values], left=1, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
@@ -344,6 +456,6 @@ def plot(results: list[Result], path: Path) -> None:
         ax.set_xlabel("speed vs timm eager NCHW (x, log scale)")
         for i, v in enumerate(values):
             ax.text(v if v else 1.0, i, f" {v:.2f}" if v else " n/a", va="center", fontsize=7)
-    fig.suptitle("Inference throughput relative to timm eager (fp32, same run, medians)", fontsize=10)
+    fig.suptitle("Inference throughput relative to timm eager (same run, medians; green: bf16, gray: int8)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
