@@ -26,8 +26,8 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import sys
 import unicodedata
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +42,6 @@ KNOWN_UNSUPPORTED = {".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL", ".raw"
 LIST_LIMIT = 20
 # How many files that could not be decoded metrics.jsonl and eval/<split>.json list by name.
 SKIPPED_LIST_LIMIT = 100
-
-
-class LeftOutFilesWarning(UserWarning):
-    """Files in a dataset folder were not used; the message lists them and why."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +207,7 @@ def left_out_summary(left_out: list[LeftOut], limit: int = LIST_LIMIT) -> dict:
     return {"count": len(left_out), "files": [item.to_dict() for item in left_out[:limit]]}
 
 
-def warn_left_out(left_out: list[LeftOut], where: str = "") -> None:
+def warn_left_out(left_out: list[LeftOut], where: str = "", stream=None) -> None:
+    """Print the report on stderr ("warning: left out N file(s) ..."), when there is anything to say."""
     if left_out:
-        warnings.warn(LeftOutFilesWarning(left_out_report(left_out, where)), stacklevel=3)
+        print("warning: " + left_out_report(left_out, where), file=stream or sys.stderr, flush=True)

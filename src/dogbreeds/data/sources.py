@@ -106,7 +106,7 @@ def scan_source(root: str | Path, left_out: list[LeftOut] | None = None) -> tupl
     """(layout, every image as a record with label -1 and split 'train'/'test' or UNSPLIT).
 
     Files of the layout's folders that are not used go to `left_out` (with why) when it is
-    given; otherwise they are reported as a `LeftOutFilesWarning`, so never silently."""
+    given; otherwise they are reported on stderr (`listing.warn_left_out`), so never silently."""
     root = Path(root).expanduser().resolve()
     layout = detect_layout(root)
     found: list[LeftOut] = []
