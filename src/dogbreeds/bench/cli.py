@@ -191,14 +191,18 @@ def _markers(key: str) -> tuple[str, str]:
 
 
 def write_section(out: Path, key: str, section: str) -> None:
-    """Put `section` between this profile's markers in `out`: replaced where they are, appended
-    where they are not; everything else in the file is kept (a new file gets PAGE_HEAD)."""
+    """Put `section` between this profile's markers in `out`: replaced where they are, else put
+    before the first other profile's section (the newest machine first; at the end where there is
+    none); everything else in the file is kept (a new file gets PAGE_HEAD)."""
     begin, end = _markers(key)
     block = f"{begin}\n{section.rstrip()}\n{end}"
     text = out.read_text() if out.is_file() else PAGE_HEAD
     found = re.search(re.escape(begin) + r".*?" + re.escape(end), text, flags=re.S)
+    first = text.find("<!-- bench:begin ")
     if found:
         text = text[:found.start()] + block + text[found.end():]
+    elif first >= 0:
+        text = text[:first] + block + "\n\n" + text[first:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     out.write_text(text if text.endswith("\n") else text + "\n")
