@@ -28,3 +28,23 @@ def make_box_root(mini_root: Path, dest: Path, per_breed: int = 6, breeds=BREEDS
 @pytest.fixture(scope="session")
 def box_root(mini_root, tmp_path_factory) -> Path:
     return make_box_root(mini_root, tmp_path_factory.mktemp("boxes"))
+
+
+def tiny_config(root: Path, out: Path, **overrides):
+    """A detector small enough to train in seconds: 64 px, batch 4, 1 epoch, no loader processes."""
+    from dogbreeds.detect.model import DetectorConfig
+
+    base = dict(backbone="mobilenetv2_100", data=str(root), out=str(out), breeds="all", min_size=64, max_size=64,
+                epochs=1, batch_size=4, workers=0, lr=0.01, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                box_batch_size_per_image=16, roi_sampling_ratio=1, representation_size=64, fpn_channels=32,
+                anchor_sizes=(16, 32, 64, 128))
+    return DetectorConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_run(box_root, tmp_path_factory) -> Path:
+    from dogbreeds.detect.train import train_detector
+
+    out = tmp_path_factory.mktemp("detector") / "run"
+    train_detector(tiny_config(box_root, out), progress=False)
+    return out

@@ -250,6 +250,10 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     progress = sys.stderr.isatty() if progress is None else progress
     run = RunDir.locate(run_path)
     model, cfg = load_detector(run_path)
+    if cfg.channels_last:
+        import torch
+
+        model.to(memory_format=torch.channels_last)
     checkpoint = run.checkpoint()
     data, records, origin = evaluation_records(run, data_root, split, breeds)
     if not records:

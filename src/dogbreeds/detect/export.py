@@ -25,19 +25,22 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import DogbreedsError
-from .infer import GRAPH_OUTPUTS, INPUT_NAME, Detector, config_to_dict, detector_metadata
+
+if TYPE_CHECKING:  # imported by the CLI at every start (register_detect): numpy and the rest load late
+    import numpy as np
+
+    from .infer import Detector
 
 OPSET = 17
 DEFAULT_BOX_TOLERANCE = 1.0     # pixels of the photo
 DEFAULT_SCORE_TOLERANCE = 1e-3
 DEFAULT_CHECK_COUNT = 4
 TRACE_SIZE = (3, 320, 416)      # the example the graph is traced with (any size works afterwards)
-CHECK_SIZE = (3, 373, 290)      # the built-in check: another size and aspect
+CHECK_SIZE = (3, 397, 500)      # the built-in check: another size and aspect, one whose resize is exact
+#                                 only in exact arithmetic (stable_resize)
 
 
 class DetectorExportError(DogbreedsError):
@@ -61,6 +64,8 @@ def compare_detections(reference: tuple[np.ndarray, np.ndarray], other: tuple[np
                        floor: float) -> Agreement:
     """Match every detection scoring >= floor on either side to its nearest box on the other
     side (largest coordinate difference), and report the worst pair."""
+    import numpy as np
+
     box_diff = score_diff = 0.0
     compared = unmatched = 0
     for (a_boxes, a_scores), (b_boxes, b_scores) in ((reference, other), (other, reference)):
@@ -87,13 +92,15 @@ def write_detector_onnx(model, path: str | Path, config=None, opset: int = OPSET
     metadata; checked against PyTorch on a synthetic photo, then by `check(partial)` if given."""
     import torch
 
+    from .infer import GRAPH_OUTPUTS, INPUT_NAME, config_to_dict, detector_metadata, stable_resize
+
     if opset < 11:
         raise DogbreedsError(f"detector export needs ONNX opset 11 or newer (torchvision's detection ops), got {opset}")
     config = config_to_dict(config if config is not None else getattr(model, "detector_config", None))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    model = model.eval()
+    model = stable_resize(model.eval())  # the same input size as PyTorch eager, whatever the photo's size
     example = torch.rand(*TRACE_SIZE, generator=torch.Generator().manual_seed(0))
     try:
         try:
@@ -130,6 +137,10 @@ def _write_metadata(path: Path, props: dict[str, str]) -> None:
 
 def _check_synthetic(model, config: dict, partial: Path) -> None:
     """The graph must also answer for a size it was not traced with, like PyTorch does."""
+    import numpy as np
+
+    from .infer import Detector
+
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(CHECK_SIZE[1], CHECK_SIZE[2], 3), dtype=np.uint8)
     reference = Detector.from_model(model, config)
@@ -176,6 +187,7 @@ def export_detector(run: str | Path, out: str | Path, opset: int = OPSET, check_
     from ..data.decode import decode_image
     from ..infer.export import _check_photos
     from ..rundir import RunDir
+    from .infer import Detector
 
     reference = Detector.from_run_torch(run)
     photos = _check_photos(RunDir.locate(run), check_images)
@@ -200,8 +212,9 @@ def export_detector(run: str | Path, out: str | Path, opset: int = OPSET, check_
                                 worst.compared, box_tolerance, score_tolerance)
 
 
-def register_export_command(subparsers) -> None:
-    """`... export DETECTOR_RUN --out FILE.onnx` under the `dogbreeds detect` command."""
+def register_detect(subparsers) -> None:
+    """`dogbreeds detect export DETECTOR_RUN --out FILE.onnx` (detect/cli.py calls it at every CLI start:
+    nothing heavy is imported here)."""
     p = subparsers.add_parser(
         "export", help="export a detector run to ONNX (dynamic image size), checked against PyTorch",
         description="Write the detector as one ONNX file that runs on onnxruntime alone (torch-free): input "

@@ -173,10 +173,11 @@ class Detector:
     @classmethod
     def from_model(cls, model, config: Any, score_threshold: float | None = None, path: Path | None = None,
                    checkpoint: Path | None = None) -> "Detector":
-        """A torchvision detection model in memory, on PyTorch eager."""
+        """A torchvision detection model in memory, on PyTorch eager (its resize made exact:
+        `stable_resize`, as in every export)."""
         import torch
 
-        model = model.eval()
+        model = stable_resize(model.eval())
 
         def run(chw: np.ndarray):
             with torch.inference_mode():
@@ -255,6 +256,52 @@ class Detector:
 
     def __repr__(self) -> str:
         return f"Detector({self.kind}: {self.description})"
+
+
+# How far the resize's scale is nudged up (relative): see `stable_resize`.
+RESIZE_NUDGE = 1e-6
+
+
+def stable_resize(model):
+    """Make the eval-time resize of a torchvision detection model give the same image size in
+    PyTorch eager and in its ONNX export, and return the model.
+
+    torchvision resizes by scale = min(min_size / short side, max_size / long side) and an output
+    side of floor(side * scale). For the side that sets the scale that product is mathematically
+    an integer (min_size), so floating point decides: eager computes it in double from a double
+    scale, the ONNX graph in float32, and one of them often floors to min_size - 1 (e.g. a
+    397-pixel side at min_size 128; every 224x224 photo of the mini data at most sizes). A
+    one-pixel different input moves every feature map a little: boxes then differ by more than
+    a pixel. Here the scale is computed in float32 on both sides, as torchvision's traced path
+    does, and nudged up by RESIZE_NUDGE (1e-6), far more than float32's rounding and far less
+    than a pixel: the products that should be integers come out just above them, so both
+    runtimes floor to the intended size. Training (and a fixed_size transform) is unchanged."""
+    transform = getattr(model, "transform", None)
+    if transform is None or getattr(transform, "_dogbreeds_stable_resize", False):
+        return model
+    import types
+
+    original = type(transform).resize
+
+    def resize(self, image, target=None):
+        if self.training or target is not None or self.fixed_size is not None:
+            return original(self, image, target)
+        import torch
+        import torchvision
+        from torchvision.models.detection.transform import _fake_cast_onnx, _get_shape_onnx
+
+        tracing = torchvision._is_tracing()
+        shape = (_get_shape_onnx(image) if tracing else torch.tensor(image.shape[-2:])).to(torch.float32)
+        scale = torch.min(float(self.min_size[-1]) / torch.min(shape), float(self.max_size) / torch.max(shape))
+        scale = scale * (1.0 + RESIZE_NUDGE)
+        scale_factor = _fake_cast_onnx(scale) if tracing else scale.item()
+        image = torch.nn.functional.interpolate(image[None], scale_factor=scale_factor, mode="bilinear",
+                                                recompute_scale_factor=True, align_corners=False)[0]
+        return image, target
+
+    transform.resize = types.MethodType(resize, transform)
+    transform._dogbreeds_stable_resize = True
+    return model
 
 
 def check_detect_engine(engine: str) -> str:

@@ -57,6 +57,7 @@ class DetectorConfig:
     anchor_scales: tuple[float, ...] = (1.0, 1.5)        # each size is also used times these
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     frozen_levels: int = 2              # backbone levels (from the stem) whose weights stay fixed
+    channels_last: bool = True          # train and evaluate in NHWC (oneDNN convolutions: ~1.3x on this CPU)
     fast_layout: bool = True            # ConvNeXt with 1x1-conv MLPs (as breed runs: oneDNN, fast on AMD CPUs)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -68,6 +69,7 @@ class DetectorConfig:
     rpn_pre_nms_top_n_train: int = 1000
     rpn_post_nms_top_n_train: int = 500
     box_batch_size_per_image: int = 128
+    roi_sampling_ratio: int = 2         # RoIAlign samples per bin side (its CPU backward is costly)
     score_threshold: float = 0.5        # a detection counts as a dog (counting, predict) from this score
 
     # --- the training recipe ---
@@ -93,7 +95,7 @@ class DetectorConfig:
                       "anchor_sizes", "anchor_scales", "aspect_ratios", "frozen_levels", "fast_layout", "mean", "std",
                       "box_score_thresh", "box_nms_thresh", "detections_per_img", "rpn_pre_nms_top_n_test",
                       "rpn_post_nms_top_n_test", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
-                      "box_batch_size_per_image")
+                      "box_batch_size_per_image", "roi_sampling_ratio")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -270,7 +272,8 @@ def build_detector(backbone: str, weights: str | os.PathLike | None = None, *, m
         sizes.append(sizes[-1] * 2)
     anchor_sizes = tuple(tuple(int(round(s * k)) for k in cfg.anchor_scales) for s in sizes[:levels])
     anchors = AnchorGenerator(anchor_sizes, (tuple(cfg.aspect_ratios),) * levels)
-    pooler = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(len(indices))], output_size=7, sampling_ratio=2)
+    pooler = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(len(indices))], output_size=7,
+                                sampling_ratio=cfg.roi_sampling_ratio)
     head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
     model = FasterRCNN(
         net, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,

@@ -39,9 +39,11 @@ class DetectHooks:
 
 
 def quick_config(**overrides) -> DetectorConfig:
-    """The --quick recipe: a usable detector on the mini data (224 px photos) in ~20 min on 2 CPU cores."""
-    base = dict(min_size=224, max_size=224, epochs=4, batch_size=8, lr=0.02, warmup_epochs=0.25, frozen_levels=2,
-                quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=64)
+    """The --quick recipe: a usable detector on the mini data (224 px photos, seen at 160 px) in about
+    20 min on 2 idle CPU cores: 3 epochs, stem and first two levels frozen, a light box head."""
+    base = dict(min_size=160, max_size=160, epochs=3, batch_size=8, lr=0.02, warmup_epochs=0.25, frozen_levels=2,
+                quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=32,
+                roi_sampling_ratio=1, representation_size=256, workers=0)
     return DetectorConfig(**{**base, **overrides})
 
 
@@ -115,6 +117,8 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
     seed_everything(cfg.seed)
     model = detector_from_config(cfg, weights=cfg.weights)
     cfg = model.detector_config  # with the weights' mean/std and the resolved feature levels
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if saved is None:
         from ..data.records import ClassInfo
 
@@ -202,7 +206,7 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
                     sums["seconds"] += now - tick
                     tick = now
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                     if hooks.after_step is not None and hooks.after_step(epoch, step_in_epoch):
                         stop.requested = True
                     if stop.requested:
