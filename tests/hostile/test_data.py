@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -90,14 +91,14 @@ def test_tarfiles_own_filter_stopping_an_escape_is_a_clear_error_and_leaves_noth
 @pytest.mark.parametrize("members, culprit", [
     ([("sym", "a", "."), ("sym", "a/b", "../..")], "a/b"),                       # . then two levels up
     ([("dir", "d", ""), ("sym", "d/up", ".."), ("sym", "d/up/out", "../x")], "d/up/out"),
-    ([("sym", "l", "m"), ("sym", "m", "l"), ("file", "l/f", "loop")], "l/f"),     # a loop is refused too
+    ([("sym", "l", "m"), ("sym", "m", "l"), ("file", "l/f", "loop")], "l/f"),     # writing through a loop too
     ([("dir", "d", ""), ("sym", "d/up", ".."), ("file", "d/up/../../x", "")], "d/up/../../x"),
     ([("sym", "up", ".."), ("file", "up/evil.txt", "through a link")], "up"),
 ])
 def test_other_link_tricks_are_refused_naming_the_member(tmp_path, members, culprit):
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(DogbreedsError, match=f"member {culprit!r}"):
+    with pytest.raises(DogbreedsError, match=f"member {re.escape(repr(culprit))}"):
         safe_extract(_tar(tmp_path / "t.tar", members), dest)
     assert list(dest.iterdir()) == []
 

@@ -224,7 +224,7 @@ def _resolve(parts: list[str], symlinks: dict[str, str], follow_last: bool = Tru
         key = "/".join(resolved)
         if key in symlinks and (follow_last or i < len(parts) - 1):
             if hops >= MAX_LINK_HOPS:
-                raise _Escapes  # a loop; refusing it is the safe answer
+                raise _Escapes("loop")  # refusing a loop is the safe answer
             target = symlinks[key]
             if target.startswith("/"):
                 raise _Escapes
@@ -256,8 +256,9 @@ def _check_member(member: tarfile.TarInfo, dest: str, archive_path: Path, symlin
     parts = [p for p in name.split("/") if p not in ("", ".")]
     try:  # through the archive's own earlier symlinks (a symlink member itself is not followed)
         where = _resolve(parts, symlinks, follow_last=not member.issym())
-    except _Escapes:
-        refuse("is written through the archive's own symlinks to a place outside the destination")
+    except _Escapes as exc:
+        refuse("is written through a loop of the archive's own symlinks" if exc.args == ("loop",) else
+               "is written through the archive's own symlinks to a place outside the destination")
     if member.issym() or member.islnk():
         link = member.linkname.replace("\\", "/")
         if link.startswith("/") or (len(link) > 1 and link[1] == ":"):
@@ -269,9 +270,9 @@ def _check_member(member: tarfile.TarInfo, dest: str, archive_path: Path, symlin
         try:
             start = where[:-1] if member.issym() else []
             _resolve(start + link.split("/"), symlinks)
-        except _Escapes:
-            refuse(f"links to {member.linkname!r}, which leads outside the destination through the archive's "
-                   "earlier symlinks")
+        except _Escapes as exc:
+            refuse(f"links to {member.linkname!r}, which " + ("is a loop of the archive's symlinks" if exc.args == ("loop",)
+                   else "leads outside the destination through the archive's earlier symlinks"))
         if member.issym():
             symlinks["/".join(where)] = link
     elif not (member.isfile() or member.isdir()):
