@@ -304,20 +304,36 @@ def _decode_and_preprocess(predictor: Predictor, data: bytes, name: str):
 
 
 _LIBC = None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def release_freed_memory() -> None:
-    """glibc keeps freed heap memory for reuse, and a large decode's buffers would otherwise stay
-    in the process's RSS; malloc_trim(0) hands the free pages back. No-op without glibc."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):  # not glibc
             _LIBC = False
-    if _LIBC:
+    return _LIBC
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse, and a large decode's buffers would otherwise stay
+    in the process's RSS; malloc_trim(0) hands the free pages back. No-op without glibc."""
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+def bound_native_memory(mmap_threshold: int = 4 * 1024 * 1024) -> None:
+    """Once per server process (`dogbreeds serve` calls it before loading the model; it is
+    process-wide, so the app itself does not). glibc serves big allocations by mmap and returns
+    them when freed, but after the first big free it raises that threshold (up to 32 MB) and keeps
+    such blocks in its per-thread heaps: a burst of pixel bombs then left ~30 MB of RSS behind for
+    good. A fixed threshold keeps every block over `mmap_threshold` returnable. No-op without glibc."""
+    if _libc():
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
 
 
 def _explain(predictor: Predictor, holder: dict, data: bytes, name: str, breed: str | None):

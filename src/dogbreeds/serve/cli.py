@@ -71,13 +71,14 @@ def _serve(args) -> int:
     import uvicorn
 
     from ..infer.predictor import Predictor
-    from .app import ServeSettings, create_app
+    from .app import ServeSettings, bound_native_memory, create_app
     from .timeouts import timeout_protocol
 
     if args.host not in LOOPBACK:
         print(f"warning: binding {args.host}: the service will be reachable from other machines; it has no "
               "authentication. Put it behind a reverse proxy with TLS and auth, or use --host 127.0.0.1.",
               file=sys.stderr)
+    bound_native_memory()  # big decodes' memory goes back to the OS (serve/app.py)
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
                                     ood_threshold=args.ood_threshold, coverage=args.coverage)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
