@@ -178,6 +178,7 @@ def report(arrays: dict, explore: bool = False) -> dict:
         summary["explore"] = table
     summary["shipped_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True)
     summary["shipped_without_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=False)
+    summary["knn_alone_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True, ood_head=False)
     return summary
 
 
@@ -191,8 +192,9 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
 
     other = np.concatenate([data["unknown_fit"][0], data["dogs_fit"][0]])
     start = time.perf_counter()
+    groups = np.r_[arrays["unknown_y"][masks["unknown_fit"]], np.full(len(data["dogs_fit"][0]), -1)]  # breed; -1: wild
     cal = fit_calibration(arrays["train_x"], arrays["val_x"], arrays["val_logits"], arrays["val_y"], other,
-                          data["cats_fit"][0] if with_not_dogs else None, **fit_kwargs)
+                          data["cats_fit"][0] if with_not_dogs else None, other_dog_groups=groups, **fit_kwargs)
     fit_seconds = time.perf_counter() - start
     answers = {}
     timing = {}
@@ -220,6 +222,7 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
         "temperature": cal.temperature, "ood_threshold": cal.ood_threshold,
         "not_a_dog_threshold": cal.not_a_dog_threshold, "ood_k": cal.ood_k, "dog_k": cal.dog_k,
         "dog_head_l2": cal.info.get("dog_head_l2"), "head_on_all": cal.head_on_all,
+        "ood_head": cal.info.get("ood_head"),
         "bank": {"train": len(cal.bank), "other_dogs": len(cal.dog_bank)},
         "cats_vs_test_dogs": {"ood_auroc": auroc(ood["test"], ood["cats_report"]),
                               "ood_fpr95": fpr_at_tpr(ood["test"], ood["cats_report"]),

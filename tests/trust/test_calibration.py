@@ -208,3 +208,70 @@ def test_dog_head_catches_not_dogs_the_knn_lets_through(world, tmp_path):
     assert not old.head_on_all
     old_cats = old.assess(world["logits"](report_cats), report_cats)
     assert np.mean([a.verdict == "breed" for a in old_cats]) == pytest.approx(within_knn)
+
+
+def _shared_offset_world(seed=0):
+    """Known breeds, and other breeds that differ from them by one shared direction (small against
+    the photo noise): the kNN distance barely sees it, a linear outlier-exposure head does."""
+    rng = np.random.default_rng(seed)
+    base, offset = np.zeros(DIM), np.zeros(DIM)
+    base[0], offset[1] = 6.0, 1.5
+    known = base + rng.normal(size=(CLASSES, DIM)) * 0.3
+    unknown = base + rng.normal(size=(8, DIM)) * 0.3 + offset
+
+    def photos(centres, labels):
+        return centres[labels] + rng.normal(size=(len(labels), DIM))
+
+    other_breeds = np.repeat(np.arange(6), 30)  # breeds 6 and 7 are never seen while fitting
+    val_y = rng.integers(0, CLASSES, 300)
+    return dict(train_x=photos(known, rng.integers(0, CLASSES, 400)), val_x=photos(known, val_y), val_y=val_y,
+                other_x=photos(unknown, other_breeds), other_breeds=other_breeds,
+                fresh_known=photos(known, rng.integers(0, CLASSES, 300)),
+                fresh_unknown=photos(unknown, np.repeat([6, 7], 100)), weights=known.T)
+
+
+def test_outlier_exposure_head_catches_unseen_breeds_the_knn_misses(tmp_path):
+    from dogbreeds.trust.scores import auroc
+
+    w = _shared_offset_world()
+    args = (w["train_x"], w["val_x"], w["val_x"] @ w["weights"], w["val_y"], w["other_x"])
+    mixed = fit_calibration(*args, other_dog_groups=w["other_breeds"])
+    knn_alone = fit_calibration(*args, other_dog_groups=w["other_breeds"], ood_head=False)
+    assert mixed.ood_head_w is not None and mixed.ood_mix < 1.0 and knn_alone.ood_head_w is None
+    assert mixed.info["ood_head"]["cv_auroc"] > mixed.info["ood_head"]["knn_cv_auroc"]
+    gains = [auroc(c.ood_scores(w["fresh_known"]), c.ood_scores(w["fresh_unknown"])) for c in (mixed, knn_alone)]
+    assert gains[0] > gains[1] + 0.1, gains  # on two breeds no fit saw
+    scores = mixed.ood_scores(w["fresh_unknown"])
+    assert scores.min() > 0 and scores.max() < 1
+    val = mixed.assess(w["val_x"] @ w["weights"], w["val_x"])
+    assert np.mean([a.verdict == "breed" for a in val]) >= 0.95  # the threshold is on the mixed score
+    run = RunDir(tmp_path / "run")
+    mixed.save(run)
+    for again in (Calibration.load(run), Calibration.from_metadata(mixed.to_metadata())):
+        np.testing.assert_array_equal(again.ood_scores(w["fresh_unknown"]), scores)
+
+
+def test_knn_alone_when_other_dogs_teach_nothing_more(world, calibration):
+    # the kNN already separates this world's other breeds: cross-validation keeps it (ties go to it)
+    assert calibration.ood_head_w is None and calibration.info["ood_head"]["mix"] == 1.0
+    assert calibration.to_json()["ood"]["method"] == "knn-cosine"
+
+
+def test_version_1_calibration_files_still_load_as_knn_alone(world, calibration, tmp_path):
+    import io
+    import json
+
+    meta = calibration.to_json()
+    meta["version"] = 1
+    for key in ("mix", "head_bias", "stats"):
+        del meta["ood"][key]
+    with np.load(io.BytesIO(calibration.banks_npz())) as arrays:
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: arrays[k] for k in ("bank", "dog_bank", "dog_head")})
+    old = Calibration.from_parts(json.loads(json.dumps(meta)), buffer.getvalue(), "old.json")
+    from dogbreeds.trust.scores import knn_distance
+
+    np.testing.assert_array_equal(old.ood_scores(world["val_x"]), knn_distance(world["val_x"], old.bank, old.ood_k))
+    newer = dict(meta, version=99)
+    with pytest.raises(DogbreedsError, match="old.json"):
+        Calibration.from_parts(newer, buffer.getvalue(), "old.json")

@@ -62,7 +62,10 @@ def calibrated_run(tmp_path_factory, tiny_run, photos, cats) -> Path:
     _, other_x = embed(photos[:4])
     _, cat_x = embed(cats[:4])
     labels = np.arange(len(val_x)) % 5
-    fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x).save(RunDir(run))
+    # the outlier-exposure head given (too few photos here to choose it): every part of ood_score travels
+    calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4))
+    assert calibration.ood_head_w is not None
+    calibration.save(RunDir(run))
     return run
 
 
@@ -84,7 +87,7 @@ def test_torch_onnxruntime_and_exported_file_agree(calibrated_run, photos, cats,
     alone.parent.mkdir()
     onnx_file.rename(alone)
     exported = Predictor.from_onnx(alone)
-    assert exported.calibration is not None
+    assert exported.calibration is not None and exported.calibration.ood_head_w is not None
     from_file = _answers(exported, images)
     assert {p.verdict for p in reference} <= {"breed", "unknown_breed", "not_a_dog"}
     for a, b, c in zip(reference, cached, from_file):
@@ -158,7 +161,8 @@ def test_service_answers_carry_the_verdict_in_words(calibrated_run, photos, cats
     with TestClient(create_app(predictor)) as client:
         for photo, want in zip([photos[16], cats[5]], expected):
             body = client.post("/v1/predict", content=photo.read_bytes()).json()
-            assert body["verdict"] == want.verdict and abs(body["ood_score"] - want.ood_score) < 1e-6
+            # batch of 1 vs 2: float noise, scaled up by the z-scores of the mixed score (the paths' contract: 1e-4)
+            assert body["verdict"] == want.verdict and abs(body["ood_score"] - want.ood_score) < 1e-5
             assert [s["breed_id"] for s in body["breed_set"]] == [s.breed_id for s in want.breed_set]
             words = {"not_a_dog": "This does not look like a dog",
                      "unknown_breed": "A dog, but not one of the 5 breeds this model knows — closest: "}

@@ -6,8 +6,13 @@ string with the banks base64-encoded), so the torch-free path computes the same 
 
 A photo's answer (`assess`):
 - `probs`: softmax(logits / temperature), the calibrated probabilities (order = the model's);
-- `ood_score`: kNN distance of its pooled features to the run's training photos (0..1);
-  above `ood_threshold` the photo is not one of the known breeds;
+- `ood_score`: how far its pooled features are from the run's breeds (0..1); above
+  `ood_threshold` the photo is not one of the known breeds. With other dogs at calibration
+  (the data root's breeds the run does not know, `--other-dogs`): sigmoid of a weighted sum of
+  two z-scores (standardised on the validation photos), the kNN distance to the training photos
+  and the logit of an outlier-exposure head (logistic regression: training photos vs other
+  dogs), weight and head penalty chosen by 2-fold cross-validation over the other dogs' breeds.
+  Without other dogs (or when cross-validation prefers it): the kNN distance alone;
 - `dog_score`: how little it looks like a dog. With photos of non-dogs at calibration
   (`--not-dogs`), P(not a dog) from a logistic-regression head on the pooled features (dogs:
   training photos + other dogs; non-dogs: those photos); without them, the kNN distance to
@@ -34,7 +39,7 @@ from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_l
                      logistic_score, nll, normalise, prediction_sets, softmax)
 
 FORMAT = "dogbreeds-calibration"
-VERSION = 1
+VERSION = 2                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
 DEFAULT_COVERAGE = 0.9
 DEFAULT_KEEP = 0.95       # share of in-breed (validation) dogs a threshold keeps as "breed"
 DEFAULT_OOD_K = 10        # chosen by measurement on fitting photos (docs/trust.md)
@@ -46,6 +51,11 @@ RAPS_GRID = ((0.0, 0), (0.01, 1), (0.01, 3), (0.05, 1), (0.05, 3), (0.2, 1))
 DOG_HEAD_L2 = 1e-3         # used when there are too few not-dog photos to choose one
 # dog / not-dog head regularisation candidates, chosen by 2-fold cross-validation (docs/trust.md)
 DOG_HEAD_L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+# ood_score = sigmoid(mix * z(kNN) + (1 - mix) * z(head logit)): candidates, chosen by 2-fold
+# cross-validation over the other dogs (mix 1.0 = the kNN distance alone; ties keep it)
+OOD_MIX_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
+OOD_HEAD_L2_GRID = (1e-4, 1e-5, 1e-6)
+OOD_HEAD_MIN_OTHER_DOGS = 20
 VERDICTS = ("breed", "unknown_breed", "not_a_dog")
 UNCALIBRATED_NOTE = ("this run has no calibration: the verdict comes from the top-1 probability alone and cannot "
                      "tell 'not a dog' from 'unknown breed'; run `dogbreeds calibrate RUN --data DATA`")
@@ -79,6 +89,10 @@ class Calibration:
     dog_head_w: np.ndarray | None = None  # float32 [D]: the dog / not-dog head (None: kNN dog score)
     dog_head_b: float | None = None
     head_on_all: bool = False             # the head's threshold applies to every photo, not only OOD ones
+    ood_head_w: np.ndarray | None = None  # float32 [D]: the outlier-exposure head (None: ood_score = kNN alone)
+    ood_head_b: float = 0.0
+    ood_mix: float = 1.0                  # weight of the kNN z-score (1 - it: the head's)
+    ood_stats: tuple = (0.0, 1.0, 0.0, 1.0)  # validation mean / std of the kNN distance and of the head logit
 
     def __post_init__(self):
         # float32 copies of the float16 banks, made once (the same values on every path)
@@ -97,7 +111,7 @@ class Calibration:
         coverage = self.coverage if coverage is None else check_fraction("coverage", coverage)
         logits = np.asarray(logits, dtype=np.float32)
         probs = softmax(logits, self.temperature)
-        ood = knn_distance(features, self._bank, self.ood_k)
+        ood = self.ood_scores(features)
         dog = self.dog_scores(features)
         sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
         out = []
@@ -114,6 +128,13 @@ class Calibration:
             out.append(Assessment(verdict, float(ood[i]), float(dog[i]), probs[i], sets[i]))
         return out
 
+    def ood_scores(self, features: np.ndarray) -> np.ndarray:
+        knn = knn_distance(features, self._bank, self.ood_k)
+        if self.ood_head_w is None:
+            return knn
+        return mixed_ood_score(knn, ood_head_logit(features, self.ood_head_w, self.ood_head_b), self.ood_mix,
+                               self.ood_stats)
+
     def dog_scores(self, features: np.ndarray) -> np.ndarray:
         if self.dog_head_w is not None:
             return logistic_score(features, self.dog_head_w, self.dog_head_b)
@@ -125,7 +146,11 @@ class Calibration:
         return {
             "format": FORMAT, "version": VERSION,
             "temperature": self.temperature, "coverage": self.coverage,
-            "ood": {"method": "knn-cosine", "k": self.ood_k, "threshold": self.ood_threshold},
+            "ood": {"method": "knn-cosine" if self.ood_head_w is None else "knn-cosine + outlier-exposure head",
+                    "k": self.ood_k, "threshold": self.ood_threshold, "mix": self.ood_mix,
+                    "head_bias": None if self.ood_head_w is None else self.ood_head_b,
+                    "stats": {"knn_mean": self.ood_stats[0], "knn_std": self.ood_stats[1],
+                              "head_mean": self.ood_stats[2], "head_std": self.ood_stats[3]}},
             "not_a_dog": {"method": "knn-cosine to training + other dogs" if self.dog_head_w is None else
                           "logistic head on normalised features", "k": self.dog_k,
                           "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold,
@@ -140,7 +165,9 @@ class Calibration:
     def banks_npz(self) -> bytes:
         buffer = io.BytesIO()
         head = np.zeros(0, np.float32) if self.dog_head_w is None else np.asarray(self.dog_head_w, np.float32)
-        np.savez(buffer, bank=self.bank.astype(np.float16), dog_bank=self.dog_bank.astype(np.float16), dog_head=head)
+        ood_head = np.zeros(0, np.float32) if self.ood_head_w is None else np.asarray(self.ood_head_w, np.float32)
+        np.savez(buffer, bank=self.bank.astype(np.float16), dog_bank=self.dog_bank.astype(np.float16), dog_head=head,
+                 ood_head=ood_head)
         return buffer.getvalue()
 
     @classmethod
@@ -150,7 +177,12 @@ class Calibration:
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
             with np.load(io.BytesIO(banks), allow_pickle=False) as arrays:
                 bank, dog_bank, head = arrays["bank"], arrays["dog_bank"], arrays["dog_head"]
+                ood_head = arrays["ood_head"] if "ood_head" in arrays.files else np.zeros(0, np.float32)
             bias = meta["not_a_dog"].get("bias")
+            ood_bias = meta["ood"].get("head_bias")  # version 1: absent (kNN alone)
+            stats = meta["ood"].get("stats") or {}
+            if ood_bias is not None and ood_head.shape != (bank.shape[1],):
+                raise ValueError(f"outlier-exposure head of shape {ood_head.shape} for {bank.shape[1]}-d features")
             return cls(
                 temperature=float(meta["temperature"]), coverage=float(meta["coverage"]),
                 ood_k=int(meta["ood"]["k"]), ood_threshold=float(meta["ood"]["threshold"]),
@@ -162,6 +194,10 @@ class Calibration:
                 bank=bank, dog_bank=dog_bank.reshape(-1, bank.shape[1]), info=dict(meta.get("info", {})),
                 dog_head_w=head if bias is not None else None, dog_head_b=None if bias is None else float(bias),
                 head_on_all=meta["not_a_dog"].get("applies_to", "ood") == "all",  # older files: "ood"
+                ood_head_w=ood_head if ood_bias is not None else None, ood_head_b=float(ood_bias or 0.0),
+                ood_mix=float(meta["ood"].get("mix", 1.0)),
+                ood_stats=tuple(float(stats.get(key, default)) for key, default in (
+                    ("knn_mean", 0.0), ("knn_std", 1.0), ("head_mean", 0.0), ("head_std", 1.0))),
             )
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
@@ -213,7 +249,8 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
                     not_dog_features: np.ndarray | None = None,
                     coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
                     dog_k: int = DEFAULT_DOG_K, raps: tuple[float, int] | None = None,
-                    info: dict | None = None, seed: int = 0) -> Calibration:
+                    info: dict | None = None, seed: int = 0, other_dog_groups: np.ndarray | None = None,
+                    ood_head: bool | tuple[float, float] = True) -> Calibration:
     """Fit temperature, thresholds and conformal scores on the validation split.
 
     - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
@@ -230,6 +267,13 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       the head never saw) as dogs, and the OOD threshold is then the `keep` quantile of the
       validation dogs' kNN distances counting those the head rejects as infinitely far, so at
       least `keep` of them stay "breed" overall;
+    - ood_score: with `ood_head` and at least OOD_HEAD_MIN_OTHER_DOGS other dogs, the kNN distance
+      mixed with an outlier-exposure head (training photos vs other dogs); the mix weight and
+      the head's L2 penalty are the OOD_MIX_GRID x OOD_HEAD_L2_GRID entry with the best mean
+      AUROC of validation dogs vs held-out other dogs in 2-fold cross-validation, the folds
+      splitting `other_dog_groups` (breed per other dog; -1 = none known, split at random);
+      the thresholds below then use that score. `ood_head` = (mix, l2) gives the choice instead
+      (any number of other dogs); False: the kNN distance alone;
     - RAPS penalty `raps` = (lambda, k_reg): given, or the grid entry with the smallest sets in
       2-fold cross-validation on the validation split (APS when it has under 40 photos).
     """
@@ -244,6 +288,17 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
     temperature = fit_temperature(val_logits, val_labels)
     probs = softmax(val_logits, temperature)
     val_ood = knn_distance(val_features, bank, ood_k)
+    ood_head_w, ood_head_b, ood_mix, ood_stats, ood_choice = None, 0.0, 1.0, (0.0, 1.0, 0.0, 1.0), None
+    if isinstance(ood_head, tuple) and len(other):
+        ood_choice = {"mix": float(ood_head[0]), "l2": float(ood_head[1]), "given": True}
+    elif ood_head is True and len(other) >= OOD_HEAD_MIN_OTHER_DOGS:
+        ood_choice = choose_ood_head(train_features, other, val_features, val_ood, other_dog_groups, seed, ood_k)
+    if ood_choice is not None and ood_choice["mix"] < 1.0:
+        ood_mix = ood_choice["mix"]
+        ood_head_w, ood_head_b = fit_logistic(train_features, other, ood_choice["l2"])
+        val_head = ood_head_logit(val_features, ood_head_w, ood_head_b)
+        ood_stats = _ood_stats(val_ood, val_head)
+        val_ood = mixed_ood_score(val_ood, val_head, ood_mix, ood_stats)
     ood_threshold = min(conformal_quantile(val_ood, keep), 1.0 - 1e-6)
     not_a_dog_threshold = None
     head_w = head_b = None
@@ -267,16 +322,72 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         not_a_dog_threshold=None if not_a_dog_threshold is None else float(not_a_dog_threshold),
         conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
         coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg, dog_head_w=head_w, dog_head_b=head_b,
-        head_on_all=head_w is not None,
+        head_on_all=head_w is not None, ood_head_w=ood_head_w, ood_head_b=ood_head_b, ood_mix=ood_mix,
+        ood_stats=ood_stats,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
         "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)), "dog_head_l2": head_l2,
+        "ood_head": ood_choice,
         "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
                                                                                            temperature),
         **(info or {}),
     }
     return calibration
+
+
+def ood_head_logit(features: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    """The outlier-exposure head's logit of P(another dog than the run's breeds)."""
+    return -(normalise(features) @ np.asarray(w, dtype=np.float32) + np.float32(b))
+
+
+def _ood_stats(knn: np.ndarray, head: np.ndarray) -> tuple:
+    return (float(np.mean(knn)), float(max(np.std(knn), 1e-6)), float(np.mean(head)), float(max(np.std(head), 1e-6)))
+
+
+def mixed_ood_score(knn: np.ndarray, head: np.ndarray, mix: float, stats: tuple) -> np.ndarray:
+    """sigmoid(mix * z(kNN) + (1 - mix) * z(head logit)), z standardised with `stats`: in (0, 1)."""
+    z = (mix * (np.asarray(knn, np.float64) - stats[0]) / stats[1]
+         + (1.0 - mix) * (np.asarray(head, np.float64) - stats[2]) / stats[3])
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
+
+def choose_ood_head(train_features: np.ndarray, other: np.ndarray, val_features: np.ndarray, val_knn: np.ndarray,
+                    groups: np.ndarray | None = None, seed: int = 0, k: int = DEFAULT_OOD_K) -> dict:
+    """{'mix', 'l2', 'cv_auroc', 'knn_cv_auroc'}: the OOD_MIX_GRID x OOD_HEAD_L2_GRID entry with the
+    best mean AUROC of validation dogs vs the held-out other dogs, in 2-fold cross-validation over
+    the other dogs (by breed where `groups` gives one: a held-out breed was never seen by the
+    head; -1: at random). mix 1.0 (kNN alone) wins ties, and so does the stronger penalty."""
+    from .scores import auroc
+
+    rng = np.random.default_rng(seed)
+    groups = np.full(len(other), -1) if groups is None else np.asarray(groups)
+    fold = rng.integers(0, 2, len(other))
+    named = np.unique(groups[groups >= 0])
+    if len(named) >= 2:
+        first = set(rng.permutation(named)[: len(named) // 2].tolist())
+        fold = np.where(groups >= 0, np.isin(groups, list(first)).astype(int), fold)
+    if min((fold == 0).sum(), (fold == 1).sum()) == 0:
+        fold = np.arange(len(other)) % 2
+    bank = normalise(train_features).astype(np.float16)
+    other_knn = knn_distance(other, bank, k)
+    results: dict = {}
+    for l2 in OOD_HEAD_L2_GRID:
+        for f in (0, 1):
+            w, b = fit_logistic(train_features, other[fold != f], l2)
+            held = fold == f
+            val_head, other_head = ood_head_logit(val_features, w, b), ood_head_logit(other[held], w, b)
+            stats = _ood_stats(val_knn, val_head)
+            for mix in OOD_MIX_GRID:
+                results.setdefault((mix, l2), []).append(auroc(mixed_ood_score(val_knn, val_head, mix, stats),
+                                                               mixed_ood_score(other_knn[held], other_head, mix, stats)))
+    means = {key: float(np.mean(v)) for key, v in results.items()}
+    best = (1.0, OOD_HEAD_L2_GRID[0])
+    for key in results:  # in grid order: kNN alone, then stronger penalties first
+        if means[key] > means[best] + 1e-3:
+            best = key
+    return {"mix": best[0], "l2": best[1], "cv_auroc": round(means[best], 4),
+            "knn_cv_auroc": round(means[(1.0, OOD_HEAD_L2_GRID[0])], 4)}
 
 
 def _knn_leave_one_out(features: np.ndarray, full_bank: np.ndarray, offset: int, k: int) -> np.ndarray:

@@ -48,12 +48,21 @@ def run_calibrate(args) -> int:
                                 workers=args.workers, progress=True)
     info = calibration.info
     print(f"temperature {calibration.temperature:.3f} (validation NLL {info['val_nll_before']:.3f} -> "
-          f"{info['val_nll_after']:.3f}); OOD threshold {calibration.ood_threshold:.4f}; not-a-dog threshold "
+          f"{info['val_nll_after']:.3f}); OOD score: {_ood_method(calibration)}, threshold {calibration.ood_threshold:.4f}; "
+          f"not-a-dog threshold "
           f"{'none (no other dogs)' if calibration.not_a_dog_threshold is None else f'{calibration.not_a_dog_threshold:.4f}'}; "
           f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank; "
           f"dog / not-dog head: {'on ' + str(info['not_dogs']) + ' photos of non-dogs' if info['not_dogs'] else 'none (pass --not-dogs)'}; "
           f"breed sets: RAPS lambda {calibration.raps_lambda}, k_reg {calibration.raps_k_reg}, coverage {calibration.coverage}")
     return 0
+
+
+def _ood_method(calibration) -> str:
+    choice = calibration.info.get("ood_head") or {}
+    if calibration.ood_head_w is None:
+        return "kNN distance" + (f" (cross-validated AUROC {choice['knn_cv_auroc']} on other dogs)" if choice else "")
+    return (f"kNN distance + outlier-exposure head (weight {calibration.ood_mix} on the kNN, head L2 {choice['l2']}; "
+            f"cross-validated AUROC on other dogs {choice['cv_auroc']}, kNN alone {choice['knn_cv_auroc']})")
 
 
 def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP,
@@ -101,14 +110,17 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     if other_breeds:
         known = set(loaded.classes.breed_ids)
         others = _capped_per_breed([r for r in scan_source(data)[1] if r.breed_id not in known], OTHER_BREED_PHOTOS)
+        ids = sorted({r.breed_id for r in others})  # label = breed number: the OOD head's folds split by breed
+        others = [ImageRecord(r.path, ids.index(r.breed_id), r.breed_id, "test") for r in others]
     others += [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
     train_x, _, _ = embed(train, "training photos (the bank)")
     val_x, val_logits, val_y = embed(val, "validation photos")
-    other_x = embed(others, "other dogs")[0] if others else None
+    other_x, _, other_groups = embed(others, "other dogs") if others else (None, None, None)
     not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in collect_images(list(not_dogs))]
     not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
-                                  ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name})
+                                  ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name},
+                                  other_dog_groups=other_groups)
     calibration.save(run)
     if calibration.ood_threshold >= 1.0 - 1e-5:
         print(f"note: {len(val_y)} validation photos are too few for a {keep:.0%} threshold (it needs "
