@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { photoUrl: null, heatUrl: null };
+const state = { photoUrl: null, heatUrl: null, detector: null, dogs: [] };
+// Box colours for the dogs of one photo (issue 14), the same on the canvas and in the list.
+const DOG_COLORS = ["#1e9e5a", "#2f6fdf", "#d9480f", "#9c36b5", "#e8590c", "#0c8599", "#c2255c", "#5c940d"];
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -76,6 +78,99 @@ async function explain(file) {
   caption.textContent = "Where the model looked for \u201c" + (response.headers.get("X-Breed") || "the top breed") + "\u201d (Grad-CAM)";
 }
 
+// --- every dog in the photo: when the server has a detector (GET /v1/detector answers) ---
+
+function dogLabel(dog, index) {
+  const best = dog.top[0];
+  return (index + 1) + ". " + best.breed + " " + (best.prob * 100).toFixed(0) + "%";
+}
+
+function drawBoxes(result) {
+  // The photo at its own resolution on a canvas, a box and a label per dog. The server's boxes are
+  // in the pixels of the photo it decoded (EXIF-oriented, as the browser shows it): scale to this image.
+  const img = $("photo");
+  const canvas = $("photo-boxes");
+  const w = img.naturalWidth, h = img.naturalHeight;
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, w, h);
+  const sx = w / (result.width || w), sy = h / (result.height || h);
+  const line = Math.max(2, Math.round(Math.min(w, h) / 150));
+  const font = Math.max(12, Math.round(Math.min(w, h) / 22));
+  ctx.font = "600 " + font + "px system-ui, sans-serif";
+  ctx.textBaseline = "top";
+  result.dogs.forEach((dog, i) => {
+    const [x0, y0, x1, y1] = dog.box;
+    const color = DOG_COLORS[i % DOG_COLORS.length];
+    ctx.lineWidth = line;
+    ctx.strokeStyle = color;
+    ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
+    const text = dogLabel(dog, i);
+    const tw = ctx.measureText(text).width + 2 * line;
+    const ty = y0 * sy >= font + 2 * line ? y0 * sy - font - 2 * line : y0 * sy;
+    ctx.fillStyle = color;
+    ctx.fillRect(x0 * sx, ty, tw, font + 2 * line);
+    ctx.fillStyle = "#fff";
+    ctx.fillText(text, x0 * sx + line, ty + line);
+  });
+  img.hidden = true;
+  canvas.hidden = false;
+}
+
+function selectDog(index) {
+  const dog = state.dogs[index];
+  for (const item of $("dogs").children) item.classList.toggle("selected", Number(item.dataset.index) === index);
+  $("bars-title").textContent = "Top breeds of dog " + (index + 1);
+  renderBars(dog);
+}
+
+function renderDogs(result) {
+  state.dogs = result.dogs;
+  const list = $("dogs");
+  list.replaceChildren();
+  result.dogs.forEach((dog, i) => {
+    const li = document.createElement("li");
+    li.className = "dog";
+    li.dataset.index = String(i);
+    li.style.setProperty("--dog-color", DOG_COLORS[i % DOG_COLORS.length]);
+    li.textContent = dogLabel(dog, i);
+    li.title = "dog score " + dog.score.toFixed(2) + "; box " + dog.box.map((v) => v.toFixed(0)).join(", ");
+    li.addEventListener("click", () => selectDog(i));
+    list.append(li);
+  });
+  list.hidden = result.dogs.length === 0;
+  $("photo-caption").textContent = result.dogs.length === 1 ? "Your photo: 1 dog"
+    : "Your photo: " + result.dogs.length + " dogs";
+  if (result.dogs.length) {
+    selectDog(0);
+  } else {
+    $("bars-title").textContent = "No dog found";
+    $("bars").replaceChildren();
+    for (const id of ["verdict", "breed-set", "trust-note", "low-confidence"]) $(id).hidden = true;
+  }
+}
+
+async function detectFile(file) {
+  const form = new FormData();
+  form.append("image", file);
+  const response = await fetch("/v1/detect?top=5", { method: "POST", body: form });
+  if (!response.ok) {
+    $("result").hidden = true;
+    setStatus(file.name + ": " + (await errorText(response)), true);
+    return;
+  }
+  const result = await response.json();
+  await $("photo").decode().catch(() => {});
+  $("result").hidden = false;
+  renderDogs(result);
+  drawBoxes(result);
+  const n = result.dogs.length;
+  setStatus(file.name + ": " + (n === 0 ? "no dog found"
+    : n + (n === 1 ? " dog: " : " dogs: ") + result.dogs.map((d) => d.top[0].breed).join(", ")));
+  await explain(file);
+}
+
 async function handleFile(file) {
   if (!file) return;
   if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
@@ -84,6 +179,16 @@ async function handleFile(file) {
   $("heatmap").removeAttribute("src");
   $("bars").replaceChildren();
   setStatus("Looking at " + file.name + " …");
+  $("photo").hidden = false;
+  $("photo-boxes").hidden = true;
+  if (state.detector) {
+    try {
+      await detectFile(file);
+    } catch (err) {
+      setStatus("Could not reach the server: " + err, true);
+    }
+    return;
+  }
   const form = new FormData();
   form.append("image", file);
   try {
@@ -122,5 +227,16 @@ async function showModel() {
   } catch (_) { /* the page still works; the name is decoration */ }
 }
 
+async function findDetector() {
+  // 404 without a detector: the page then shows one breed answer per photo, as before.
+  try {
+    const response = await fetch("/v1/detector");
+    if (!response.ok) return;
+    state.detector = await response.json();
+    $("drop-zone").querySelector("span").append(" — every dog in it gets a box and a breed");
+  } catch (_) { /* no detector: single-answer mode */ }
+}
+
 setUpDropZone();
 showModel();
+findDetector();
