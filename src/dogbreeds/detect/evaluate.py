@@ -1,7 +1,7 @@
 """`dogbreeds detect evaluate`: how well the detector finds, counts and names the dogs.
 
-    map, ap50, ap75   COCO box AP (IoU 0.5:0.95, 0.5, 0.75) by torchmetrics' MeanAveragePrecision
-                      (pycocotools backend), over every detection the model keeps (score >= its
+    map, ap50, ap75   COCO box AP (IoU 0.5:0.95, 0.5, 0.75) by pycocotools' COCOeval (what
+                      torchmetrics' MeanAveragePrecision runs), over every detection the model keeps (score >= its
                       box_score_thresh, at most detections_per_img)
     recall_at_10      COCO AR with at most 10 detections per photo (mar_10, IoU 0.5:0.95)
     exact_count       share of photos whose number of detections with score >= score_threshold
@@ -60,20 +60,41 @@ def best_count_threshold(predictions: list[dict], gt_boxes: list[np.ndarray], gr
 
 
 def coco_scores(predictions: list[dict], gt_boxes: list[np.ndarray]) -> dict:
-    import torch
-    from torchmetrics.detection import MeanAveragePrecision
+    """COCO box AP and AR by pycocotools' COCOeval (the reference implementation; torchmetrics'
+    MeanAveragePrecision runs the same code with backend="pycocotools", a test checks they agree;
+    importing torchmetrics costs ~11 s of CPU, pycocotools well under one)."""
+    import contextlib
+    import io
 
-    metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy", max_detection_thresholds=[1, 10, 100],
-                                  backend="pycocotools")
-    preds = [{"boxes": torch.as_tensor(np.asarray(p["boxes"], dtype=np.float32).reshape(-1, 4)),
-              "scores": torch.as_tensor(np.asarray(p["scores"], dtype=np.float32).reshape(-1)),
-              "labels": torch.ones(len(p["scores"]), dtype=torch.int64)} for p in predictions]
-    target = [{"boxes": torch.as_tensor(np.asarray(g, dtype=np.float32).reshape(-1, 4)),
-               "labels": torch.ones(len(g), dtype=torch.int64)} for g in gt_boxes]
-    metric.update(preds, target)
-    out = metric.compute()
-    return {"map": float(out["map"]), "ap50": float(out["map_50"]), "ap75": float(out["map_75"]),
-            "recall_at_10": float(out["mar_10"]), "recall_at_100": float(out["mar_100"])}
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for image_id, (pred, gt) in enumerate(zip(predictions, gt_boxes), 1):
+        images.append({"id": image_id})
+        for x0, y0, x1, y1 in np.asarray(gt, dtype=np.float64).reshape(-1, 4):
+            w, h = x1 - x0, y1 - y0
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                                "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
+        boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
+        for (x0, y0, x1, y1), score in zip(boxes, np.asarray(pred["scores"], dtype=np.float64).reshape(-1)):
+            results.append({"image_id": image_id, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": float(score)})
+    zeros = {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "recall_at_10": 0.0, "recall_at_100": 0.0}
+    if not annotations or not results:
+        return zeros
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO prints its progress and the table
+        truth = COCO()
+        truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "dog"}]}
+        truth.createIndex()
+        found = truth.loadRes(results)
+        coco_eval = COCOeval(truth, found, "bbox")
+        coco_eval.params.maxDets = [1, 10, 100]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = [max(0.0, float(v)) for v in coco_eval.stats]  # -1: nothing to measure
+    return {"map": stats[0], "ap50": stats[1], "ap75": stats[2], "recall_at_10": stats[7], "recall_at_100": stats[8]}
 
 
 def score_detections(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float | None = None) -> dict:
