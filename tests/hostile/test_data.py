@@ -103,6 +103,17 @@ def test_other_link_tricks_are_refused_naming_the_member(tmp_path, members, culp
     assert list(dest.iterdir()) == []
 
 
+def test_an_archive_cut_short_leaves_nothing_half_unpacked(tmp_path):
+    whole = _tar(tmp_path / "whole.tar", [("file", "Images/a.txt", "a" * 600), ("file", "Images/b.txt", "b" * 5000)])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:3072])  # inside b.txt's data: its header is there, its bytes are not
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DogbreedsError, match=r"cut.tar.*(damaged|failed).*download it again"):
+        safe_extract(cut, dest)
+    assert list(dest.iterdir()) == []
+
+
 def test_links_that_stay_inside_still_unpack(tmp_path):
     members = [("dir", "lists", ""), ("sym", "current", "lists"), ("file", "current/file_list.txt", "ok"),
                ("dir", "x", ""), ("sym", "x/y", ".."), ("sym", "x/top", "y/lists")]
