@@ -41,8 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 
 from ..errors import EmptyImageError, ImageDecodeError, NotAnImageError, TooManyPixelsError
 from ..infer.predictor import DEFAULT_MAX_PIXELS, Predictor
@@ -169,7 +171,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     async def breeds():
         return {"model": predictor.backend.name, "breeds": predictor.classes.to_json()}
 
-    @app.post("/v1/predict", openapi_extra=_IMAGE_BODY_DOC)
+    @app.post("/v1/predict", openapi_extra=_IMAGE_BODY_DOC, responses=error_responses(408, 413, 415, 422, 503))
     async def predict(request: Request, top: int = Query(5, ge=1, description="how many breeds to return")):
         admission.check()  # already full: 503 before reading a byte
         name, data = await read_image_upload(request, settings.max_upload_bytes)
@@ -187,8 +189,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
                                                   [s.breed for s in prediction.breed_set])
             return result
 
+    # Listed in the schema only where it works: a server of an .onnx file answers it with 501.
     @app.post("/v1/explain", openapi_extra=_IMAGE_BODY_DOC, response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay, the photo's size"}})
+              include_in_schema=_can_explain(predictor),
+              responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay, the photo's size"},
+                         **error_responses(408, 413, 415, 422, 501, 503)})
     async def explain(request: Request, breed: str | None = Query(None, description="breed name or id; default: the top one")):
         if not _can_explain(predictor):
             raise HTTPException(501, "Grad-CAM needs the PyTorch model; serve the run directory instead of the .onnx file")
@@ -206,7 +211,44 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     async def decode_error(request: Request, exc: ImageDecodeError):
         return JSONResponse({"detail": str(exc)}, status_code=decode_error_status(exc))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError):
+        # One shape for every error ({"detail": message}), as the schema says (not FastAPI's array).
+        return JSONResponse({"detail": validation_message(exc)}, status_code=422)
+
     return app
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+_ERROR_DESCRIPTIONS = {
+    408: "the body did not arrive within --body-timeout (the connection then closes)",
+    413: "the body is over --max-upload-mb, or the image is over the pixel limit (decompression bomb)",
+    415: "not an image, or empty",
+    422: "a corrupt or truncated image, a multipart body without an `image` file field, or a bad parameter",
+    501: "Grad-CAM needs the PyTorch model: this server runs an .onnx file (serve the run directory)",
+    503: "too many requests in flight, or too many upload bytes being received; retry after Retry-After seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for the error statuses an endpoint returns, each {"detail": message}."""
+    responses = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorMessage, "description": _ERROR_DESCRIPTIONS[status]}
+        if status == 503:
+            responses[status]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+    return responses
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = " ".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" + (f" (got {error['input']!r})" if "input" in error else ""))
+    return "; ".join(parts) or "invalid request"
 
 
 def decode_error_status(exc: ImageDecodeError) -> int:
