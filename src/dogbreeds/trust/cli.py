@@ -72,6 +72,9 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     import numpy as np
     import torch
 
+    from pathlib import Path
+
+    from ..data.cache import find_prepared_cache
     from ..data.records import ImageRecord
     from ..data.sources import scan_source
     from ..data.transforms import build_eval_transform
@@ -90,11 +93,11 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     model = loaded.model.eval()
     transform = build_eval_transform(loaded.preprocessing)
 
-    def embed(records, what):
+    def embed(records, what, cache=None):
         import contextlib
 
         x, y, _ = extract_features(model, records, transform, batch_size, workers, 0, torch.device("cpu"),
-                                   contextlib.nullcontext, False, progress)
+                                   contextlib.nullcontext, False, progress, cache=cache)
         with torch.no_grad():
             logits = model.get_classifier()(x).float() if len(x) else torch.zeros(0, len(loaded.classes))
         if progress:
@@ -112,10 +115,18 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
         others = _capped_per_breed([r for r in scan_source(data)[1] if r.breed_id not in known], OTHER_BREED_PHOTOS)
         ids = sorted({r.breed_id for r in others})  # label = breed number: the OOD head's folds split by breed
         others = [ImageRecord(r.path, ids.index(r.breed_id), r.breed_id, "test") for r in others]
-    others += [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
-    train_x, _, _ = embed(train, "training photos (the bank)")
-    val_x, val_logits, val_y = embed(val, "validation photos")
-    other_x, _, other_groups = embed(others, "other dogs") if others else (None, None, None)
+    wild = [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
+    # the photos under DATA are read from `dogbreeds data prepare`'s cache when it holds them all
+    lookup = find_prepared_cache(Path(data).expanduser().resolve(), loaded.preprocessing, train + val + others)
+    if progress and lookup.message:
+        print(f"[calibrate] {lookup.message}", flush=True)
+    train_x, _, _ = embed(train, "training photos (the bank)", lookup.cache)
+    val_x, val_logits, val_y = embed(val, "validation photos", lookup.cache)
+    parts = [embed(group, what, cache) for group, what, cache in (
+        (others, "other breeds under DATA", lookup.cache), (wild, "other dogs (--other-dogs)", None)) if group]
+    parts = [part for part in parts if len(part[0])]  # a group whose every photo was unreadable
+    other_x, other_groups = ((np.concatenate([part[0] for part in parts]), np.concatenate([part[2] for part in parts]))
+                             if parts else (None, None))
     not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in collect_images(list(not_dogs))]
     not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
