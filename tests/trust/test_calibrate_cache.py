@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 
-@pytest.mark.slow  # trains a tiny run and calibrates it twice: ~25 s on 2 idle cores, more when shared
+@pytest.mark.slow  # trains a tiny run and calibrates it twice: 75 s here on 2 cores shared with other jobs (load ~9)
 def test_calibrate_reads_the_prepared_cache(mini_root, tmp_path, capsys):
     from dogbreeds.cli import main
     from dogbreeds.data.transforms import AugmentConfig
