@@ -112,6 +112,10 @@ class RunDir:
             folder = checkpoint.parent
             run = folder.parent if folder.name == CHECKPOINTS else folder
             return cls(run, checkpoint=checkpoint)
+        if path.exists():  # a FIFO, socket or device: said at once (opening a FIFO would block)
+            from .models.safety import check_regular
+
+            check_regular(path, "run or checkpoint file")
         raise DogbreedsError(f"run or checkpoint not found: {path}; pass a run directory written by "
                              "`dogbreeds train` or one of its checkpoints/*.safetensors files")
 

@@ -19,6 +19,7 @@ from dogbreeds.errors import DogbreedsError, WeightsError
 from dogbreeds.preprocessing import Preprocessing
 
 from .formats import ConvertedWeights
+from .safety import KIND_NAMES, check_regular, parse_json, read_json, sniff, validate_model_kwargs, validate_sidecar
 
 log = logging.getLogger("dogbreeds")
 
@@ -46,6 +47,8 @@ def save_model_checkpoint(model, path, classes: ClassInfo, extra: dict | None = 
     if num_classes != len(classes):
         raise DogbreedsError(f"model has {num_classes} outputs but {len(classes)} classes were given for {path}")
     preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
+    # Refused here, not only when read back: a checkpoint that could not be loaded is worse than none.
+    validate_model_kwargs(dict(getattr(model, "dogbreeds_kwargs", {}) or {}), f"model to save as {path}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -92,6 +95,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _embedded_meta(path: Path) -> dict | None:
     from safetensors import SafetensorError, safe_open
 
+    check_regular(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -99,7 +103,7 @@ def _embedded_meta(path: Path) -> dict | None:
         raise WeightsError(f"safetensors file {path} is corrupt or truncated: {exc}") from exc
     if metadata.get("format") != FORMAT or METADATA_KEY not in metadata:
         return None
-    return json.loads(metadata[METADATA_KEY])
+    return parse_json(metadata[METADATA_KEY], f"{path} (metadata entry {METADATA_KEY!r})", "checkpoint metadata")
 
 
 def is_dogbreeds_checkpoint(path, kind: str) -> bool:
@@ -114,33 +118,49 @@ def _sidecar_format(path: Path) -> str | None:
     if path.suffix == ".json" or not side.is_file():
         return None
     try:
-        return json.loads(side.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
+        meta = read_json(side, "checkpoint sidecar")
+    except WeightsError:
         return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+# What `predict`, `serve`, `export` and `evaluate` take as a model (said when given something else).
+ACCEPTED = ("a run directory written by `dogbreeds train`, one of its checkpoints/*.safetensors files "
+            "(this project's checkpoints: safetensors weights with a .json sidecar), or an exported .onnx file")
+
+
+def not_a_checkpoint(path: Path, kind: str | None) -> WeightsError:
+    """The error for a file that is not one of this project's checkpoints, saying what it is."""
+    what = KIND_NAMES.get(kind, kind) if kind else "not a weights file"
+    if kind == "safetensors":
+        what = "a safetensors file without dogbreeds metadata (timm or Hugging Face weights?)"
+    return WeightsError(
+        f"{path} is {what}, not a checkpoint of this project; this command takes {ACCEPTED}. To use other "
+        f"weights, train from them (`dogbreeds train --weights {path} ...`) or load them in Python "
+        f"with create_model(weights=...)"
+    )
 
 
 def read_checkpoint_meta(path) -> dict:
-    """The sidecar of a checkpoint (`x.safetensors` or `x.json`), validated."""
+    """The sidecar of a checkpoint (`x.safetensors` or `x.json`), validated against the schema
+    (safety.validate_sidecar): metadata is data, never a path or code."""
     path = Path(path)
     weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
     side = sidecar_path(weights)
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"checkpoint sidecar {side} is not valid JSON: {exc}") from exc
+    if weights.exists() or weights.is_symlink():
+        kind = sniff(weights)  # a regular file (never blocks on a FIFO) of a known kind, or an error
+        if kind != "safetensors":
+            raise not_a_checkpoint(weights, kind)
+    if side.exists() and side != weights:
+        meta, source = read_json(side, "checkpoint sidecar"), side
     elif weights.is_file() and (meta := _embedded_meta(weights)) is not None:
+        source = f"{weights} (metadata entry {METADATA_KEY!r})"
         log.info("%s: sidecar %s missing; using the copy stored in the safetensors metadata", weights, side.name)
+    elif weights.is_file():
+        raise not_a_checkpoint(weights, "safetensors")
     else:
         raise WeightsError(f"{weights} has no dogbreeds sidecar ({side.name}) and no embedded metadata")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise WeightsError(f"{side} is not a dogbreeds checkpoint sidecar (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise WeightsError(f"{side}: checkpoint version {meta.get('version')!r} is not supported (this dogbreeds reads version {VERSION})")
-    missing = [k for k in ("model", "num_classes") if k not in meta]
-    if missing:
-        raise WeightsError(f"{side} lacks {missing}")
-    return meta
+    return validate_sidecar(meta, source, FORMAT, VERSION)
 
 
 def convert_checkpoint(path) -> ConvertedWeights:
@@ -154,7 +174,7 @@ def convert_checkpoint(path) -> ConvertedWeights:
         format=FORMAT,
         model_name=meta["model"],
         state_dict=tensors,
-        num_classes=int(meta["num_classes"]),
+        num_classes=meta["num_classes"],
         preprocessing=Preprocessing.from_dict(pre) if pre else None,
         model_kwargs=dict(meta.get("model_kwargs") or {}),
     )

@@ -70,10 +70,25 @@ def _from_weights(name: str | None, num_classes: int | None, path: Path, kwargs:
 
 def _model_from_converted(name: str | None, num_classes: int | None, converted: ConvertedWeights, path: Path,
                           kwargs: dict) -> torch.nn.Module:
-    """A timm model built for and loaded with weights already read by a converter."""
+    """A timm model built for and loaded with weights already read by a converter.
+
+    What the file says is checked before anything is allocated: its model_kwargs against the
+    schema (safety.validate_model_kwargs: no paths, no unknown keys), its architecture name, and
+    its tensors' names and shapes against the model built on the meta device (no memory). So a
+    small file that declares a huge model is refused, not built."""
+    from .safety import validate_model_kwargs
+
     arch = name or converted.model_name
+    _check_name(arch)
+    validate_model_kwargs(converted.model_kwargs, path)
     model_kwargs = {**converted.model_kwargs, **kwargs}
     wanted = converted.num_classes if num_classes is None else num_classes  # None: keep the file's head
+    try:
+        shapes_only = meta_model(arch, num_classes=wanted, **model_kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise WeightsError(f"{path}: timm cannot build {arch} with {model_kwargs} ({type(exc).__name__}: "
+                           f"{_first_line(exc)}); the weights' metadata is wrong for this architecture") from None
+    _plan_load(shapes_only, converted, path)  # refuses weights that do not fit, before the real model exists
     model = timm.create_model(arch, pretrained=False, num_classes=wanted, **model_kwargs)
     load_converted(model, converted, path)
     pre = converted.preprocessing or Preprocessing.from_timm_cfg(model.pretrained_cfg, source=f"timm:{arch}")
@@ -91,6 +106,18 @@ _FOREIGN_WEIGHT_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "l
 
 def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) -> None:
     """Load timm-named weights; re-initialise a head of another size; refuse anything else."""
+    sd, reinit_head = _plan_load(model, converted, path)
+    model_classes = int(getattr(model, "num_classes", 0) or 0)
+    model.load_state_dict(sd, strict=False)  # strictness checked by _plan_load, minus head/step counters
+    if reinit_head:
+        model.dogbreeds_new_head = bool(model_classes)  # train/ may shrink a fresh head (Recipe.head_init_scale)
+        log.info("%s: head has %d classes in the file, model has %d: head %s", path, converted.num_classes,
+                 model_classes, "re-initialised" if model_classes else "dropped (feature extractor)")
+
+
+def _plan_load(model: torch.nn.Module, converted: ConvertedWeights, path) -> tuple[dict, bool]:
+    """(the tensors to load, whether the head is re-initialised), or a WeightsError saying what
+    does not fit. Reads only names and shapes, so `model` may live on the meta device."""
     target = model.state_dict()
     head = classifier_prefix(model)
     model_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -122,12 +149,7 @@ def load_converted(model: torch.nn.Module, converted: ConvertedWeights, path) ->
                         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys)
             + ". Pass the matching model name, or name=None to use the file's own architecture"
         )
-    sd = {k: v for k, v in sd.items() if k in target}
-    model.load_state_dict(sd, strict=False)  # strictness checked above, minus head/step counters
-    if reinit_head:
-        model.dogbreeds_new_head = bool(model_classes)  # train/ may shrink a fresh head (Recipe.head_init_scale)
-        log.info("%s: head has %d classes in the file, model has %d: head %s", path, converted.num_classes,
-                 model_classes, "re-initialised" if model_classes else "dropped (feature extractor)")
+    return {k: v for k, v in sd.items() if k in target}, reinit_head
 
 
 def _fit_singleton_dims(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

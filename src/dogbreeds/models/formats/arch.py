@@ -34,9 +34,21 @@ INFERABLE = (
 )
 
 
-def convnext_model(depths, dims) -> tuple[str, dict]:
-    """timm name (+ kwargs for a non-standard size) for a ConvNeXt with these stages."""
-    depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
+def convnext_model(depths, dims, source="the weights") -> tuple[str, dict]:
+    """timm name (+ kwargs for a non-standard size) for a ConvNeXt with these stages.
+
+    The layout comes from a file (key names, shapes, config.json), so it is checked against the
+    model_kwargs schema before any model, even a meta one, is built: a key 'stages.0.blocks.
+    999999999' must not make timm construct a billion blocks."""
+    from ..safety import validate_model_kwargs
+
+    depths, dims = [int(d) for d in depths], [int(d) for d in dims]
+    validate_model_kwargs({"depths": depths, "dims": dims}, source, "the ConvNeXt stage layout")
+    if len(depths) != len(dims):
+        from dogbreeds.errors import WeightsError
+
+        raise WeightsError(f"{source}: {len(depths)} stage depths {depths} but {len(dims)} stage widths {dims}")
+    depths, dims = tuple(depths), tuple(dims)
     name = CONVNEXT_VARIANTS.get((depths, dims))
     if name:
         return name, {}

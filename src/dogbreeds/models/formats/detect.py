@@ -18,11 +18,21 @@ KERAS_MODULE = "dogbreeds.models.formats.keras"
 def convert_weights(path, name: str | None = None) -> ConvertedWeights:
     """Any supported file or folder -> ConvertedWeights. `name` (a timm model name) helps only
     where the file cannot say its architecture (plain timm state dicts)."""
-    from dogbreeds.models import checkpoint_format  # imports this package: import late
-
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"weights not found: {path}")
+    try:
+        return _convert(path, name)
+    except (KeyError, IndexError) as exc:
+        # A converter looked for a tensor the file's other keys promised (e.g. the first block of
+        # a stage); a hand-made or damaged file lacks it.
+        raise WeightsError(f"{path}: the weights lack {exc} (or hold it in another shape), which the rest of the "
+                           "file implies; the file is incomplete or was not written by the program it imitates") from None
+
+
+def _convert(path: Path, name: str | None) -> ConvertedWeights:
+    from dogbreeds.models import checkpoint_format  # imports this package: import late
+
     if path.is_dir():
         if hf.is_folder(path):
             return _log(hf.convert_folder(path), path)

@@ -14,7 +14,7 @@ Two layouts exist and both are read here:
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from dogbreeds.errors import WeightsError
+
+from ..safety import check_declared, check_regular, compressed_allowance, expect_dict, expect_list, parse_json
 
 # Variable order of Keras 3 layers in `.weights.h5` (positional, no names in the file).
 _POSITIONAL_VAR_NAMES = {
@@ -98,8 +100,7 @@ def read_keras_file(path: str | Path) -> KerasFile:
     import h5py  # local: only Keras files need it
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such Keras weights file")
+    size = check_regular(path, "Keras weights file").st_size
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
@@ -109,6 +110,7 @@ def read_keras_file(path: str | Path) -> KerasFile:
         ) from exc
     try:
         with handle:
+            _check_storage(path, handle, size)
             if "model_weights" in handle or "layer_names" in handle.attrs:
                 return _read_legacy(path, handle)
             if "layers" in handle and "vars" in handle:
@@ -119,42 +121,132 @@ def read_keras_file(path: str | Path) -> KerasFile:
                 f"expected a legacy Keras .h5 (model_weights group) or a Keras 3 .weights.h5 "
                 f"(layers/ and vars/ groups)"
             )
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        # h5py raises these when a dataset or group lies past the end of a cut file.
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        # h5py raises these when a dataset or group lies past the end of a cut file (TypeError:
+        # a dataset where the layout needs a group).
         raise WeightsError(
             f"{path}: the HDF5 file could not be read completely ({type(exc).__name__}: {exc}); "
             f"it is probably truncated or corrupt - download or save it again"
         ) from exc
 
 
+# ---------------------------------------------------------------- sizes before reading
+
+
+def _check_storage(path: Path, handle, size: int) -> None:
+    """Before any array is read: no links or datasets that reach other files, and the bytes the
+    datasets declare (shape x item size) fit the bytes they store. HDF5 hands out the fill value
+    for storage never written, so an 8 KB file can declare gigabytes: refused here.
+    Uncompressed datasets must store what they declare; compressed ones get the ratio of
+    safety.MAX_COMPRESSION_RATIO over all of them; all storage together fits the file."""
+    import h5py
+
+    # The visit callbacks only collect: an exception raised inside h5py's iteration surfaces as a
+    # SystemError, so the checks run after it.
+    external: list[str] = []
+
+    def on_link(name, link):
+        if isinstance(link, h5py.ExternalLink):
+            external.append(name)
+            return True  # stops the visit
+        return None
+
+    handle.visititems_links(on_link)
+    if external:
+        raise WeightsError(f"{path}: HDF5 links to other files ({external[0]}); a weights file is read on its own "
+                           "and this one will not be loaded")
+    datasets: list[tuple[str, object]] = []
+    handle.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    stored_total = packed = packed_declared = 0
+    for name, obj in datasets:
+        if obj.is_virtual or obj.external:
+            raise WeightsError(f"{path}: dataset {name} keeps its data in another file; a weights file is read "
+                               "on its own and this one will not be loaded")
+        declared = math.prod(int(d) for d in (obj.shape or ())) * obj.dtype.itemsize
+        stored = obj.id.get_storage_size()
+        stored_total += stored
+        if obj.id.get_create_plist().get_nfilters():
+            packed += stored
+            packed_declared += declared
+        else:
+            check_declared(path, f"dataset {name} {tuple(obj.shape)} {obj.dtype}", declared, stored)
+    check_declared(path, f"the storage of its {len(datasets)} datasets", stored_total, size)
+    if packed or packed_declared:
+        check_declared(path, "its compressed datasets", packed_declared, compressed_allowance(packed))
+
+
+def _attr(path: Path, obj, name: str, default=None):
+    """An attribute, its declared size checked against the file's first."""
+    if name not in obj.attrs:
+        return default
+    aid = obj.attrs.get_id(name)
+    declared = math.prod(int(d) for d in (aid.shape or ())) * aid.dtype.itemsize
+    check_declared(path, f"attribute {name}", declared, path.stat().st_size)
+    return obj.attrs[name]
+
+
 # ---------------------------------------------------------------- legacy full-model HDF5
 
 
-def _walk_config(layer_cfg: dict, container: str, index: int, out: dict) -> None:
-    """Flatten model_config: name -> (class kind, config, container, index), nested models too."""
+def _walk_config(layer_cfg: dict, container: str, index: int, out: dict, source: str = "model_config",
+                 where: str = "model_config") -> None:
+    """Flatten model_config: name -> (class kind, config, container, index), nested models too.
+    Every level is checked for the JSON shape Keras writes (WeightsError naming the field)."""
+    expect_dict(layer_cfg, source, where)
     class_name = layer_cfg.get("class_name", "")
-    config = layer_cfg.get("config", {}) or {}
+    if not isinstance(class_name, str):
+        raise WeightsError(f"{source}: {where}['class_name'] must be a string, got {type(class_name).__name__}")
+    config = expect_dict(layer_cfg.get("config", {}) or {}, source, f"{where}['config']")
     name = config.get("name") or layer_cfg.get("name") or f"<unnamed {class_name}>"
+    if not isinstance(name, str):
+        raise WeightsError(f"{source}: {where}: the layer name must be a string, got {type(name).__name__}")
+    _check_layer_config(config, source, f"{where}['config']")
     kind = snake_case(class_name)
     out[name] = (kind, config, container, index)
-    if kind in _NESTED_MODEL_KINDS or isinstance(config.get("layers"), list):
-        for i, sub in enumerate(config.get("layers") or []):
-            _walk_config(sub, name, i, out)
+    if config.get("layers") is not None or kind in _NESTED_MODEL_KINDS:
+        for i, sub in enumerate(expect_list(config.get("layers") or [], source, f"{where}['config']['layers']")):
+            _walk_config(sub, name, i, out, source, f"{where}['config']['layers'][{i}]")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_layer_config(config: dict, source: str, where: str) -> None:
+    """The config values the converters read, of the types Keras writes."""
+    eps = config.get("epsilon")
+    if eps is not None and not _is_number(eps):
+        raise WeightsError(f"{source}: {where}['epsilon'] must be a number, got {eps!r:.60}")
+    activation = config.get("activation")
+    if activation is not None and not isinstance(activation, (str, dict)):
+        raise WeightsError(f"{source}: {where}['activation'] must be a name, got {activation!r:.60}")
+    for key in ("mean", "variance"):
+        value = config.get(key)
+        if value is not None and not (_is_number(value) or (isinstance(value, list)
+                                                             and all(_is_number(v) for v in value))):
+            raise WeightsError(f"{source}: {where}[{key!r}] must be a number or a list of numbers, got {value!r:.60}")
+
+
+def _shape4(value) -> tuple | None:
+    """(H, W, C) of a batch shape [None, H, W, C]; None for anything else."""
+    if isinstance(value, list) and len(value) == 4 and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                                           for v in value):
+        return tuple(value[1:])
+    return None
 
 
 def _input_shape_from_config(config: dict) -> tuple | None:
-    for layer_cfg in config.get("config", {}).get("layers", []) or []:
+    # Shapes were checked by _walk_config: dicts and lists where Keras writes them.
+    layers = (config.get("config") or {}).get("layers") or []
+    for layer_cfg in layers:
         if layer_cfg.get("class_name") == "InputLayer":
-            cfg = layer_cfg.get("config", {})
-            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-            if shape and len(shape) == 4:
-                return tuple(shape[1:])
+            cfg = layer_cfg.get("config") or {}
+            shape = _shape4(cfg.get("batch_shape") or cfg.get("batch_input_shape"))
+            if shape:
+                return shape
     # Sequential models may declare the input on their first layer instead.
-    layers = config.get("config", {}).get("layers", []) or []
     if layers:
-        shape = layers[0].get("config", {}).get("batch_input_shape")
-        if shape and len(shape) == 4:
-            return tuple(shape[1:])
+        return _shape4((layers[0].get("config") or {}).get("batch_input_shape"))
     return None
 
 
@@ -178,24 +270,26 @@ def _infer_kind(name: str, weights: dict[str, np.ndarray]) -> str:
 
 
 def _read_legacy(path: Path, handle) -> KerasFile:
-    config_text = handle.attrs.get("model_config")
-    config = json.loads(_text(config_text)) if config_text is not None else None
+    config_text = _attr(path, handle, "model_config")
+    source = f"{path} (attribute model_config)"
+    config = parse_json(_text(config_text), source, "Keras model_config") if config_text is not None else None
     weights_group = handle["model_weights"] if "model_weights" in handle else handle
-    keras_version = weights_group.attrs.get("keras_version") or handle.attrs.get("keras_version")
+    keras_version = _attr(path, weights_group, "keras_version") or _attr(path, handle, "keras_version")
 
     described: dict[str, tuple] = {}
     model_name = None
     if config is not None:
-        model_name = config.get("config", {}).get("name")
-        _walk_config(config, "", 0, described)
+        _walk_config(config, "", 0, described, source)
+        model_name = (config.get("config") or {}).get("name")
+        model_name = model_name if isinstance(model_name, str) else None
         described.pop(model_name, None)  # the outermost model itself is not a layer
 
     weights_by_layer: dict[str, dict[str, np.ndarray]] = {}
     nested_in: dict[str, str] = {}  # layer -> top-level (nested model) group, for files without config
-    top_names = [_text(n) for n in weights_group.attrs.get("layer_names", [])]
+    top_names = [_text(n) for n in _attr(path, weights_group, "layer_names", [])]
     for top_name in top_names:
         group = weights_group[top_name]
-        for weight_name in (_text(n) for n in group.attrs.get("weight_names", [])):
+        for weight_name in (_text(n) for n in _attr(path, group, "weight_names", [])):
             parts = weight_name.split("/")
             layer_name = parts[-2] if len(parts) >= 2 else top_name
             var_name = parts[-1].split(":")[0]
@@ -235,7 +329,7 @@ def _read_legacy(path: Path, handle) -> KerasFile:
 
 
 def _read_keras3_weights(path: Path, handle) -> KerasFile:
-    model_name = handle["vars"].attrs.get("name")
+    model_name = _attr(path, handle["vars"], "name")
     layers: list[KerasLayer] = []
 
     def walk(group, container: str) -> None:
@@ -243,7 +337,7 @@ def _read_keras3_weights(path: Path, handle) -> KerasFile:
             child = group["layers"][key]
             kind = re.sub(r"_\d+$", "", key)
             vars_group = child.get("vars")
-            name = vars_group.attrs.get("name") if vars_group is not None else None
+            name = _attr(path, vars_group, "name") if vars_group is not None else None
             if name is None:
                 raise WeightsError(
                     f"{path}: layer group layers/{key} has no layer name (the 'name' attribute that "
