@@ -147,6 +147,15 @@ def test_export_command_without_photos_to_check_says_how(detector_run, tmp_path,
     assert "--check-images" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
 
 
+def test_a_corrupt_file_is_a_weights_error_that_says_what_to_do(tmp_path):
+    path = tmp_path / "det.onnx"
+    path.write_bytes(b"\x08\x07 not a protobuf")
+    with pytest.raises(WeightsError, match="re-export it with `dogbreeds detect export`"):
+        Detector.from_path(path)
+    with pytest.raises(WeightsError, match="no such ONNX file"):
+        Detector.from_path(tmp_path / "missing.onnx")
+
+
 def test_a_breed_model_is_not_a_detector(tmp_path):
     import onnx
     from onnx import TensorProto, helper

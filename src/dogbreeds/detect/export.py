@@ -104,7 +104,7 @@ def write_detector_onnx(model, path: str | Path, config=None, opset: int = OPSET
     example = torch.rand(*TRACE_SIZE, generator=torch.Generator().manual_seed(0))
     try:
         try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _gather_merge():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, ([example],), str(partial), dynamo=False, opset_version=opset,
                                   input_names=[INPUT_NAME], output_names=list(GRAPH_OUTPUTS),
@@ -121,6 +121,32 @@ def write_detector_onnx(model, path: str | Path, config=None, opset: int = OPSET
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+class _gather_merge:
+    """While tracing, merge MultiScaleRoIAlign's per-level results with one Gather instead of
+    torchvision's one full-size ScatterElements per level (`_onnx_merge_levels`): the same
+    numbers (rows are only put back in their order), measured about 30 ms less per photo on
+    this 2-core CPU (onnxruntime's ScatterElements is element by element)."""
+
+    def __enter__(self):
+        from torchvision.ops import poolers
+
+        self._poolers, self._original = poolers, poolers._onnx_merge_levels
+        poolers._onnx_merge_levels = _merge_levels_by_gather
+        return self
+
+    def __exit__(self, *exc):
+        self._poolers._onnx_merge_levels = self._original
+        return False
+
+
+def _merge_levels_by_gather(levels, unmerged_results):
+    import torch
+
+    order = torch.cat([torch.where(levels == level)[0] for level in range(len(unmerged_results))])
+    inverse = torch.zeros_like(order).scatter(0, order, torch.arange(order.size(0), dtype=order.dtype))
+    return torch.cat(unmerged_results, 0).index_select(0, inverse)
 
 
 def _write_metadata(path: Path, props: dict[str, str]) -> None:

@@ -146,10 +146,8 @@ class Detector:
                   checkpoint: Path | None = None, kind: str = "onnxruntime") -> "Detector":
         import onnxruntime as ort
 
-        from ..infer.runtime_onnxruntime import session as make_session
-
         path = Path(path)
-        session = make_session(path, threads)
+        session = detector_session(path, threads)
         config = read_detector_metadata(session.get_modelmeta().custom_metadata_map, path)
         stored = config.pop("__score_threshold__", None)
         input_name = session.get_inputs()[0].name
@@ -302,6 +300,32 @@ def stable_resize(model):
     transform.resize = types.MethodType(resize, transform)
     transform._dogbreeds_stable_resize = True
     return model
+
+
+def detector_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session for a detector file, tuned as the breed models' sessions are
+    (infer/runtime_onnxruntime.py: every graph optimisation, one thread per physical core,
+    sequential, no spinning), with onnxruntime's own log at errors only: its optimiser folds
+    the exported ReLU6 clips and says so in one warning per folded constant (dozens per start)."""
+    import onnxruntime as ort
+
+    from ..infer.backend import physical_cores
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such ONNX file; create one with `dogbreeds detect export DETECTOR_RUN "
+                           f"--out {path.name}`")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or physical_cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types (e.g. a truncated file)
+        raise WeightsError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); a cached export "
+                           "(RUN/export/detector-*.onnx): delete it so that it is exported again; an exported file: "
+                           "re-export it with `dogbreeds detect export`; or use --engine torch") from exc
 
 
 def check_detect_engine(engine: str) -> str:
