@@ -176,10 +176,51 @@ def report(arrays: dict, explore: bool = False) -> dict:
                 "report_cats_fpr95": round(fpr_at_tpr(s["test"], s["cats_report"]), 4),
             }
         summary["explore"] = table
+        summary["calibrators"] = calibrator_table(arrays)
     summary["shipped_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True)
     summary["shipped_without_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=False)
     summary["knn_alone_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True, ood_head=False)
     return summary
+
+
+def calibrator_table(arrays: dict) -> dict:
+    """Test ECE (15 bins) of argmax-preserving calibrators fitted on the validation split only
+    (docs/trust.md), and the test-ECE-optimal temperature as an oracle (not a method)."""
+    from scipy.optimize import minimize
+
+    from dogbreeds.evaluate.metrics import expected_calibration_error
+    from dogbreeds.trust.scores import fit_temperature, softmax
+
+    zv, yv, zt, yt = arrays["val_logits"], arrays["val_y"], arrays["test_logits"], arrays["test_y"]
+    t = fit_temperature(zv, yv)
+    rng = np.random.default_rng(0)
+    bagged = float(np.median([fit_temperature(zv[i], yv[i]) for i in
+                              (rng.integers(0, len(yv), len(yv)) for _ in range(200))]))
+
+    def top_label_platt():  # 2 parameters on logit(top-1 confidence) after T; the others rescaled
+        def logit_top(z):
+            p = softmax(z, t).astype(np.float64)
+            c = np.clip(p.max(1), 1e-12, 1 - 1e-12)
+            return p, c, np.log(c / (1 - c))
+        p, c, lv = logit_top(zv)
+        right = p.argmax(1) == yv
+        loss = lambda ab: np.mean(np.where(right, np.logaddexp(0, -(ab[0] * lv + ab[1])),
+                                           np.logaddexp(0, ab[0] * lv + ab[1])))
+        a, b = minimize(loss, [1.0, 0.0], method="Nelder-Mead").x
+        p, c, lt = logit_top(zt)
+        new = 1 / (1 + np.exp(-(a * lt + b)))
+        q = p * ((1 - new) / (1 - c))[:, None]
+        q[np.arange(len(q)), p.argmax(1)] = new
+        return q.astype(np.float32)
+
+    ece = lambda probs: round(expected_calibration_error(probs, yt, 15), 4)
+    grid = np.exp(np.linspace(np.log(0.3), np.log(3.0), 400))
+    oracle = float(min(grid, key=lambda g: expected_calibration_error(softmax(zt, g), yt, 15)))
+    platt = top_label_platt()
+    return {"none": ece(softmax(zt)), "temperature_nll": [round(t, 3), ece(softmax(zt, t))],
+            "temperature_bagged": [round(bagged, 3), ece(softmax(zt, bagged))],
+            "top_label_platt": [ece(platt), int((platt.argmax(1) != zt.argmax(1)).sum())],
+            "oracle_test_temperature": [round(oracle, 3), ece(softmax(zt, oracle))]}
 
 
 def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = True, **fit_kwargs) -> dict:
