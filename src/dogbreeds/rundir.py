@@ -11,7 +11,8 @@ runs/<name>/
   figures/*.png        curves, confusion matrices, reliability diagrams
   calibration.json     temperature, OOD thresholds, conformal scores (`dogbreeds calibrate`)
   calibration_bank.npz the training photos' features the OOD score compares against
-  export/              ONNX exports cached by the inference engines (keyed by the weights' hash)
+  export/              ONNX exports cached by the inference engines (keyed by the weights' hash),
+                       engine-choice-<model>-<machine>.json: what "auto" chose and measured
   features/            backbone features of --freeze backbone runs (keyed by what they depend on)
 ```
 
@@ -148,6 +149,11 @@ class RunDir:
     @property
     def export_dir(self) -> Path:
         return self.path / EXPORT
+
+    def engine_choice_file(self, key: str, export_dir: Path | None = None) -> Path:
+        """What "auto" chose and measured for one model on one machine kind (`key`: model and machine
+        profile keys), kept beside the export (in `export_dir` when the export is kept elsewhere)."""
+        return Path(export_dir or self.export_dir) / f"engine-choice-{key}.json"
 
     @property
     def eval_dir(self) -> Path:

@@ -47,10 +47,11 @@ def register(subparsers) -> None:
     from ..infer.backend import engine_names  # the one list of engine names (torch-free)
 
     evaluate.add_argument("--engine", choices=engine_names(), default="auto",
-                          help="how the model runs: 'auto' (default) = the onnxruntime fast path, exported once and "
-                               "cached in RUN/export/ (keyed by the checkpoint's hash); 'torch' = PyTorch eager; "
-                               "also 'onnxruntime', 'int8', 'torch-compile'. All get the same preprocessed images; "
-                               "the eval JSON records which ran")
+                          help="how the model runs: 'auto' (default) = the engine chosen for this machine (the "
+                               "fastest that agrees with fp32 on the run's validation photos; measured once, recorded "
+                               "in RUN/export/), onnxruntime when there are no photos; 'torch' = PyTorch eager; also "
+                               f"{', '.join(repr(e) for e in engine_names() if e not in ('auto', 'torch'))}. All get the same preprocessed "
+                               "images; the eval JSON records which ran (engine, engine_choice)")
     _add_threads(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 

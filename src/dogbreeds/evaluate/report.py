@@ -10,8 +10,9 @@ and seed. The eval JSON says which (`records`, `records_from`). Photos come from
 cache of `dogbreeds data prepare` when there is one for the model's sizing (`prepared_cache`).
 
 How the model runs (`engine`, a name of the backend registry in infer/backend.py): "auto"
-(default) is the onnxruntime fast path, its ONNX export cached in RUN/export/ (keyed by the
-checkpoint's hash, so `dogbreeds predict` and `serve` reuse it); "torch" is PyTorch eager. Every
+(default) is the engine chosen for this machine (infer/auto.py: the fastest that agrees with fp32
+on the run's validation photos, recorded in RUN/export/ beside its export, keyed by the
+checkpoint's hash, so `dogbreeds predict` and `serve` reuse both); "torch" is PyTorch eager. Every
 backend gets the same input tensors (the one eval transform) and gives logits; the softmax is
 taken here. The export is checked against torch when it is made. A model that cannot be
 exported is an error that names `--engine torch`.
@@ -298,6 +299,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         "tta": tta,
         "engine": backend.kind,
         "engine_detail": backend.description,
+        "engine_choice": getattr(backend, "auto_choice", None),  # what "auto" measured on this machine (infer/auto.py)
         "records_from": records_source,
         "records": chosen.kind,
         "unknown_breeds": chosen.unknown_breeds,

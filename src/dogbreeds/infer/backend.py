@@ -25,8 +25,12 @@ The softmax is not a backend's business: `Predictor` applies it above any backen
 Runtimes: each `runtime_*.py` module in this package is one runtime and registers itself with
 `register(Runtime(...))`: the engine names it serves and how it builds a backend from a torch
 model, from its own export cache, or from a file (e.g. `.onnx`). A new runtime (OpenVINO,
-CUDA) is one new `runtime_<name>.py` file; nothing else names it. "auto" picks the fastest
-measured on this kind of CPU (docs/performance.md): onnxruntime.
+CUDA) is one new `runtime_<name>.py` file; nothing else names it.
+
+"auto" chooses per machine (infer/auto.py): by capability (machine.py: ISA flags, GPUs) and a
+short probe on real photos (the run's validation split, or the photos given), cached per machine
+profile and model next to the export: the fastest engine that agrees with fp32 (top-1 >= 99.5%,
+max |probability difference| <= 1e-2). With no photos to probe on it is onnxruntime (fp32).
 
 This module imports neither torch nor any runtime at import time: the CLI imports it at
 startup, and the torch-free path (an .onnx file, a run whose export is cached) must stay so.
@@ -49,8 +53,9 @@ from ..errors import DogbreedsError
 from ..preprocessing import Preprocessing
 
 AUTO = "auto"
-AUTO_ENGINE = "onnxruntime"  # what "auto" means: the fastest path measured here (docs/performance.md)
-AUTO_DESCRIPTION = "the fastest path measured here: onnxruntime on an ONNX export (cached in RUN/export/ for a run)"
+AUTO_ENGINE = "onnxruntime"  # what "auto" falls back to when it has no photos to probe on (infer/auto.py)
+AUTO_DESCRIPTION = ("chosen per machine: the fastest engine that agrees with fp32 on the run's validation photos, "
+                    "measured once per machine and model (cached in RUN/export/); onnxruntime when there are no photos")
 DEFAULT_ENGINE = AUTO
 # What every "the fast path cannot be built" error ends with: the way out, never a silent fallback.
 USE_TORCH = "use the PyTorch path instead (--engine torch on the command line; engine='torch' in Python)"
@@ -88,6 +93,7 @@ class ModelInfo:
     metadata: dict = field(default_factory=dict)  # see `stored_record`
     checkpoint: Path | None = None  # the run's checkpoint it came from
     key: str | None = None          # names cached exports: a hash of the weights and of this record
+    photos: list[Path] | None = None  # real photos for int8 calibration and the auto probe (None: the run's val split)
 
     def __post_init__(self):
         self.metadata = stored_record(self.name, self.classes, self.preprocessing, self.metadata)
@@ -166,6 +172,7 @@ class Backend:
     kind = ""
     description = ""
     exported = False  # True when building this backend wrote a new export (not a cache hit)
+    auto_choice: dict | None = None  # when "auto" chose this engine: what was measured (infer/auto.py)
 
     def __init__(self, info: ModelInfo, path: str | Path | None):
         from .preprocess_np import NumpyEvalTransform
@@ -255,7 +262,8 @@ def engine_names() -> tuple[str, ...]:
 
 
 def check_engine(engine: str) -> str:
-    """The engine name `engine` stands for ("auto" -> onnxruntime); an unknown name is an error listing the choices."""
+    """The engine name `engine` stands for ("auto" -> onnxruntime, its fallback; the builders below
+    resolve "auto" per machine); an unknown name is an error listing the choices."""
     described = engine_descriptions()
     if engine not in described:
         choices = "; ".join(f"{name!r} ({what})" for name, what in described.items())
@@ -276,21 +284,34 @@ def build_backend(model, engine: str = DEFAULT_ENGINE, info: ModelInfo | None = 
     info:      what the model is (default: `info_for_model(model)`); a run's checkpoint gives its own
     cache_dir: where exports are kept, named by `info.key` (None: a temporary folder, exported each time)
     threads:   intra-op threads (default: the physical cores)
+    "auto" probes the engines when `info.photos` are given (choice cached in `cache_dir`), else onnxruntime.
     """
+    if engine == AUTO:
+        from .auto import auto_for_model
+
+        return auto_for_model(model, info or info_for_model(model), Path(cache_dir) if cache_dir is not None else None,
+                              threads)
     kind = check_engine(engine)
     return _runtimes()[kind].from_model(model.eval(), kind, info or info_for_model(model),
                                         Path(cache_dir) if cache_dir is not None else None, threads)
 
 
 def backend_for_loaded(loaded, engine: str = DEFAULT_ENGINE, cache_dir: str | Path | None = None,
-                       threads: int | None = None, key: str | None = None) -> Backend:
+                       threads: int | None = None, key: str | None = None,
+                       photos: list[Path] | None = None) -> Backend:
     """The backend of `engine` for a run's model read by `load_run`; exports are cached in `cache_dir`
-    (default: the run's export folder) under the checkpoint's key (hashed here unless given)."""
+    (default: the run's export folder) under the checkpoint's key (hashed here unless given).
+    photos: real photos for "auto"'s probe and int8 calibration (default: the run's validation split)."""
     from ..rundir import RunDir
 
+    if engine == AUTO:
+        from .auto import auto_for_loaded
+
+        return auto_for_loaded(loaded, cache_dir, threads, key, photos)
     kind = check_engine(engine)
     runtime = _runtimes()[kind]
     info = info_for_loaded(loaded)
+    info.photos = photos
     if runtime.from_cache is not None:
         info.key = key or checkpoint_key(loaded.path, _key_record(loaded.metadata, loaded.classes))
     cache_dir = Path(cache_dir) if cache_dir is not None else RunDir.locate(loaded.path).export_dir
@@ -298,28 +319,46 @@ def backend_for_loaded(loaded, engine: str = DEFAULT_ENGINE, cache_dir: str | Pa
 
 
 def open_run(path: str | Path, engine: str = DEFAULT_ENGINE, cache_dir: str | Path | None = None,
-             threads: int | None = None) -> Backend:
+             threads: int | None = None, photos: list[Path] | None = None) -> Backend:
     """A run directory (best, else last checkpoint) or a checkpoint file on `engine`.
 
     For a runtime that caches exports, the checkpoint is hashed once; a cached export is opened
-    as it is (no torch), else the run's model is loaded and exported into RUN/export/."""
-    from ..models.checkpoint_format import read_checkpoint_meta
+    as it is (no torch), else the run's model is loaded and exported into RUN/export/.
+    "auto" reads the choice cached for this machine and model (no torch when it names a cached
+    export), else probes (infer/auto.py); photos: what it probes on (default: the run's val split)."""
     from ..rundir import RunDir
 
-    kind = check_engine(engine)
-    runtime = _runtimes()[kind]
     run = RunDir.locate(path)
     checkpoint = run.checkpoint()
     cache_dir = Path(cache_dir) if cache_dir is not None else run.export_dir
-    key = None
+    if engine == AUTO:
+        from .auto import auto_for_run
+
+        return auto_for_run(run, checkpoint, cache_dir, threads, photos)
+    return open_engine(run, checkpoint, engine, cache_dir, threads, photos=photos)
+
+
+def run_key(run, checkpoint: Path) -> str:
+    """The export cache key of a run's checkpoint (no torch)."""
+    from ..models.checkpoint_format import read_checkpoint_meta
+
+    return checkpoint_key(checkpoint, _key_record(read_checkpoint_meta(checkpoint), run.read_classes()))
+
+
+def open_engine(run, checkpoint: Path, engine: str, cache_dir: Path, threads: int | None = None,
+                key: str | None = None, photos: list[Path] | None = None) -> Backend:
+    """`open_run` for one named engine (not "auto"): a cached export as it is, else load and build."""
+    kind = check_engine(engine)
+    runtime = _runtimes()[kind]
     if runtime.from_cache is not None:
-        key = checkpoint_key(checkpoint, _key_record(read_checkpoint_meta(checkpoint), run.read_classes()))
+        key = key or run_key(run, checkpoint)
+    if runtime.from_cache is not None and photos is None:  # given photos may name another int8 calibration
         cached = runtime.from_cache(kind, cache_dir, key, checkpoint, threads)
         if cached is not None:
             return cached
     from ..models.factory import load_run
 
-    return backend_for_loaded(load_run(checkpoint), kind, cache_dir, threads, key=key)
+    return backend_for_loaded(load_run(checkpoint), kind, cache_dir, threads, key=key, photos=photos)
 
 
 def _key_record(sidecar: dict, classes: ClassInfo) -> dict:

@@ -65,6 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
                    help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
     add_engine_option(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="say on stderr which engine runs and, for 'auto', what it measured on this machine")
     from ..detect.predict_cli import add_detect_options  # issue 14: --detect DETECTOR_RUN
 
     add_detect_options(p)
@@ -101,6 +103,11 @@ def _predict(args) -> int:
 
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
                                     ood_threshold=args.ood_threshold, coverage=args.coverage)
+    if getattr(args, "verbose", False):
+        from .auto import summary
+
+        backend = predictor.backend
+        print(f"engine: {backend.kind} ({backend.description}); {summary(backend.auto_choice)}", file=sys.stderr)
     if predictor.calibration is None and not args.json:
         from ..trust import UNCALIBRATED_NOTE
 

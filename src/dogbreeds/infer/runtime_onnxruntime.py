@@ -8,6 +8,10 @@ in a session with tuned options (`session`, the one place sessions are made).
 
 "int8" is onnxruntime dynamic int8 quantisation of the matrix products of the Linear-MLP export,
 classifier kept fp32 (`quantize_int8`): a separate, labelled path; it changes the numbers.
+"int8-static" is static QDQ quantisation (`quantize_static_int8`) of the fp32 export, convolutions
+and matrix products, activation ranges calibrated on real photos (the run's validation split,
+or the photos given: ModelInfo.photos); its file name carries a hash of the calibration photos.
+"auto" (infer/auto.py) chooses either only where it agrees with fp32 on real photos.
 
 Exports of a run are cached in RUN/export/ under the run's key (backend.checkpoint_key), so the
 second start opens the file without torch, and a changed checkpoint gets a new export. The
@@ -25,8 +29,10 @@ from ..errors import DogbreedsError, WeightsError
 from .backend import USE_TORCH, Backend, ModelInfo, Runtime, model_key, physical_cores, register
 from .onnx_format import read_metadata
 
-FP32, INT8 = "onnxruntime", "int8"
+FP32, INT8, INT8_STATIC = "onnxruntime", "int8", "int8-static"
 INT8_SCHEME = "fp32head"  # in the int8 file name: change it when quantize_int8 changes, so old int8 exports miss
+STATIC_SCHEME = "qdq1"     # the same for quantize_static_int8
+CALIBRATION_PHOTOS = 32    # photos the static int8 ranges are calibrated on
 
 
 def session(path: str | Path, threads: int | None = None, tuned: bool = True):
@@ -42,6 +48,7 @@ def session(path: str | Path, threads: int | None = None, tuned: bool = True):
     if not path.is_file():
         raise WeightsError(f"{path}: no such ONNX file; create one with `dogbreeds export RUN --out {path.name}`")
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: QDQ graphs make it list every constant it folds away
     if tuned:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -96,13 +103,39 @@ class OrtBackend(Backend):
 
 # --- exports of a torch model, cached --------------------------------------------------------------
 
-def cache_path(cache_dir: str | Path, key: str, kind: str) -> Path:
-    """Where the export for `kind` ("onnxruntime" or "int8") of the weights named `key` is kept."""
-    return Path(cache_dir) / (f"model-{key}.onnx" if kind == FP32 else f"model-{key}-{INT8_SCHEME}-int8.onnx")
+def cache_path(cache_dir: str | Path, key: str, kind: str, photos: list[Path] | None = None) -> Path:
+    """Where the export for `kind` ("onnxruntime", "int8", "int8-static") of the weights named `key`
+    is kept; int8-static's name also names its calibration photos."""
+    if kind == FP32:
+        return Path(cache_dir) / f"model-{key}.onnx"
+    if kind == INT8_STATIC:
+        return Path(cache_dir) / f"model-{key}-{STATIC_SCHEME}-{photo_set_key(photos or [])}-int8.onnx"
+    return Path(cache_dir) / f"model-{key}-{INT8_SCHEME}-int8.onnx"
+
+
+def photo_set_key(photos: list[Path]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(Path(p).name for p in photos)).encode()).hexdigest()[:8]
+
+
+def calibration_photos(info_photos: list[Path] | None, checkpoint: Path | None) -> list[Path]:
+    """The photos int8-static calibrates on: the ones given, else the run's validation photos
+    (the last CALIBRATION_PHOTOS of them: "auto" probes on the first ones). No torch."""
+    if info_photos:
+        return [Path(p) for p in info_photos][:CALIBRATION_PHOTOS]
+    if checkpoint is None:
+        return []
+    from .auto import split_photos
+
+    return split_photos(checkpoint, "val")[-CALIBRATION_PHOTOS:]
 
 
 def _from_cache(kind: str, cache_dir: Path, key: str, checkpoint: Path | None, threads: int | None) -> OrtBackend | None:
-    path = cache_path(cache_dir, key, kind)
+    photos = calibration_photos(None, checkpoint) if kind == INT8_STATIC else None
+    if kind == INT8_STATIC and not photos:
+        return None
+    path = cache_path(cache_dir, key, kind, photos)
     return OrtBackend(path, threads=threads, kind=kind, checkpoint=checkpoint) if path.is_file() else None
 
 
@@ -111,29 +144,48 @@ def _from_model(model, kind: str, info: ModelInfo, cache_dir: Path | None, threa
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise DogbreedsError(f"engine {kind!r} needs onnxruntime (pip install onnxruntime); or {USE_TORCH}") from exc
+    with tempfile.TemporaryDirectory(prefix="dogbreeds-export-") as scratch:
+        folder = cache_dir if cache_dir is not None else Path(scratch)
+        path, exported = ensure_export(model, kind, info, folder)
+        backend = OrtBackend(path, threads=threads, kind=kind, checkpoint=info.checkpoint)  # the session holds the graph
+    backend.exported = exported
+    return backend
+
+
+def ensure_export(model, kind: str, info: ModelInfo, folder: Path) -> tuple[Path, bool]:
+    """The export file of `kind` for a torch model in `folder` (written unless cached there), and
+    whether it was written now. Also what OpenVINO reads (the fp32 file)."""
     from .export import write_onnx
     from .runtime_torch import inference_layout, linear_layout
 
     info.key = info.key or model_key(model, info)
-    with tempfile.TemporaryDirectory(prefix="dogbreeds-export-") as scratch:
-        folder = cache_dir if cache_dir is not None else Path(scratch)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DogbreedsError(f"cannot create the export folder {folder} ({exc}); make it writable, "
-                                 f"or {USE_TORCH}") from exc
-        path = cache_path(folder, info.key, kind)
-        exported = not path.is_file()
-        if exported and kind == FP32:
-            write_onnx(inference_layout(model), path, info)
-        elif exported:  # int8: quantise the Linear-MLP export, whose matrix products are what int8 speeds up
-            fp32 = folder / f"model-{info.key}-linear.onnx"
-            if not fp32.is_file():
-                write_onnx(linear_layout(model), fp32, info)
-            quantize_int8(fp32, path)
-        backend = OrtBackend(path, threads=threads, kind=kind, checkpoint=info.checkpoint)  # the session holds the graph
-    backend.exported = exported
-    return backend
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DogbreedsError(f"cannot create the export folder {folder} ({exc}); make it writable, "
+                             f"or {USE_TORCH}") from exc
+    photos = None
+    if kind == INT8_STATIC:
+        photos = calibration_photos(info.photos, info.checkpoint)
+        if not photos:
+            raise DogbreedsError(f"engine {kind!r} calibrates on real photos, and there are none: "
+                                 f"{info.checkpoint or 'this model'} has no validation split listing photos that "
+                                 "exist; pass photos (ModelInfo.photos / photos=...), or use --engine int8 (dynamic)")
+    path = cache_path(folder, info.key, kind, photos)
+    exported = not path.is_file()
+    if exported and kind == FP32:
+        write_onnx(inference_layout(model), path, info)
+    elif exported and kind == INT8_STATIC:  # quantise the fp32 export (kept too: fp32 engines share it)
+        fp32 = cache_path(folder, info.key, FP32)
+        if not fp32.is_file():
+            write_onnx(inference_layout(model), fp32, info)
+        quantize_static_int8(fp32, path, photos, info)
+    elif exported:  # int8: quantise the Linear-MLP export, whose matrix products are what int8 speeds up
+        fp32 = folder / f"model-{info.key}-linear.onnx"
+        if not fp32.is_file():
+            write_onnx(linear_layout(model), fp32, info)
+        quantize_int8(fp32, path)
+    return path, exported
 
 
 def classifier_nodes(onnx_path: Path) -> list[str]:
@@ -181,10 +233,63 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], info: ModelInfo,
+                         batch_size: int = 8) -> None:
+    """Static int8 (QDQ): weights int8 per channel, activations uint8 with ranges calibrated
+    (min/max) on `photos`, preprocessed as the model's eval transform; convolutions and matrix
+    products quantised, the classifier kept fp32 (see quantize_int8). Without int8 dot-product
+    instructions (VNNI, AMX) weights use 7 bits (reduce_range), which avoids the saturation of
+    the u8 x s8 AVX2 instruction. The file keeps the fp32 file's metadata."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from ..data.decode import decode_image
+    from ..machine import has_fast_int8, machine_profile
+    from .onnx_format import INPUT_NAME
+    from .preprocess_np import NumpyEvalTransform
+
+    transform = NumpyEvalTransform(info.preprocessing)
+    arrays = []
+    for photo in photos:
+        try:
+            arrays.append(transform(decode_image(photo)))
+        except DogbreedsError:  # an unreadable photo calibrates nothing; the others still do
+            continue
+    if not arrays:
+        raise DogbreedsError(f"none of the {len(photos)} calibration photos could be read (first: {photos[0]}); "
+                             "pass readable photos, or use --engine int8 (dynamic)")
+    batches = [np.stack(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(batches)
+
+        def get_next(self):
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    partial = int8_path.with_name(f"{int8_path.name}.{os.getpid()}.partial")
+    try:
+        quantize_static(str(fp32_path), str(partial), Photos(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=not has_fast_int8(machine_profile()["cpu"]["flags"]),
+                        nodes_to_exclude=classifier_nodes(fp32_path), calibrate_method=CalibrationMethod.MinMax)
+        quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(source.metadata_props)
+        onnx.save(quantized, str(partial))
+        os.replace(partial, int8_path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 register(Runtime(
     engines={FP32: "onnxruntime (tuned session) on the ONNX export of the model, cached in RUN/export/ for a run",
              INT8: "onnxruntime with dynamic int8 matrix products, classifier fp32: faster, but it changes the numbers "
-                   "(docs/performance.md)"},
+                   "(docs/performance.md)",
+             INT8_STATIC: "onnxruntime static int8 (QDQ) calibrated on the run's validation photos, classifier fp32: "
+                          "changes the numbers"},
     from_model=_from_model,
     from_cache=_from_cache,
     suffixes=(".onnx",),
