@@ -1,12 +1,12 @@
 """Latency of "every dog in the photo": decode + detect + a breed per dog, one photo at a time.
 
     python benchmarks/bench_detect_latency.py --detector runs/detect_mnv2_quick --breeds runs/trust_default \
-        [--engine auto] [--photos PHOTO_OR_FOLDER ...] [--count 40] [--repeats 3] [--json out.json]
+        [--engine auto] [--photos PHOTO_OR_FOLDER ...] [--multi-dog] [--count 40] [--repeats 3] [--json out.json]
 
 Both models run on `--engine` (default "auto": onnxruntime on their cached ONNX exports, the
 default path of `dogbreeds predict --detect` and `dogbreeds serve --detect`). Photos: the ones
-given, else the detector run's test photos (the mini data: 224x224) and, as a second set, real
-photos at their own sizes (../shared/data/cats-and-dogs/dogs, mostly about 500x375). Each photo
+given, else the detector run's test photos (the mini data: 224x224; with --multi-dog only those
+whose annotation has two or more dogs) and, as a second set, real photos at their own sizes (../shared/data/cats-and-dogs/dogs, mostly about 500x375). Each photo
 is answered once to warm up, then `--repeats` times; per photo the best repeat counts (the
 machine is shared; the best repeat is the least disturbed), and the summary gives the median,
 90th percentile and max over photos of the total (decode + detect + crops + breeds) and of
@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def split_photos(run: Path, part: str = "test") -> list[Path]:
+def split_photos(run: Path, part: str = "test", multi_dog: bool = False) -> list[Path]:
+    """The run's `part` photos (with multi_dog: only those with 2+ annotated dogs)."""
+    from dogbreeds.detect.data import annotation_path, read_annotation
     from dogbreeds.rundir import RunDir
 
     located = RunDir.locate(run)
@@ -33,7 +35,15 @@ def split_photos(run: Path, part: str = "test") -> list[Path]:
         return []
     split = located.read_split()
     root = Path(split.get("root", located.path))
-    return [root / f for f in split.get("files", {}).get(part, []) if (root / f).is_file()]
+    photos = [root / f for f in split.get("files", {}).get(part, []) if (root / f).is_file()]
+    if multi_dog:
+        def dogs(photo: Path) -> int:
+            xml = annotation_path(root, photo)
+            boxes = read_annotation(xml, None)[0] if xml.is_file() else None
+            return 0 if boxes is None else len(boxes)
+
+        photos = [p for p in photos if dogs(p) >= 2]
+    return photos
 
 
 def measure(detector, predictor, photos: list[Path], repeats: int) -> dict:
@@ -72,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--photos", nargs="+", help="photos or folders (default: the detector run's test split, "
                                                     "then real photos at their own sizes)")
+    parser.add_argument("--multi-dog", action="store_true",
+                        help="the detector run's test photos with two or more dogs only")
+    parser.add_argument("--split-of", help="take the test photos from this run's split.json (default: --detector; "
+                                           "use it when --detector is an .onnx file)")
     parser.add_argument("--count", type=int, default=40, help="photos per set (default 40)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the summaries and per-photo rows here")
@@ -89,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.photos:
         sets = {"given": collect_images(args.photos)[:args.count]}
     else:
-        sets = {"detector test split": split_photos(Path(args.detector))[:args.count],
+        split_run = Path(args.split_of or args.detector)
+        name = "detector test photos with 2+ dogs" if args.multi_dog else "detector test photos"
+        sets = {name: split_photos(split_run, multi_dog=args.multi_dog)[:args.count],
                 "real photos at their own size": sorted((SHARED / "data" / "cats-and-dogs" / "dogs").glob("*.jpg"))[:args.count]}
     report = {"detector": detector.description, "breeds": predictor.backend.description, "engine": args.engine,
               "sets": {}}

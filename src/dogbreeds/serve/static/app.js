@@ -109,10 +109,11 @@ function drawBoxes(result) {
     const text = dogLabel(dog, i);
     const tw = ctx.measureText(text).width + 2 * line;
     const ty = y0 * sy >= font + 2 * line ? y0 * sy - font - 2 * line : y0 * sy;
+    const tx = Math.max(0, Math.min(x0 * sx, w - tw));  // the whole label stays on the photo
     ctx.fillStyle = color;
-    ctx.fillRect(x0 * sx, ty, tw, font + 2 * line);
+    ctx.fillRect(tx, ty, tw, font + 2 * line);
     ctx.fillStyle = "#fff";
-    ctx.fillText(text, x0 * sx + line, ty + line);
+    ctx.fillText(text, tx + line, ty + line);
   });
   img.hidden = true;
   canvas.hidden = false;
