@@ -71,8 +71,8 @@ class TimeoutH11Protocol(H11Protocol):
         if state is h11.SEND_BODY:
             if self._phase != "body":
                 self._arm("body", self.body_timeout_s + BACKSTOP_GRACE_S)
-        elif state is not h11.IDLE:  # DONE, MUST_CLOSE, CLOSED, ERROR: the request has fully arrived, or the connection is ending
-            self._disarm()
+        elif state is not h11.IDLE:
+            self._disarm()  # DONE, MUST_CLOSE, CLOSED, ERROR: the request is all here, or the connection ends
 
     def _arm(self, phase: str, seconds: float) -> None:
         self._disarm()
