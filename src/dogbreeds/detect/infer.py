@@ -137,6 +137,7 @@ class Detector:
                 raise DogbreedsError(f"{path} is an exported .onnx file, which runs on onnxruntime only; drop "
                                      "--engine torch, or pass the detector run directory it was exported from")
             return cls.from_onnx(path, score_threshold=score_threshold, threads=threads)
+        check_detector_run(path)
         if engine == "torch":
             return cls.from_run_torch(path, score_threshold=score_threshold)
         return cls.from_run_onnx(path, score_threshold=score_threshold, threads=threads, cache_dir=cache_dir)
@@ -326,6 +327,23 @@ def detector_session(path: Path, threads: int | None = None):
         raise WeightsError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); a cached export "
                            "(RUN/export/detector-*.onnx): delete it so that it is exported again; an exported file: "
                            "re-export it with `dogbreeds detect export`; or use --engine torch") from exc
+
+
+def check_detector_run(path: Path) -> None:
+    """A breed run given where a detector run belongs is an error that says which is which (read
+    from the checkpoint's JSON sidecar: no torch)."""
+    from ..rundir import RunDir
+
+    checkpoint = RunDir.locate(path).checkpoint()
+    sidecar = checkpoint.with_suffix(".json")
+    try:
+        kind = json.loads(sidecar.read_text()).get("format") if sidecar.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # the checkpoint reader reports it
+    if kind is not None and kind != FORMAT_NAME:
+        raise DogbreedsError(f"{path} is not a detector run ({sidecar.name} says format {kind!r}): --detect takes a "
+                             "run written by `dogbreeds detect train` or its exported .onnx file; a breed run is the "
+                             "first argument (RUN_OR_MODEL)")
 
 
 def check_detect_engine(engine: str) -> str:
