@@ -396,8 +396,9 @@ def choice_lines(choices: dict) -> list[str]:
     """What "auto" chose for each model on this machine (infer/auto.py's record), and what it measured."""
     lines = ["### What the default engine (auto) chose here", "",
              "`build_backend(model, engine=\"auto\")` with the bench's real photos to probe on (random-init weights: "
-             "lower-precision engines rarely agree with fp32 on them, so this shows the rule at work more than "
-             "what a trained model would get).", ""]
+             "their 1000 probabilities are nearly uniform, so the probability-difference limit says little and top-1 "
+             "agreement is a weak check; a trained run's choice is probed on its own validation photos by predict, "
+             "evaluate and serve, and may differ).", ""]
     for model, record in choices.items():
         lines.append(f"- {model}: **{record.get('engine')}** ({record.get('precision')}): {record.get('why')}")
         for m in record.get("measured", []):
@@ -523,7 +524,8 @@ def render(report: dict, out: Path | None) -> str:
         names = list(dict.fromkeys(list(t["images_per_s"]) + list(t.get("notes", {}))))
         for k in names:
             val = t["images_per_s"].get(k)
-            lines.append(f"| {k} | {_f(val, '.2f')} | {_f(val / base if val else None, '.2f')}x | "
+            ratio = f"{val / base:.2f}x" if val and base else "n/a"
+            lines.append(f"| {k} | {_f(val, '.2f')} | {ratio} | "
                          f"{t.get('notes', {}).get(k, '')} |")
         if setup:
             lines += ["", f"'{train_name}' is what `dogbreeds train` builds with its defaults on this machine "

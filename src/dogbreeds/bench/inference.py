@@ -449,9 +449,11 @@ def plot(results: list[Result], path: Path) -> None:
         ax.set_title(f"{model}, batch {batch}", fontsize=9)
         ax.set_xscale("log")
         shown = [v for v in values if v] + [1.0]
-        ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if min(shown) / 2 <= t <= max(shown) * 2]
+        every = (1 / 256, 1 / 64, 1 / 16, 0.25, 1, 4, 16, 64, 256)
+        low = max([t for t in every if t <= min(shown)] or [every[0]])
+        ticks = [t for t in every if low <= t <= max(shown) * 4]
         ax.set_xlim(min(ticks), max(ticks) * 1.6)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks(ticks, [f"{t:g}" if t >= 0.25 else f"1/{1 / t:.0f}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("speed vs timm eager NCHW (x, log scale)")
         for i, v in enumerate(values):
