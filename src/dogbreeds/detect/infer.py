@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import DogbreedsError, WeightsError
+from ..errors import DogbreedsError, ImageDecodeError, WeightsError
 
 # The ONNX contract of a detector file (written by detect/export.py only).
 FORMAT_NAME = "dogbreeds-detector"
@@ -238,9 +238,22 @@ class Detector:
         return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(scores, dtype=np.float32).reshape(-1),
                 np.asarray(labels).reshape(-1))
 
+    def check_size(self, image: np.ndarray, name: str = "the photo") -> None:
+        """A photo so thin that the model's resize would make its short side under one pixel
+        (e.g. 3x900 at max_size 160) cannot be looked at: an ImageDecodeError that says so."""
+        height, width = image.shape[:2]
+        min_size, max_size = self.config.get("min_size"), self.config.get("max_size")
+        if isinstance(min_size, (int, float)) and isinstance(max_size, (int, float)) and min(height, width) > 0:
+            scale = min(min_size / min(height, width), max_size / max(height, width))
+            if min(height, width) * scale < 1:
+                raise ImageDecodeError(name, f"{width}x{height} is too thin for the detector: its resize to at most "
+                                             f"{max_size:g} pixels would leave the short side under one pixel; crop "
+                                             "it to a less extreme aspect ratio")
+
     def detect(self, image: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
         """The dogs in an HxWx3 uint8 RGB photo, best first: boxes in its pixel coordinates."""
         threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
+        self.check_size(image)
         boxes, scores, _ = self.raw(image)
         height, width = image.shape[:2]
         found = []
@@ -431,6 +444,7 @@ def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, mar
     name = name or describe_image(image, 0)
     try:
         rgb = predictor.decode(image, name)
+        detector.check_size(rgb, name)
     except DogbreedsError as exc:
         return {"image": name, "error": str(exc)}
     detections = detector.detect(rgb, score_threshold)

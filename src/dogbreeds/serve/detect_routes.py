@@ -64,6 +64,7 @@ def add_detect_routes(app: FastAPI, detector: Detector, margin: float = DEFAULT_
         with admission:
             async with (getattr(app.state, "decodes", None) or _NoLimit()):
                 rgb = await asyncio.to_thread(predictor.decode, data, name)
+            detector.check_size(rgb, name)  # too thin to resize: 422, like an unreadable image
             detections = await asyncio.to_thread(detector.detect, rgb, threshold)
             inputs = await asyncio.to_thread(lambda: [predictor.preprocess(crop_box(rgb, d.box, margin))
                                                       for d in detections])
