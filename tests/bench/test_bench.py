@@ -376,3 +376,18 @@ def test_bench_holds_no_machine_paths_or_dated_notes():
         assert "lead's" not in text and "other users" not in text, path.name
         # the machine is read from its profile, never named in the code
         assert not re.search(r"\b(AMD|EPYC|Intel|Xeon)\b", text), path.name
+
+
+def test_a_report_from_before_machine_profiles_still_renders_with_the_fp32_goals():
+    rows = [inference.Result("convnext_tiny", 16, inference.ENGINE, 400.0, 40.0, 2.5, 0.5, "", 10.0, 50.0)]
+    old = {"machine": {"cpu": "Old CPU", "logical_cpus": 2, "threads": 2, "avx512": True, "load_start": "1 1 1"},
+           "started": "then", "quick": False, "rounds": 3, "minutes": 4.0, "inference": rows,
+           "ceiling": {"medians": {"torch (MKL)": 25.0}, "gflops": 50.0, "size": 2048},
+           "training": {"model": "convnext_tiny", "batch": 16, "size": 224, "steps": 3, "first_loss": {"a": 1.0},
+                        "images_per_s": {"plain timm loop": 1.0, "dogbreeds settings": 1.3}, "ratio": 1.3}}
+    md = cli.render(old, None)
+    assert md.startswith("## Old CPU, 2 logical CPUs, AVX-512, recorded before machine profiles (profile unprofiled)")
+    assert "Goal set: **fp32 CPU** (recorded before machine profiles" in md
+    # timm eager is not in this report: the ratio goal is not reported met
+    assert "**not met**: ConvNeXt-T batch 16 at 2.50x timm eager (goal >= 1.5x); not checked against: timm eager" in md
+    assert "| dogbreeds settings | 1.30 | 1.30x |" in md
