@@ -310,7 +310,12 @@ def save_detector(model: nn.Module, path, config: DetectorConfig, extra: dict | 
             "config": config.to_dict(), "extra": extra or {}}
     text = json.dumps(meta, indent=2, default=str) + "\n"
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, METADATA_KEY: text}))
+    def write(tmp: Path) -> None:
+        mode = tmp.stat().st_mode
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, METADATA_KEY: text})
+        tmp.chmod(mode)  # safetensors re-creates the file owner-only; keep the mode atomic_write gave it
+
+    atomic_write(path, write)
     atomic_write_text(path.with_suffix(".json"), text)
     return path
 

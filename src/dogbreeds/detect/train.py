@@ -29,6 +29,7 @@ from .model import DetectorConfig, detector_from_config, save_detector
 
 # Fields that may differ between a saved run and the command that resumes it.
 RESUME_FREE = ("out", "workers", "extra", "score_threshold")
+LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal (no progress bar)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DetectHooks:
 def quick_config(**overrides) -> DetectorConfig:
     """The --quick recipe: a usable detector on the mini data (224 px photos, seen at 160 px) in about
     20 min on 2 idle CPU cores: 3 epochs, stem and first two levels frozen, a light box head."""
-    base = dict(min_size=160, max_size=160, epochs=3, batch_size=8, lr=0.02, warmup_epochs=0.25, frozen_levels=2,
+    base = dict(min_size=160, max_size=160, epochs=4, batch_size=8, lr=0.02, warmup_epochs=0.25, frozen_levels=2,
                 quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=32,
                 roi_sampling_ratio=1, representation_size=256, workers=0)
     return DetectorConfig(**{**base, **overrides})
@@ -207,6 +208,10 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
                     tick = now
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                    if not progress and step_in_epoch % LOG_EVERY == 0:  # a log file still shows where it is
+                        print(f"epoch {epoch} step {step_in_epoch}/{steps_per_epoch}: loss "
+                              f"{sums['loss'] / max(1, sums['steps']):.3f}, "
+                              f"{sums['seconds'] / max(1, sums['steps']):.2f} s/step", flush=True)
                     if hooks.after_step is not None and hooks.after_step(epoch, step_in_epoch):
                         stop.requested = True
                     if stop.requested:
