@@ -124,9 +124,11 @@ def _sidecar_format(path: Path) -> str | None:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
-# What `predict`, `serve`, `export` and `evaluate` take as a model (said when given something else).
+# What `predict` and `serve` take as a model (said when given something else); `export`,
+# `explain` and `evaluate` take the first two.
 ACCEPTED = ("a run directory written by `dogbreeds train`, one of its checkpoints/*.safetensors files "
-            "(this project's checkpoints: safetensors weights with a .json sidecar), or an exported .onnx file")
+            "(this project's checkpoints: safetensors weights with a .json sidecar), or, for predict and serve, "
+            "an exported .onnx file")
 
 
 def not_a_checkpoint(path: Path, kind: str | None) -> WeightsError:
@@ -135,7 +137,7 @@ def not_a_checkpoint(path: Path, kind: str | None) -> WeightsError:
     if kind == "safetensors":
         what = "a safetensors file without dogbreeds metadata (timm or Hugging Face weights?)"
     return WeightsError(
-        f"{path} is {what}, not a checkpoint of this project; this command takes {ACCEPTED}. To use other "
+        f"{path} is {what}, not a checkpoint of this project; a model here is {ACCEPTED}. To use other "
         f"weights, train from them (`dogbreeds train --weights {path} ...`) or load them in Python "
         f"with create_model(weights=...)"
     )
