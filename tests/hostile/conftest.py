@@ -68,34 +68,48 @@ class Server:
                 self.process.wait(10)
 
 
+def launch(model: Path, log_dir: Path, *options: str) -> Server:
+    """`dogbreeds serve MODEL *options` on a free loopback port, once /healthz answers."""
+    import httpx
+
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "serve", str(model),
+                                    "--port", str(port), *options], stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, port, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}: {server.log()[-2000:]}")
+        try:
+            if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    server.stop()
+    pytest.fail(f"server not healthy within 60 s: {server.log()[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def start_server(hostile_onnx, tmp_path_factory):
     """start_server(*serve_options) -> Server, healthy; every server is stopped at the end of the
     module (a start costs seconds on a loaded machine: share one where the tests allow)."""
-    import httpx
-
     servers: list[Server] = []
-    tmp_path = tmp_path_factory.mktemp("servers")
+    log_dir = tmp_path_factory.mktemp("servers")
 
     def start(*options: str) -> Server:
-        port = free_port()
-        log_path = tmp_path / f"server-{port}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "serve", str(hostile_onnx),
-                                        "--port", str(port), *options], stdout=log, stderr=subprocess.STDOUT)
-        server = Server(process, port, log_path)
-        servers.append(server)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {server.log()[-2000:]}")
-            try:
-                if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        pytest.fail(f"server not healthy within 60 s: {server.log()[-2000:]}")
+        servers.append(launch(hostile_onnx, log_dir, *options))
+        return servers[-1]
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(hostile_onnx, tmp_path_factory):
+    """One server with serve's default options, shared by the tests that only read its answers and log."""
+    server = launch(hostile_onnx, tmp_path_factory.mktemp("default_server"))
+    yield server
+    server.stop()

@@ -15,8 +15,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
+def server(default_server):
+    return default_server
 
 
 def test_every_error_status_is_documented_with_the_shape_it_has(server):

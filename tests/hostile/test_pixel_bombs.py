@@ -13,6 +13,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 SIDE = 7000
@@ -39,6 +40,7 @@ def _vm(pid: int, key: str) -> float:
     raise RuntimeError(key)
 
 
+@pytest.mark.slow  # ~20-25 s on 2 loaded cores: 16 decodes of 49 MP, two of them full-size RGB PNGs
 def test_sixteen_pixel_bombs_at_once_keep_rss_bounded_and_it_returns_to_baseline(start_server, hostile_photo):
     server = start_server("--max-decodes", "2")  # as on a 2-core machine, whatever this one has
     bombs = _bombs()
