@@ -522,7 +522,7 @@ def render(report: dict, out: Path | None) -> str:
         t = report["training"]
         setup = t.get("train_setup", {})
         train_name = t.get("train_loop", "dogbreeds settings")
-        lines += [f"### Training step", "",
+        lines += ["### Training step", "",
                   f"{t['model']}, batch {t['batch']} at {t['size']} px, forward + backward + optimizer step, median of "
                   f"{t['steps']} interleaved steps after one warm-up step (first-step losses: "
                   + ", ".join(f"{k} {val:.4f}" for k, val in t["first_loss"].items()) + ").", "",
