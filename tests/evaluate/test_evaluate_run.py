@@ -173,10 +173,14 @@ def test_a_model_the_engine_cannot_export_is_an_error_naming_engine_torch(tiny_r
         raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset 17 is not supported")
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
-    assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val"]) == 2
+    assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val", "--engine", "onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert "cannot export convnext_atto to ONNX" in err and "frobnicate" in err and "--engine torch" in err
-    assert not (copy / "eval" / "val.json").exists()  # no silent fallback to torch
+    assert not (copy / "eval" / "val.json").exists()  # a named engine never falls back
+    # "auto" probes: the engines that need the export are skipped, each with its reason logged and recorded
+    assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val"]) == 0
+    result = json.loads((copy / "eval" / "val.json").read_text())
+    assert result["engine"] == "torch" and "frobnicate" in result["engine_choice"]["skipped"]["onnxruntime"]
     assert main(["evaluate", str(copy), "--data", str(mini_root), "--split", "val", "--engine", "torch"]) == 0
 
 

@@ -182,8 +182,8 @@ def test_a_lower_precision_engine_that_disagrees_is_not_chosen_however_fast(fres
     real_forward = OrtBackend.forward
     monkeypatch.setattr(OrtBackend, "forward", lambda self, batch: (-real_forward(self, batch) if self.kind == "int8"
                                                                      else real_forward(self, batch)))
-    real_speed = auto._timed_speed
-    monkeypatch.setattr(auto, "_timed_speed", lambda backend, batch: real_speed(backend, batch) * (
+    real_seconds = auto._timed_speed
+    monkeypatch.setattr(auto, "_timed_speed", lambda backend, batch: real_seconds(backend, batch) / (
         10 if backend.kind == "int8" else 1))
     record = open_run(fresh_run).auto_choice
     int8 = next(m for m in record["measured"] if m["engine"] == "int8")

@@ -193,16 +193,24 @@ def pick(measurements: list[dict]) -> tuple[str | None, str]:
 # --- 2. the probe ------------------------------------------------------------------------------------
 
 def _timed_speed(backend: Backend, batch: np.ndarray) -> float:
-    """Images per second on `batch`: the median of up to PROBE_REPEATS timed calls (within PROBE_BUDGET_S)."""
-    times = []
+    """Seconds for one call on `batch`."""
+    start = time.perf_counter()
+    backend.forward(batch)
+    return time.perf_counter() - start
+
+
+def _speeds(backends: dict[str, Backend], batch: np.ndarray) -> dict[str, float]:
+    """Images per second of each backend on `batch`: PROBE_REPEATS rounds, each timing every engine
+    once in turn (so a change in the machine's load falls on all of them alike), the median per
+    engine; a round starts only while the timing has taken less than PROBE_BUDGET_S per engine."""
+    times: dict[str, list[float]] = {engine: [] for engine in backends}
     started = time.perf_counter()
     for _ in range(PROBE_REPEATS):
-        start = time.perf_counter()
-        backend.forward(batch)
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() - started > PROBE_BUDGET_S:
+        for engine, backend in backends.items():
+            times[engine].append(_timed_speed(backend, batch))
+        if time.perf_counter() - started > PROBE_BUDGET_S * max(1, len(backends)):
             break
-    return len(batch) / float(np.median(times))
+    return {engine: len(batch) / float(np.median(t)) for engine, t in times.items()}
 
 
 def _outputs(backend: Backend, batch: np.ndarray) -> np.ndarray:
@@ -244,7 +252,6 @@ def probe(model, info: ModelInfo, cache_dir: Path | None, threads: int | None, p
             if logits.shape != (len(batch), len(info.classes)) or not np.isfinite(logits).all():
                 raise DogbreedsError(f"gave logits of shape {logits.shape}"
                                      f"{'' if np.isfinite(logits).all() else ' with non-finite values'}")
-            speed = _timed_speed(backend, batch[:PROBE_BATCH])
         except Exception as exc:  # an unsupported operator, a runtime crash, a missing package ...
             reason = f"{type(exc).__name__}: {exc}"
             reason = reason if len(reason) <= 400 else reason[:397] + "..."
@@ -252,8 +259,23 @@ def probe(model, info: ModelInfo, cache_dir: Path | None, threads: int | None, p
             log.warning("auto: engine %s skipped: %s", engine, reason)
             continue
         built[engine], outputs[engine] = backend, logits
-        measured.append({"engine": engine, "precision": PRECISION.get(engine, "fp32"), "images_per_s": round(speed, 2),
+        measured.append({"engine": engine, "precision": PRECISION.get(engine, "fp32"),
                          "build_s": round(build_s, 2), "description": backend.description})
+    try:
+        speeds = _speeds(built, batch[:PROBE_BATCH])
+    except Exception as exc:  # a runtime that answered once and then crashed: time them one by one
+        log.warning("auto: timing the engines together failed (%s: %s); timing each alone", type(exc).__name__, exc)
+        speeds = {}
+        for engine in list(built):
+            try:
+                speeds.update(_speeds({engine: built[engine]}, batch[:PROBE_BATCH]))
+            except Exception as alone:
+                skipped[engine] = f"failed in the probe: {type(alone).__name__}: {alone}"[:400]
+                built.pop(engine)
+                outputs.pop(engine)
+        measured = [m for m in measured if m["engine"] in built]
+    for m in measured:
+        m["images_per_s"] = round(speeds[m["engine"]], 2)
     reference = next((e for e in REFERENCES if e in outputs), None)
     if reference is not None:
         want = softmax(outputs[reference])
@@ -358,7 +380,7 @@ def _choose(model, info: ModelInfo, cache_dir: Path | None, threads: int | None,
     backend = built.pop(record["engine"])
     built.clear()
     backend.auto_choice = record
-    log.info("auto: %s", summary(record))
+    log.info("%s", summary(record))
     return backend
 
 
