@@ -240,6 +240,10 @@ def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], i
     products quantised, the classifier kept fp32 (see quantize_int8). Without int8 dot-product
     instructions (VNNI, AMX) weights use 7 bits (reduce_range), which avoids the saturation of
     the u8 x s8 AVX2 instruction. The file keeps the fp32 file's metadata."""
+    import contextlib
+    import io
+    import logging
+
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -271,10 +275,17 @@ def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], i
 
     partial = int8_path.with_name(f"{int8_path.name}.{os.getpid()}.partial")
     try:
-        quantize_static(str(fp32_path), str(partial), Photos(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        reduce_range=not has_fast_int8(machine_profile()["cpu"]["flags"]),
-                        nodes_to_exclude=classifier_nodes(fp32_path), calibrate_method=CalibrationMethod.MinMax)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser logs advice and prints per-channel rescales: not for users
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(fp32_path), str(partial), Photos(), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                                reduce_range=not has_fast_int8(machine_profile()["cpu"]["flags"]),
+                                nodes_to_exclude=classifier_nodes(fp32_path), calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
         quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(source.metadata_props)
