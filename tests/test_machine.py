@@ -54,3 +54,12 @@ def test_describe_names_cpu_and_gpu():
                "gpu": [{"name": "H100", "compute_capability": "9.0"}]}
     text = machine.describe(profile)
     assert "Xeon" in text and "amx_bf16" in text and "sve" not in text and "sm 9.0" in text
+
+
+def test_gpus_from_nvidia_smi_without_torch():
+    text = "NVIDIA H200, 9.0, 143771\nTesla T4, 7.5, 15360\n"
+    gpus = machine.parse_nvidia_smi(text)
+    assert [g["name"] for g in gpus] == ["NVIDIA H200", "Tesla T4"]
+    assert gpus[0]["compute_capability"] == "9.0" and gpus[0]["bf16"] and gpus[0]["memory_gib"] == 140.4
+    assert not gpus[1]["bf16"]
+    assert machine.parse_nvidia_smi("") == []

@@ -136,22 +136,67 @@ def _nvidia_driver_present() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
 
 
+def parse_nvidia_smi(text: str) -> list[dict]:
+    """GPUs from `nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader,nounits`."""
+    devices = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[0]:
+            continue
+        name, capability, memory = parts[:3]
+        try:
+            major = int(capability.split(".")[0])
+        except ValueError:
+            major, capability = 0, "unknown"
+        try:
+            memory_gib = round(float(memory) / 1024, 1)  # MiB
+        except ValueError:
+            memory_gib = None
+        devices.append({"name": name, "compute_capability": capability, "memory_gib": memory_gib, "bf16": major >= 8})
+    return devices
+
+
+def _nvidia_smi() -> list[dict] | None:
+    """GPUs as the driver's tool lists them (no torch import), or None when it cannot be asked."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        result = subprocess.run([tool, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(result.stdout) if result.returncode == 0 else None
+
+
+def _torch_gpus() -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                        "memory_gib": round(props.total_memory / 2**30, 1), "bf16": props.major >= 8})
+    return devices
+
+
 def gpu_profile() -> list[dict]:
-    """CUDA devices torch can use ([] when none, or when torch is missing)."""
+    """CUDA GPUs ([] when none): from torch when it is imported already, else from nvidia-smi (so
+    the torch-free prediction path stays torch-free on a GPU machine too), else from torch."""
     if not _nvidia_driver_present():
         return []
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return []
-        devices = []
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            devices.append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                            "memory_gib": round(props.total_memory / 2**30, 1), "bf16": props.major >= 8})
-        return devices
-    except Exception:  # a broken driver: no usable GPU
+        if "torch" not in sys.modules:
+            listed = _nvidia_smi()
+            if listed is not None:
+                return listed
+        return _torch_gpus()
+    except Exception:  # a broken driver or torch build: no usable GPU
         return []
 
 

@@ -1,5 +1,7 @@
 """The fast path is the default: a run or checkpoint predicts on the onnxruntime backend
 (infer/runtime_onnxruntime.py, export cached in RUN/export/), and `engine="torch"` gives PyTorch eager.
+These runs list no validation photos, so "auto" has nothing to probe on and is onnxruntime fp32;
+with photos it chooses per machine (tests/infer/test_auto_choice.py).
 
 Tolerance between the two on real photos: 1e-4 in probability, the same bound `dogbreeds
 export` enforces between ONNX and PyTorch (docs/serving.md). Both paths must give the same
