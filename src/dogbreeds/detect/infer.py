@@ -52,6 +52,7 @@ CACHE_VERSION = "detector-v1"
 # otherwise (`DetectorConfig.score_threshold` when C1's config has one).
 DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_MARGIN = 0.1
+NOT_A_DOG = "not_a_dog"  # the trust layer's verdict (trust/): such boxes go to "not_dogs"
 ENGINES = ("auto", "onnxruntime", "torch")
 
 
@@ -434,11 +435,25 @@ def dog_entry(detection: Detection, prediction: dict) -> dict:
     return entry
 
 
+def split_dogs(entries: list[dict], drop_not_a_dog: bool = True) -> dict:
+    """{"dogs": [...]} , plus {"not_dogs": [...]} for the boxes whose breed verdict is "not_a_dog"
+    when drop_not_a_dog (only a calibrated breed run says so; its dog / not-dog head)."""
+    if not drop_not_a_dog:
+        return {"dogs": entries}
+    dogs = [e for e in entries if e.get("verdict") != NOT_A_DOG]
+    not_dogs = [e for e in entries if e.get("verdict") == NOT_A_DOG]
+    return {"dogs": dogs, "not_dogs": not_dogs} if not_dogs else {"dogs": dogs}
+
+
 def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, margin: float = DEFAULT_MARGIN,
-                  score_threshold: float | None = None, name: str | None = None) -> dict:
+                  score_threshold: float | None = None, name: str | None = None, drop_not_a_dog: bool = True) -> dict:
     """{"image": name, "dogs": [{"box", "score", "top", "low_confidence", "verdict", "ood_score",
     "breed_set"[, "note"]}, ...]} for one photo (a path, bytes, PIL image or HxWx3 uint8 array),
-    dogs best first; {"image": name, "error": ...} when the photo cannot be read."""
+    dogs best first; {"image": name, "error": ...} when the photo cannot be read.
+
+    drop_not_a_dog (default): a box whose crop the calibrated breed run calls "not_a_dog" is
+    moved from "dogs" to "not_dogs" (kept, never hidden): the detector learnt from dog photos
+    only and fires on cats (docs/detection.md: measured)."""
     from ..infer.predictor import describe_image
 
     name = name or describe_image(image, 0)
@@ -450,4 +465,5 @@ def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, mar
     detections = detector.detect(rgb, score_threshold)
     crops = [crop_box(rgb, d.box, margin) for d in detections]
     predictions = predictor.predict(crops, top_k=top_k) if crops else []
-    return {"image": name, "dogs": [dog_entry(d, p.to_dict()) for d, p in zip(detections, predictions)]}
+    entries = [dog_entry(d, p.to_dict()) for d, p in zip(detections, predictions)]
+    return {"image": name, **split_dogs(entries, drop_not_a_dog)}

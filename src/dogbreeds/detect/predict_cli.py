@@ -14,7 +14,8 @@ def add_detect_options(parser) -> None:
     parser.add_argument("--detect", metavar="DETECTOR_RUN",
                         help="find every dog first (a detector run of `dogbreeds detect train`, or its exported "
                              ".onnx file) and give a breed per dog: one {\"image\", \"dogs\": [{\"box\", \"score\", "
-                             "\"top\", ...}]} per photo (a photo without dogs: \"dogs\": [])")
+                             "\"top\", ...}]} per photo (a photo without dogs: \"dogs\": []; boxes a calibrated "
+                             "breed run calls not a dog: \"not_dogs\")")
     parser.add_argument("--detect-threshold", type=_unit, default=None, metavar="SCORE",
                         help="with --detect: a detection counts as a dog from this score on "
                              "(default: the detector run's, 0.5)")
@@ -82,4 +83,8 @@ def _print_human(result: dict) -> None:
         if dog.get("verdict") and dog["verdict"] != "breed":
             words += f" [verdict: {dog['verdict'].replace('_', ' ')}]"
         print(words)
+    for dog in result.get("not_dogs", []):
+        x0, y0, x1, y1 = dog["box"]
+        print(f"  (box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}) detector score {dog['score']:.2f}: the breed run "
+              "says not a dog)")
     sys.stdout.flush()

@@ -4,7 +4,8 @@
     GET  /v1/detector   the detector being served (the web page asks it: 404 = no detector)
     POST /v1/detect     an image (multipart field `image`, or the raw body) ->
                         {"image", "width", "height", "model", "detector",
-                         "dogs": [{"box": [x0, y0, x1, y1], "score", "top", "verdict", "verdict_text", ...}]}
+                         "dogs": [{"box": [x0, y0, x1, y1], "score", "top", "verdict", "verdict_text", ...}]
+                         [, "not_dogs": [...]: boxes a calibrated breed run calls "not_a_dog"]}
 
 The same limits and statuses as /v1/predict (serve/app.py: the upload is read by its
 `read_image_upload`, the request holds one of its admission slots, decoding takes one of its
@@ -19,7 +20,7 @@ import asyncio
 
 from fastapi import FastAPI, HTTPException, Query, Request
 
-from ..detect.infer import DEFAULT_MARGIN, Detector, crop_box, dog_entry
+from ..detect.infer import DEFAULT_MARGIN, Detector, crop_box, dog_entry, split_dogs
 from ..trust.present import verdict_text
 from .app import RETRY_AFTER_S, read_image_upload
 from .batcher import Overloaded
@@ -34,7 +35,8 @@ _IMAGE_BODY = {
 }
 _ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}}
 DETECT_RESPONSES = {
-    200: {"description": "the dogs found, best first, each with its box (photo pixels), score and breeds"},
+    200: {"description": "the dogs found, best first, each with its box (photo pixels), score and breeds; "
+                         "boxes a calibrated breed run calls not a dog are in not_dogs"},
     408: {**_ERROR, "description": "the upload did not arrive in time"},
     413: {**_ERROR, "description": "upload over --max-upload-mb, or an image over the pixel limit"},
     415: {**_ERROR, "description": "not an image, or an empty body"},
@@ -72,15 +74,15 @@ def add_detect_routes(app: FastAPI, detector: Detector, margin: float = DEFAULT_
                 answers = await asyncio.gather(*(batcher.submit(x) for x in inputs))
             except Overloaded as exc:
                 raise HTTPException(503, f"server busy: {exc}; retry shortly", headers={"Retry-After": RETRY_AFTER_S}) from None
-            dogs = []
+            entries = []
             for found, answer in zip(detections, answers):
                 prediction = predictor.make_prediction(name, answer.probs, top, answer)
                 entry = dog_entry(found, prediction.to_dict())
                 entry["verdict_text"] = verdict_text(prediction.verdict, len(predictor.classes), prediction.top[0].breed,
                                                      [s.breed for s in prediction.breed_set])
-                dogs.append(entry)
+                entries.append(entry)
             return {"image": name, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
-                    "model": predictor.backend.name, "detector": detector.name, "dogs": dogs}
+                    "model": predictor.backend.name, "detector": detector.name, **split_dogs(entries)}
 
 
 class _NoLimit:

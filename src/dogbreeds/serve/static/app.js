@@ -115,6 +115,17 @@ function drawBoxes(result) {
     ctx.fillStyle = "#fff";
     ctx.fillText(text, tx + line, ty + line);
   });
+  // Boxes the breed run calls "not a dog" (issue 11's verdict): dashed grey, so nothing is hidden.
+  ctx.setLineDash([3 * line, 2 * line]);
+  for (const box of result.not_dogs || []) {
+    const [x0, y0, x1, y1] = box.box;
+    ctx.lineWidth = line;
+    ctx.strokeStyle = "#888";
+    ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
+    ctx.fillStyle = "#888";
+    ctx.fillText("not a dog?", Math.max(0, Math.min(x0 * sx + line, w - ctx.measureText("not a dog?").width)), y0 * sy + line);
+  }
+  ctx.setLineDash([]);
   img.hidden = true;
   canvas.hidden = false;
 }
@@ -141,8 +152,10 @@ function renderDogs(result) {
     list.append(li);
   });
   list.hidden = result.dogs.length === 0;
-  $("photo-caption").textContent = result.dogs.length === 1 ? "Your photo: 1 dog"
-    : "Your photo: " + result.dogs.length + " dogs";
+  const others = (result.not_dogs || []).length;
+  $("photo-caption").textContent = (result.dogs.length === 1 ? "Your photo: 1 dog"
+    : "Your photo: " + result.dogs.length + " dogs")
+    + (others ? " (" + others + (others === 1 ? " box" : " boxes") + " judged not a dog, dashed)" : "");
   if (result.dogs.length) {
     selectDog(0);
   } else {
