@@ -148,6 +148,15 @@ def torch_zip_bomb(folder: Path) -> Path:
     return path
 
 
+def torch_zip_stride_zero(folder: Path) -> Path:
+    """A torch.save zip holding one float, viewed (stride 0) as 2^40 elements of a timm-like key."""
+    import torch
+
+    path = folder / "stride_zero.pth"
+    torch.save({"stem.0.weight": torch.zeros(1).expand(2**10, 2**10, 2**10, 2**10)}, path)
+    return path
+
+
 def torch_zip_with_code(folder: Path, marker: Path) -> Path:
     import torch
 
@@ -203,6 +212,7 @@ def all_size_cases(folder: Path) -> dict[str, Path]:
         "legacy torch 2^40 elements": legacy_torch_huge_storage(folder, 2**40),
         "legacy torch 2^31 elements": legacy_torch_huge_storage(folder, 2**31),
         "torch zip bomb 32 MiB": torch_zip_bomb(folder),
+        "torch stride-0 view 2^40 elements": torch_zip_stride_zero(folder),
         "hf hidden size 4096": hf_huge_hidden_size(folder / "hf_4096", 4096),
         "hf hidden size 10^6": hf_huge_hidden_size(folder / "hf_1e6", 10**6),
         "hf depth 10^9 from keys": hf_huge_depth(folder / "hf_depth"),

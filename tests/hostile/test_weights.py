@@ -169,7 +169,7 @@ def test_tiny_files_that_declare_huge_tensors_cost_little_to_refuse(size_cases):
     rows = [(names[r["path"]], r["outcome"], r["seconds"]) for r in measured["results"]]
     print(f"\nbaseline peak RSS {baseline['peak_rss_mb']} MB; after refusing all: {measured['peak_rss_mb']} MB")
     for name, outcome, seconds in rows:
-        print(f"  {name:<32} {outcome:<14} {seconds:6.3f} s")
+        print(f"  {name:<34} {outcome:<14} {seconds:6.3f} s")
     assert all(r["outcome"] == "WeightsError" for r in measured["results"]), measured["results"]
     assert all(r["seconds"] <= 2.0 for r in measured["results"]), rows
     assert measured["peak_rss_mb"] - baseline["peak_rss_mb"] <= 200, (baseline, measured["peak_rss_mb"])
@@ -181,6 +181,7 @@ def test_tiny_files_that_declare_huge_tensors_cost_little_to_refuse(size_cases):
     ("h5 gzip bomb 64 MiB", ["compressed datasets", "64.0 MiB declared"]),
     ("legacy torch 2^40 elements", ["tensor storages", "4.0 TiB declared"]),
     ("torch zip bomb 32 MiB", ["zip archive", "32.0 MiB declared"]),
+    ("torch stride-0 view 2^40 elements", ["view of a smaller storage", "4.0 TiB declared"]),
     ("hf hidden size 10^6", ["config.json", "hidden_sizes"]),
     ("hf hidden size 4096", ["do not fit convnext_tiny"]),
     ("hf depth 10^9 from keys", ["stage layout", "depths"]),

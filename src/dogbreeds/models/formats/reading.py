@@ -65,7 +65,7 @@ def _torch_load(path: Path, kind: str):
         with warnings.catch_warnings():
             # torch warns about pickle protocols it may not parse; a failure is reported below anyway.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise WeightsError(f"{path} declares more tensor data than fits in memory; it is crafted or corrupt "
                            "and will not be loaded") from None
@@ -86,6 +86,25 @@ def _torch_load(path: Path, kind: str):
             raise WeightsError(f"{path} is corrupt or truncated, or not a PyTorch weights file: "
                                f"{_reason(exc)}; download or save it again") from None
         raise
+    _check_views(obj, path)
+    return obj
+
+
+def _check_views(obj, path: Path, depth: int = 0) -> None:
+    """No tensor may declare more elements than its storage holds: a stride-0 view of one float
+    can claim 2^40 elements in a 1 KB file, and copying it into a model would allocate them all."""
+    if depth > 4:
+        return
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for value in values:
+        if torch.is_tensor(value):
+            declared = value.numel() * value.element_size()
+            held = value.untyped_storage().nbytes()
+            if declared > held:
+                check_declared(path, f"a tensor of shape {tuple(value.shape)} (a view of a smaller storage)",
+                               declared, held)
+        elif isinstance(value, (dict, list, tuple)):
+            _check_views(value, path, depth + 1)
 
 
 def _check_zip(path: Path, size: int) -> None:
