@@ -110,11 +110,21 @@ def probe_run(tmp_path_factory, mini_root) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def probe_exports(probe_run) -> Path:
+    """The exports of the three engines `few_engines` probes, made once (copied into each fresh run)."""
+    for engine in ("onnxruntime", "int8"):
+        open_run(probe_run, engine=engine)
+    return probe_run / "export"
+
+
 @pytest.fixture
-def fresh_run(probe_run, tmp_path) -> Path:
+def fresh_run(probe_run, probe_exports, tmp_path) -> Path:
+    """The probe run with its exports cached and no engine choice recorded yet."""
     run = tmp_path / "run"
     shutil.copytree(probe_run / "checkpoints", run / "checkpoints")
     shutil.copy(probe_run / "split.json", run / "split.json")
+    shutil.copytree(probe_exports, run / "export", ignore=shutil.ignore_patterns("engine-choice-*"))
     return run
 
 
@@ -167,6 +177,8 @@ def test_an_engine_that_fails_in_the_probe_is_skipped_with_its_reason_logged(fre
         raise RuntimeError("Unsupported operator DynamicQuantizeFrobnicate")
 
     monkeypatch.setattr(runtime_onnxruntime, "quantize_int8", crash)
+    for cached in (fresh_run / "export").glob("*-int8.onnx"):
+        cached.unlink()  # so that int8 is quantised again, and crashes
     with caplog.at_level(logging.WARNING, logger="dogbreeds.infer.auto"):
         backend = open_run(fresh_run)
     assert backend.kind in ("torch", "onnxruntime")

@@ -30,7 +30,10 @@ from dogbreeds.infer.runtime_onnxruntime import OrtBackend
 EXTRA = {"epoch": 3, "weights": "best", "calibration": {"temperature": 1.25, "thresholds": [0.2, 0.7]}}
 SIZE = 96
 RUNTIMES = ["torch", pytest.param("torch-compile", marks=pytest.mark.slow), "onnxruntime", "int8", "onnx-file",
-            "int8-static", "openvino", "openvino-bf16", "torch-bf16", "cuda", "cuda-bf16"]
+            pytest.param("int8-static", marks=pytest.mark.slow),  # calibration: 10-35 s each on 2 busy cores
+            "openvino", "openvino-bf16",
+            pytest.param("torch-bf16", marks=pytest.mark.slow),  # emulated bf16 here: 6-17 s each
+            "cuda", "cuda-bf16"]
 # "cuda" computes fp32, but cuDNN convolutions use TF32 by default: held to the same loose bound
 LOW_PRECISION = {"int8", "int8-static", "openvino-bf16", "torch-bf16", "cuda", "cuda-bf16"}
 
