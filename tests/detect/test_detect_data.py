@@ -122,3 +122,13 @@ def test_flip_moves_the_boxes_with_the_pixels(box_root):
     b, f = target["boxes"], flipped_target["boxes"]
     assert f[:, 0].tolist() == (width - b[:, 2]).tolist() and f[:, 2].tolist() == (width - b[:, 0]).tolist()
     assert target["labels"].tolist() == [1] * record.count
+
+
+def test_registering_the_detect_commands_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dogbreeds.cli import build_parser; p = build_parser(); "
+            "p.parse_args(['detect', 'train', '--data', 'D', '--backbone', 'b', '--out', 'o', '--quick']); "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
