@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -369,7 +370,9 @@ def _unprobed(reason: str) -> dict:
 def _choose(model, info: ModelInfo, cache_dir: Path | None, threads: int | None, photos: list[Path],
             path: Path | None) -> Backend:
     """Probe, write the record at `path` (None: keep it in memory), return the chosen engine's backend."""
-    log.info("auto: measuring the engines on %d photos (once per machine and model)", min(len(photos), PROBE_PHOTOS))
+    # Said on stderr, not only logged: the first start on a machine takes tens of seconds more.
+    print(f"auto: choosing the fastest engine for this machine on {min(len(photos), PROBE_PHOTOS)} validation "
+          "photos (once per machine and model; --engine NAME skips this) ...", file=sys.stderr, flush=True)
     record, built = probe(model, info, cache_dir, threads, photos)
     if record["engine"] is None:
         raise DogbreedsError(f"no engine could run {info.name} in the probe: "
@@ -380,7 +383,7 @@ def _choose(model, info: ModelInfo, cache_dir: Path | None, threads: int | None,
     backend = built.pop(record["engine"])
     built.clear()
     backend.auto_choice = record
-    log.info("%s", summary(record))
+    print(summary(record), file=sys.stderr, flush=True)
     return backend
 
 
