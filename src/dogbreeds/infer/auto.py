@@ -387,6 +387,26 @@ def _choose(model, info: ModelInfo, cache_dir: Path | None, threads: int | None,
     return backend
 
 
+def _reuse(record: dict | None, build) -> Backend | None:
+    """The engine a stored record chose, built with `build(engine)`; None (probe again) when
+    there is no record or that engine cannot be built now."""
+    if record is None:
+        return None
+    try:
+        backend = build(record["engine"])
+    except DogbreedsError as exc:
+        log.warning("auto: the engine chosen before, %s, cannot be built now (%s); probing again", record["engine"], exc)
+        return None
+    backend.auto_choice = record
+    return backend
+
+
+def _unprobed_backend(backend: Backend, missing: str) -> Backend:
+    """The fp32 default, recorded as not probed for want of `missing`."""
+    backend.auto_choice = _unprobed(f"{missing} to probe the engines on: the fp32 default")
+    return backend
+
+
 def auto_for_run(run, checkpoint: Path, cache_dir: Path, threads: int | None, photos: list[Path] | None) -> Backend:
     """open_run(engine="auto"): the cached choice (no torch when its export is cached), else probe."""
     from ..machine import profile_key
@@ -394,20 +414,13 @@ def auto_for_run(run, checkpoint: Path, cache_dir: Path, threads: int | None, ph
 
     key = run_key(run, checkpoint)
     path = choice_file(cache_dir, key, profile_key())
-    record = read_choice(path, photos)
-    if record is not None:
-        try:
-            backend = open_engine(run, checkpoint, record["engine"], cache_dir, threads, key=key, photos=photos)
-        except DogbreedsError as exc:
-            log.warning("auto: the engine chosen before, %s, cannot be built now (%s); probing again", record["engine"], exc)
-        else:
-            backend.auto_choice = record
-            return backend
+    reused = _reuse(read_choice(path, photos),
+                    lambda engine: open_engine(run, checkpoint, engine, cache_dir, threads, key=key, photos=photos))
+    if reused is not None:
+        return reused
     probe_photos = list(photos or split_photos(run.path, "val", limit=PROBE_PHOTOS))
     if not probe_photos:
-        backend = open_engine(run, checkpoint, AUTO_ENGINE, cache_dir, threads, key=key)
-        backend.auto_choice = _unprobed("no validation photos to probe the engines on: the fp32 default")
-        return backend
+        return _unprobed_backend(open_engine(run, checkpoint, AUTO_ENGINE, cache_dir, threads, key=key), "no validation photos")
     from ..models.factory import load_run
 
     loaded = load_run(checkpoint)
@@ -427,20 +440,13 @@ def auto_for_loaded(loaded, cache_dir: Path | None, threads: int | None, key: st
     cache_dir = Path(cache_dir) if cache_dir is not None else run.export_dir
     key = key or checkpoint_key(loaded.path, _key_record(loaded.metadata, loaded.classes))
     path = choice_file(cache_dir, key, profile_key())
-    record = read_choice(path, photos)
-    if record is not None:
-        try:
-            backend = backend_for_loaded(loaded, record["engine"], cache_dir, threads, key=key, photos=photos)
-        except DogbreedsError as exc:
-            log.warning("auto: the engine chosen before, %s, cannot be built now (%s); probing again", record["engine"], exc)
-        else:
-            backend.auto_choice = record
-            return backend
+    reused = _reuse(read_choice(path, photos),
+                    lambda engine: backend_for_loaded(loaded, engine, cache_dir, threads, key=key, photos=photos))
+    if reused is not None:
+        return reused
     probe_photos = list(photos or split_photos(run.path, "val", limit=PROBE_PHOTOS))
     if not probe_photos:
-        backend = backend_for_loaded(loaded, AUTO_ENGINE, cache_dir, threads, key=key)
-        backend.auto_choice = _unprobed("no validation photos to probe the engines on: the fp32 default")
-        return backend
+        return _unprobed_backend(backend_for_loaded(loaded, AUTO_ENGINE, cache_dir, threads, key=key), "no validation photos")
     info = info_for_loaded(loaded)
     info.key, info.photos = key, list(photos) if photos else None
     return _choose(loaded.model, info, cache_dir, threads, probe_photos, path)
@@ -453,18 +459,11 @@ def auto_for_model(model, info: ModelInfo, cache_dir: Path | None, threads: int 
     from .backend import build_backend, model_key
 
     if not info.photos:
-        backend = build_backend(model, AUTO_ENGINE, info, cache_dir, threads)
-        backend.auto_choice = _unprobed("no photos given to probe the engines on: the fp32 default")
-        return backend
+        return _unprobed_backend(build_backend(model, AUTO_ENGINE, info, cache_dir, threads), "no photos given")
     info.key = info.key or model_key(model, info)
     path = choice_file(cache_dir, info.key, profile_key()) if cache_dir is not None else None
-    record = read_choice(path, info.photos) if path is not None else None
-    if record is not None:
-        try:
-            backend = build_backend(model, record["engine"], info, cache_dir, threads)
-        except DogbreedsError as exc:
-            log.warning("auto: the engine chosen before, %s, cannot be built now (%s); probing again", record["engine"], exc)
-        else:
-            backend.auto_choice = record
-            return backend
+    reused = _reuse(read_choice(path, info.photos) if path is not None else None,
+                    lambda engine: build_backend(model, engine, info, cache_dir, threads))
+    if reused is not None:
+        return reused
     return _choose(model, info, cache_dir, threads, list(info.photos), path)
