@@ -113,7 +113,9 @@ def write_detector_onnx(model, path: str | Path, config=None, opset: int = OPSET
         except Exception as exc:  # unsupported operators, tracing failures, a full disk ...
             raise DogbreedsError(f"cannot export the detector ({config.get('backbone', type(model).__name__)}) to "
                                  f"ONNX ({type(exc).__name__}: {exc}); use --engine torch") from exc
-        _write_metadata(partial, detector_metadata(config))
+        from ..infer.export import write_metadata
+
+        write_metadata(partial, detector_metadata(config))
         _check_synthetic(model, config, partial)
         if check is not None:
             check(partial)
@@ -147,18 +149,6 @@ def _merge_levels_by_gather(levels, unmerged_results):
     order = torch.cat([torch.where(levels == level)[0] for level in range(len(unmerged_results))])
     inverse = torch.zeros_like(order).scatter(0, order, torch.arange(order.size(0), dtype=order.dtype))
     return torch.cat(unmerged_results, 0).index_select(0, inverse)
-
-
-def _write_metadata(path: Path, props: dict[str, str]) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
 
 
 def _check_synthetic(model, config: dict, partial: Path) -> None:

@@ -85,7 +85,7 @@ def write_onnx(model, path: str | Path, info: ModelInfo | None = None, opset: in
         except Exception as exc:  # unsupported operators, tracing failures, a full disk ...
             raise DogbreedsError(f"cannot export {info.name} to ONNX ({type(exc).__name__}: {exc}); "
                                  f"{USE_TORCH}") from exc
-        _write_metadata(partial, metadata_props(info.name, info.classes, info.preprocessing, info.extra))
+        write_metadata(partial, metadata_props(info.name, info.classes, info.preprocessing, info.extra))
         with torch.inference_mode():
             expected = [t.float().numpy() for t in logits_and_features(model, example)]
         _check_against_torch(partial, example.numpy(), expected, info.name)
@@ -116,7 +116,8 @@ def _torch_export(module, example, path: Path, opset: int, exporter: str) -> Non
                           dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
 
 
-def _write_metadata(path: Path, props: dict[str, str]) -> None:
+def write_metadata(path: Path, props: dict[str, str]) -> None:
+    """Replace an ONNX file's metadata_props (also used by the detector export)."""
     import onnx
 
     model = onnx.load(str(path))
