@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     evaluate.add_argument("--score-threshold", type=float, default=None,
                           help="detections counted as dogs from this score (default: the run's, chosen on val)")
     evaluate.add_argument("--engine", default="auto", help="engine of the breed run (as for `dogbreeds evaluate`)")
+    evaluate.add_argument("--choose-count", action="store_true",
+                          help="with --split val: choose the count threshold and duplicate rule on these photos and "
+                               "save them in the run's checkpoint (for a run trained before the rule existed)")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:
@@ -104,8 +107,10 @@ def run_evaluate(args) -> int:
     from .evaluate import evaluate_detector
 
     result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
-                               score_threshold=args.score_threshold, engine=args.engine)
+                               score_threshold=args.score_threshold, engine=args.engine,
+                               choose_count=args.choose_count)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
+            "count_nms_iou", "count_containment",
             "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
     print(json.dumps({k: result.get(k) for k in keys}, indent=1))
     print(f"wrote {result['figure']} and the full result to RUN/eval/{args.split}.json", file=sys.stderr)

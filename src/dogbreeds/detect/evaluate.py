@@ -11,7 +11,11 @@
                       box cropped with a margin and classified by the breed run given with --breeds-run)
 
 score_threshold is the one the run chose on its validation photos (the best exact count),
-saved in the checkpoint; --score-threshold overrides it.
+saved in the checkpoint; --score-threshold overrides it. A detection "counts" as in predict
+(`infer.count_keep`): score >= the threshold and not a duplicate under the run's count rule
+(class-agnostic NMS at count_nms_iou, and a box covering / covered by a better one by more than
+count_containment of the smaller), chosen with the threshold on the validation photos: by training
+after each epoch, or for an existing run by `detect evaluate RUN --split val --choose-count`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import numpy as np
 from ..errors import DogbreedsError
 
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.30, 0.96, 0.05))
+NMS_IOU_GRID = (0.3, 0.35, 0.4, 0.45, 1.0)             # 1.0: off (the model's own NMS at box_nms_thresh only)
+CONTAINMENT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)       # 1.0: off
 MATCH_IOU = 0.5
 
 
@@ -42,8 +48,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def count_scores(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float) -> dict:
-    counted = np.asarray([int((np.asarray(p["scores"]) >= threshold).sum()) for p in predictions])
+def _count_keep(pred: dict, threshold: float, nms_iou: float = 1.0, containment: float = 1.0) -> np.ndarray:
+    from .infer import count_keep
+
+    return count_keep(pred["boxes"], pred["scores"], threshold, nms_iou, containment)
+
+
+def count_scores(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float, nms_iou: float = 1.0,
+                 containment: float = 1.0) -> dict:
+    counted = np.asarray([len(_count_keep(p, threshold, nms_iou, containment)) for p in predictions])
     truth = np.asarray([len(g) for g in gt_boxes])
     exact = counted == truth
     multi = truth >= 2
@@ -57,6 +70,18 @@ def best_count_threshold(predictions: list[dict], gt_boxes: list[np.ndarray], gr
     """The score threshold with the best exact count (ties: the one nearest 0.5)."""
     best = max(grid, key=lambda t: (count_scores(predictions, gt_boxes, t)["exact_count"], -abs(t - 0.5)))
     return float(best)
+
+
+def best_counting(predictions: list[dict], gt_boxes: list[np.ndarray], grid=THRESHOLD_GRID,
+                  nms_grid=NMS_IOU_GRID, containment_grid=CONTAINMENT_GRID) -> tuple[float, float, float]:
+    """(score threshold, count_nms_iou, count_containment) with the best exact count; ties: the
+    better count on multi-dog photos, then the threshold nearest 0.5, then the milder rule."""
+    def key(choice):
+        scores = count_scores(predictions, gt_boxes, *choice)
+        return (scores["exact_count"], scores["exact_count_multi"] or 0.0, -abs(choice[0] - 0.5), choice[1], choice[2])
+
+    best = max(((float(t), float(n), float(c)) for t in grid for n in nms_grid for c in containment_grid), key=key)
+    return best
 
 
 def coco_scores(predictions: list[dict], gt_boxes: list[np.ndarray]) -> dict:
@@ -97,12 +122,16 @@ def coco_scores(predictions: list[dict], gt_boxes: list[np.ndarray]) -> dict:
     return {"map": stats[0], "ap50": stats[1], "ap75": stats[2], "recall_at_10": stats[7], "recall_at_100": stats[8]}
 
 
-def score_detections(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float | None = None) -> dict:
-    """COCO AP/AR and count accuracy; threshold None: the best one for these photos (validation)."""
+def score_detections(predictions: list[dict], gt_boxes: list[np.ndarray], threshold: float | None = None,
+                     rule: tuple[float, float] | None = None) -> dict:
+    """COCO AP/AR (every detection) and count accuracy (`count_keep`); threshold None: the best
+    threshold and count rule for these photos (validation), else rule (nms_iou, containment) or off."""
     if threshold is None:
-        threshold = best_count_threshold(predictions, gt_boxes)
-    return {**coco_scores(predictions, gt_boxes), **count_scores(predictions, gt_boxes, threshold),
-            "count_threshold": float(threshold)}
+        threshold, *rule = best_counting(predictions, gt_boxes)
+    nms_iou, containment = rule if rule is not None else (1.0, 1.0)
+    return {**coco_scores(predictions, gt_boxes), **count_scores(predictions, gt_boxes, threshold, nms_iou, containment),
+            "count_threshold": float(threshold), "count_nms_iou": float(nms_iou),
+            "count_containment": float(containment)}
 
 
 def breed_hits(pred_boxes: np.ndarray, pred_breeds: list[str], gt_boxes: np.ndarray, gt_breeds: list[str]) -> list[bool]:
@@ -148,7 +177,8 @@ def _crop(image: np.ndarray, box) -> np.ndarray:
         return np.ascontiguousarray(image[y0:y1, x0:x1])
 
 
-def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False) -> tuple[dict, list]:
+def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False,
+                 rule: tuple[float, float] = (1.0, 1.0)) -> tuple[dict, list]:
     """End-to-end breed accuracy, and the breed run's own top-1 on the whole single-dog photos."""
     from tqdm import tqdm
 
@@ -158,8 +188,7 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
     hits_all, hits_single, whole_single, labels = [], [], [], []
     for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
         image = decode_image(record.path)
-        keep = np.asarray(pred["scores"]) >= threshold
-        boxes = np.asarray(pred["boxes"])[keep]
+        boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[_count_keep(pred, threshold, *rule)]
         crops = [_crop(image, b) for b in boxes]
         names = [p.top[0].breed_id if p.ok and p.top else None for p in predictor.predict(crops, top_k=1)] if crops else []
         labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
@@ -183,7 +212,7 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
 # --- the figure ---
 
 def detection_figure(path: Path, records, predictions: list[dict], threshold: float, labels: list | None = None,
-                     n: int = 8, seed: int = 0) -> Path:
+                     n: int = 8, seed: int = 0, rule: tuple[float, float] = (1.0, 1.0)) -> Path:
     """Predicted (orange, with score [and breed]) and true (green, dashed) boxes on `n` photos,
     half of them multi-dog photos when there are that many."""
     import matplotlib
@@ -210,7 +239,7 @@ def detection_figure(path: Path, records, predictions: list[dict], threshold: fl
         ax.imshow(decode_image(record.path))
         for x0, y0, x1, y1 in record.boxes:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linestyle="--", linewidth=2))
-        keep = np.flatnonzero(np.asarray(pred["scores"]) >= threshold)
+        keep = _count_keep(pred, threshold, *rule)
         for k, j in enumerate(keep):
             x0, y0, x1, y1 = pred["boxes"][j]
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="orange", linewidth=2))
@@ -262,12 +291,20 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
 
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
-                      figure_photos: int = 8) -> dict:
+                      figure_photos: int = 8, choose_count: bool = False) -> dict:
+    """Evaluate a detector run on a split. choose_count (validation only): choose the score
+    threshold and the count rule on these photos (`best_counting`) and save them in the run's
+    checkpoints, so that predict, the service and later evaluations count with them."""
     import time
 
     from ..rundir import RunDir
     from .model import load_detector, read_detector_meta
 
+    if choose_count and split != "val":
+        raise DogbreedsError(f"--choose-count chooses the count threshold and rule on the validation photos: "
+                             f"use --split val (not {split}), then evaluate --split test")
+    if choose_count and score_threshold is not None:
+        raise DogbreedsError("--choose-count chooses the score threshold itself: leave out --score-threshold")
     progress = sys.stderr.isatty() if progress is None else progress
     run = RunDir.locate(run_path)
     model, cfg = load_detector(run_path)
@@ -282,14 +319,19 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     report = data.problem_report()
     if report:
         print("annotation problems:\n  " + report.replace("\n", "\n  "), file=sys.stderr, flush=True)
-    threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     started = time.perf_counter()
     predictions = predict_records(model, records)
     seconds = time.perf_counter() - started
+    if choose_count:
+        chosen, nms_iou, containment = best_counting(predictions, [r.boxes for r in records])
+        cfg = save_count_rule(run, chosen, nms_iou, containment)
+        checkpoint = run.checkpoint()
+    threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
+    rule = (cfg.count_nms_iou, cfg.count_containment)
     result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
               "min_size": cfg.min_size, "max_size": cfg.max_size, "records_from": origin,
               "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
-              **score_detections(predictions, [r.boxes for r in records], threshold),
+              **score_detections(predictions, [r.boxes for r in records], threshold, rule),
               "detect_seconds_per_photo": seconds / len(records),
               "annotation_problems": data.problem_counts(),
               "annotation_problem_files": [p.to_dict() for p in data.problems][:200]}
@@ -298,13 +340,38 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
         from ..infer.predictor import Predictor
 
         predictor = Predictor.from_run(breeds_run, engine=engine)
-        breed, labels = breed_scores(predictor, records, predictions, threshold, progress)
+        breed, labels = breed_scores(predictor, records, predictions, threshold, progress, rule)
         result.update(breed, breeds_run=str(breeds_run))
     else:
         result["breed_accuracy"] = None
         result["note"] = "breed_accuracy needs --breeds-run BREED_RUN"
     figure = detection_figure(run.figure(f"detections_{split}.png"), records, predictions, threshold, labels,
-                              n=figure_photos)
+                              n=figure_photos, rule=rule)
     result["figure"] = str(figure)
     run.write_json(run.eval_file(split), result)
     return result
+
+
+def save_count_rule(run, threshold: float, nms_iou: float, containment: float):
+    """Write (score threshold, count rule) into the config of the checkpoint that evaluation and
+    predict load (its weights unchanged; the other checkpoint is another epoch's, left as it is)
+    and return that config."""
+    from safetensors.torch import load_file
+
+    from .model import DetectorConfig, read_detector_meta, save_detector
+
+    path = run.checkpoint()
+    meta = read_detector_meta(path)
+    cfg = DetectorConfig.from_dict({**meta["config"], "score_threshold": float(threshold),
+                                    "count_nms_iou": float(nms_iou), "count_containment": float(containment)})
+    extra = {**meta.get("extra", {}), "count_rule_chosen_on": "val"}
+
+    class _Tensors:  # save_detector takes a module; the tensors are written back unchanged
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def state_dict(self):
+            return self.tensors
+
+    save_detector(_Tensors(load_file(str(path))), path, cfg, extra)
+    return cfg

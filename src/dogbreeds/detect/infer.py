@@ -51,6 +51,9 @@ CACHE_VERSION = "detector-v1"
 # A detection counts as a dog from this score on, unless the run's config or the caller says
 # otherwise (`DetectorConfig.score_threshold` when C1's config has one).
 DEFAULT_SCORE_THRESHOLD = 0.5
+# The duplicate rule of `count_keep` (`DetectorConfig.count_nms_iou` / `count_containment`): 1.0 = off,
+# what a run trained before the rule existed gets until `detect evaluate --split val --choose-count`.
+COUNT_RULE_OFF = 1.0
 DEFAULT_MARGIN = 0.1
 NOT_A_DOG = "not_a_dog"  # the trust layer's verdict (trust/): such boxes go to "not_dogs"
 ENGINES = ("auto", "onnxruntime", "torch")
@@ -95,6 +98,46 @@ def _config_threshold(config: dict) -> float:
     return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else DEFAULT_SCORE_THRESHOLD
 
 
+def config_count_rule(config: dict) -> tuple[float, float]:
+    """(count_nms_iou, count_containment) of a detector config; 1.0 (off) where it has none."""
+    rule = []
+    for key in ("count_nms_iou", "count_containment"):
+        value = config.get(key)
+        rule.append(float(value) if isinstance(value, (int, float)) and 0 < value <= 1 else COUNT_RULE_OFF)
+    return rule[0], rule[1]
+
+
+def count_keep(boxes: np.ndarray, scores: np.ndarray, threshold: float, nms_iou: float = 1.0,
+               containment: float = 1.0) -> np.ndarray:
+    """Indices (best first) of the detections that count as dogs: score >= threshold, then, going
+    down the scores, a box is dropped when it overlaps a box already kept with IoU > nms_iou
+    (class-agnostic NMS, stricter than the model's own) or when their intersection covers more than
+    `containment` of the smaller of the two (a duplicate box inside a dog's box, or a box around a
+    dog and its neighbour). 1.0 turns either test off. Numpy after the model, so the PyTorch and
+    ONNX paths, `detect evaluate` and predict all count the same dogs."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    idx = np.flatnonzero(scores >= threshold)
+    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    if len(idx) < 2 or (nms_iou >= 1.0 and containment >= 1.0):
+        return idx
+    b = boxes[idx]
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    wx = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
+    wy = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
+    inter = wx * wy
+    union = area[:, None] + area[None, :] - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    smaller = np.minimum(area[:, None], area[None, :])
+    cover = np.where(smaller > 0, inter / np.where(smaller > 0, smaller, 1), 0.0)
+    drop = (iou > nms_iou) | (cover > containment)
+    kept: list[int] = []
+    for i in range(len(idx)):
+        if not any(drop[i, j] for j in kept):
+            kept.append(i)
+    return idx[kept]
+
+
 def check_score_threshold(value: float) -> float:
     value = float(value)
     if not 0 <= value <= 1:  # also refuses nan
@@ -115,6 +158,7 @@ class Detector:
         self.config = config_to_dict(config)
         self.score_threshold = check_score_threshold(
             _config_threshold(self.config) if score_threshold is None else score_threshold)
+        self.count_nms_iou, self.count_containment = config_count_rule(self.config)
         self.kind, self.description = kind, description
         self.path = Path(path) if path is not None else None
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -252,19 +296,18 @@ class Detector:
                                              "it to a less extreme aspect ratio")
 
     def detect(self, image: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
-        """The dogs in an HxWx3 uint8 RGB photo, best first: boxes in its pixel coordinates."""
+        """The dogs in an HxWx3 uint8 RGB photo, best first: boxes in its pixel coordinates
+        (`count_keep`: score >= the threshold, duplicates dropped by the run's count rule)."""
         threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
         self.check_size(image)
         boxes, scores, _ = self.raw(image)
         height, width = image.shape[:2]
         found = []
-        for box, score in zip(boxes, scores):
-            if score >= threshold:
-                x0, y0, x1, y1 = (float(v) for v in box)
-                box = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
-                       min(max(y1, 0.0), height))
-                found.append(Detection(box, float(score)))
-        found.sort(key=lambda d: -d.score)
+        for i in count_keep(boxes, scores, threshold, self.count_nms_iou, self.count_containment):
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            box = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+                   min(max(y1, 0.0), height))
+            found.append(Detection(box, float(scores[i])))
         return found
 
     def __repr__(self) -> str:

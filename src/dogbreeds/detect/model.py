@@ -71,6 +71,8 @@ class DetectorConfig:
     box_batch_size_per_image: int = 128
     roi_sampling_ratio: int = 2         # RoIAlign samples per bin side (its CPU backward is costly)
     score_threshold: float = 0.5        # a detection counts as a dog (counting, predict) from this score
+    count_nms_iou: float = 1.0          # ... unless it overlaps a better one by IoU > this (1.0: off) ...
+    count_containment: float = 1.0      # ... or covers / is covered by one by more than this of the smaller (infer.count_keep)
 
     # --- the training recipe ---
     data: str | None = None

@@ -28,7 +28,7 @@ from ..rundir import RunDir
 from .model import DetectorConfig, detector_from_config, save_detector
 
 # Fields that may differ between a saved run and the command that resumes it.
-RESUME_FREE = ("out", "workers", "extra", "score_threshold")
+RESUME_FREE = ("out", "workers", "extra", "score_threshold", "count_nms_iou", "count_containment")
 LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal (no progress bar)
 
 
@@ -237,7 +237,9 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
                     "seconds": sums["seconds"], "val_seconds": time.perf_counter() - started}
             history.append(line)
             append_metrics(run.metrics_file, line)
-            epoch_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "score_threshold": threshold})
+            epoch_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "score_threshold": threshold,
+                                                  "count_nms_iou": val["count_nms_iou"],
+                                                  "count_containment": val["count_containment"]})
             extra = {"epoch": epoch, "epoch_completed": True, "step": step, "val_map": val["map"],
                      "val_ap50": val["ap50"], "val_exact_count": val["exact_count"]}
             save_detector(model, run.checkpoint_path("last"), epoch_cfg, extra)
@@ -248,7 +250,8 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
             step_in_epoch = 0
             save_state(epoch, 0, None)
             print(f"epoch {epoch - 1}: loss {line['train_loss']:.3f}, val mAP {val['map']:.3f} AP50 {val['ap50']:.3f} "
-                  f"exact count {val['exact_count']:.3f} (score >= {threshold:.2f}), "
+                  f"exact count {val['exact_count']:.3f} (score >= {threshold:.2f}, duplicate rule IoU > "
+                  f"{val['count_nms_iou']:.2f} / contained > {val['count_containment']:.2f}), "
                   f"{sums['seconds']:.0f} s train + {line['val_seconds']:.0f} s val", flush=True)
             if epoch < cfg.epochs and stop.requested:
                 print(f"stopped at the end of epoch {epoch - 1}; rerun the same command to resume",
