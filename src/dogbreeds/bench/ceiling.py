@@ -150,7 +150,9 @@ def _openvino_probe(precision: str, size: int, call_s: float, threads: int) -> P
     import openvino as ov
     import openvino.opset13 as ops
 
-    core = ov.Core()
+    from ..infer.runtime_openvino import openvino_core
+
+    core = openvino_core()  # one per process (infer/runtime_openvino.py: a Core each crashed it later)
     hint = "f32" if precision == "fp32" else "bf16"
     actual = []
 

@@ -189,13 +189,13 @@ def openvino_paths(export: Callable[[], Path], log=print) -> list[Path_]:
 
 
 def _openvino_call(onnx_path: Path, hint: str):
-    import openvino as ov
     import torch
 
+    from ..infer.runtime_openvino import openvino_core
     from .ceiling import openvino_precision
 
-    compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                               "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    compiled = openvino_core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                                     "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     precision = {"f32": "fp32"}.get(openvino_precision(compiled), openvino_precision(compiled))
     request = compiled.create_infer_request()
 

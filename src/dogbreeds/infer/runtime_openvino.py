@@ -7,6 +7,14 @@ fp32 instead, and the description says which precision it actually runs (`precis
 
 OpenVINO is optional: `pip install -e ".[openvino]"`. Without it the engine names still exist
 (so `--engine openvino` is understood) and building one says which extra to install.
+
+One `openvino.Core` per process (`openvino_core`), kept until exit: every Core loads its own CPU
+plugin, and on Linux each CPU plugin replaces the signal alternate stack of the thread that loads it
+with one it mmaps, and on destruction unmaps it, restoring the previous stack only if its own is
+still the current one. Two plugins destroyed in the order they were created (Python frees Cores
+and compiled models in no fixed order) thus leave the thread's alternate stack pointing at unmapped
+memory, and the next signal delivered on it (CPython's handlers use SA_ONSTACK, e.g. the SIGCHLD
+handler torch's DataLoader installs) killed the process with SIGSEGV, far from any OpenVINO call.
 """
 from __future__ import annotations
 
@@ -31,6 +39,21 @@ def import_openvino(kind: str = FP32):
         raise DogbreedsError(f"engine {kind!r} needs OpenVINO, which is not installed: {INSTALL}; "
                              "or use --engine auto / --engine onnxruntime") from exc
     return openvino
+
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def openvino_core(kind: str = FP32):
+    """The process's one `openvino.Core`, created on first use and never released (see the module
+    docstring: a Core per model crashed the process later). Raises as `import_openvino` does."""
+    global _CORE
+    ov = import_openvino(kind)
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
 
 
 def available() -> bool:
@@ -64,7 +87,7 @@ class OpenVinoBackend(Backend):
         config = {"INFERENCE_PRECISION_HINT": "bf16" if kind == BF16 else "f32",
                   "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
         try:
-            core = ov.Core()
+            core = openvino_core(kind)
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
             self.precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         except Exception as exc:  # OpenVINO raises its own types (unsupported operators, a bad file)
