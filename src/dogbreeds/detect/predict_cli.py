@@ -38,8 +38,7 @@ def _unit(text: str) -> float:
 
 def predict_dogs(args) -> int:
     """The --detect branch of `dogbreeds predict`: exit 0 all photos answered, 1 some unreadable."""
-    from ..errors import DogbreedsError
-    from ..infer.predictor import Predictor, collect_images
+    from ..infer.predictor import Predictor, collect_images_or_fail
     from .infer import Detector, detect_breeds
 
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
@@ -49,9 +48,7 @@ def predict_dogs(args) -> int:
         from ..trust import UNCALIBRATED_NOTE
 
         print(f"note: {UNCALIBRATED_NOTE}", file=sys.stderr)
-    images = collect_images(args.images)
-    if not images:
-        raise DogbreedsError(f"no images found in {args.images} (extensions looked for in folders: .jpg .jpeg .png ...)")
+    images = collect_images_or_fail(args.images, str(args.images))  # left-out files listed on stderr
     failed = 0
     for image in images:
         result = detect_breeds(detector, predictor, image, top_k=args.top, name=str(image))

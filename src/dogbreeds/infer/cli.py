@@ -99,7 +99,7 @@ def _predict(args) -> int:
         from ..detect.predict_cli import predict_dogs
 
         return predict_dogs(args)
-    from .predictor import Predictor, collect_images
+    from .predictor import Predictor, collect_images_or_fail
 
     predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
                                     ood_threshold=args.ood_threshold, coverage=args.coverage)
@@ -112,18 +112,7 @@ def _predict(args) -> int:
         from ..trust import UNCALIBRATED_NOTE
 
         print(f"note: {UNCALIBRATED_NOTE}", file=sys.stderr)
-    left_out: list = []  # what folders and globs hold that is not used, with why (data/listing.py)
-    images = collect_images(args.images, left_out)
-    if left_out:
-        from ..data.listing import left_out_report
-
-        print(left_out_report(left_out), file=sys.stderr)
-    if not images:
-        from ..data.listing import describe_extensions
-        from ..errors import DogbreedsError
-
-        raise DogbreedsError(f"no images found in {args.images} (extensions looked for in folders: "
-                             f"{describe_extensions()}{'; see the files left out above' if left_out else ''})")
+    images = collect_images_or_fail(args.images, str(args.images))  # left-out files listed on stderr
     failed = 0
     if not args.json:
         print(f"{'IMAGE':<40} {'#':>2}  {'BREED':<32} {'PROB':>6}")

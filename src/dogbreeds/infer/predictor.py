@@ -312,3 +312,20 @@ def collect_images(specs: Iterable[str | Path], left_out: list | None = None) ->
         else:
             found.append(path)
     return found
+
+
+def collect_images_or_fail(specs: Iterable[str | Path], what: str) -> list[Path]:
+    """collect_images for a command: the files left out are listed on stderr with why, and
+    finding no image at all is an error naming `what` (e.g. "--not-dogs ['cats/']")."""
+    import sys
+
+    from ..data.listing import describe_extensions, left_out_report
+
+    left_out: list = []
+    images = collect_images(specs, left_out)
+    if left_out:
+        print(left_out_report(left_out), file=sys.stderr)
+    if not images:
+        raise DogbreedsError(f"no images found in {what} (extensions looked for in folders: "
+                             f"{describe_extensions()}{'; see the files left out above' if left_out else ''})")
+    return images

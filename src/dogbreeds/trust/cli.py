@@ -80,7 +80,6 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     from ..data.transforms import build_eval_transform
     from ..errors import DogbreedsError
     from ..evaluate.report import records_for_split
-    from ..infer.predictor import collect_images
     from ..models.factory import load_run
     from ..rundir import RunDir
     from ..train.features import extract_features
@@ -115,7 +114,8 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
         others = _capped_per_breed([r for r in scan_source(data)[1] if r.breed_id not in known], OTHER_BREED_PHOTOS)
         ids = sorted({r.breed_id for r in others})  # label = breed number: the OOD head's folds split by breed
         others = [ImageRecord(r.path, ids.index(r.breed_id), r.breed_id, "test") for r in others]
-    wild = [ImageRecord(str(p), -1, "other", "test") for p in collect_images(list(other_dogs))]
+    wild = [ImageRecord(str(p), -1, "other", "test") for p in _given_photos(other_dogs, "--other-dogs")]
+    not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in _given_photos(not_dogs, "--not-dogs")]
     # the photos under DATA are read from `dogbreeds data prepare`'s cache when it holds them all
     lookup = find_prepared_cache(Path(data).expanduser().resolve(), loaded.preprocessing, train + val + others)
     if progress and lookup.message:
@@ -127,7 +127,6 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     parts = [part for part in parts if len(part[0])]  # a group whose every photo was unreadable
     other_x, other_groups = ((np.concatenate([part[0] for part in parts]), np.concatenate([part[2] for part in parts]))
                              if parts else (None, None))
-    not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in collect_images(list(not_dogs))]
     not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
                                   ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name},
@@ -165,3 +164,19 @@ def _capped_per_breed(records, limit: int) -> list:
         if seen[record.breed_id] <= limit:
             kept.append(record)
     return kept
+
+
+def _given_photos(specs, option: str) -> list:
+    """The photos an option names (none when it is not given); the files left out are listed on
+    stderr, and an option that names no photo at all is an error."""
+    if not specs:
+        return []
+    from ..errors import DogbreedsError
+    from ..infer.predictor import collect_images_or_fail
+
+    photos = collect_images_or_fail(list(specs), f"{option} {list(specs)}")
+    missing = [str(p) for p in photos if not p.exists()]
+    if missing:
+        raise DogbreedsError(f"{option}: {missing[0]!r} matches no file ({len(missing)} such); pass photo files, "
+                             "folders or a quoted glob such as 'cats/*.jpg'")
+    return photos
