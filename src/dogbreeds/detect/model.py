@@ -323,18 +323,17 @@ def save_detector(model: nn.Module, path, config: DetectorConfig, extra: dict | 
 
 
 def read_detector_meta(path) -> dict:
-    from safetensors import SafetensorError, safe_open
+    from ..models.checkpoint_format import safetensors_metadata
+    from ..models.safety import parse_json
 
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"detector checkpoint {path} is corrupt or truncated: {exc}; retrain or restore it") from exc
+    metadata = safetensors_metadata(path, "detector checkpoint")
     if metadata.get("format") != FORMAT or METADATA_KEY not in metadata:
         raise WeightsError(f"{path} is not a dogbreeds detector checkpoint (written by `dogbreeds detect train`); "
                            "a breed run is given with --breeds-run, a detector run as the RUN")
-    meta = json.loads(metadata[METADATA_KEY])
+    meta = parse_json(metadata[METADATA_KEY], f"{path} (metadata entry {METADATA_KEY!r})", "detector metadata")
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: detector metadata is a JSON {type(meta).__name__}, not an object; retrain or restore it")
     if meta.get("version") != VERSION:
         raise WeightsError(f"{path}: detector checkpoint version {meta.get('version')}, this dogbreeds reads {VERSION}")
     return meta

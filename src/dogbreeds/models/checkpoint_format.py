@@ -92,15 +92,21 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _embedded_meta(path: Path) -> dict | None:
+def safetensors_metadata(path: Path, what: str = "safetensors file") -> dict[str, str]:
+    """The string metadata of a safetensors file (a regular file: a FIFO or device is refused
+    before it is opened); a damaged file is a WeightsError naming it."""
     from safetensors import SafetensorError, safe_open
 
     check_regular(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"safetensors file {path} is corrupt or truncated: {exc}") from exc
+        raise WeightsError(f"{what} {path} is corrupt or truncated: {exc}; retrain or restore it") from exc
+
+
+def _embedded_meta(path: Path) -> dict | None:
+    metadata = safetensors_metadata(path)
     if metadata.get("format") != FORMAT or METADATA_KEY not in metadata:
         return None
     return parse_json(metadata[METADATA_KEY], f"{path} (metadata entry {METADATA_KEY!r})", "checkpoint metadata")
