@@ -9,6 +9,9 @@ held-out photos:
     half only to report, so a reported unknown breed was never seen while fitting;
   - cats-and-dogs photos are split by file number: even numbers may fit, odd numbers report
     (the even cats are the --not-dogs of the dog / not-dog head; the even dogs are other dogs).
+  - a run trained with outlier exposure (`dogbreeds train --outlier-exposure`) records its
+    outliers in split.json: its outlier breeds are then the fitting unknown breeds, the others
+    report, and a split that would report on a photo or breed used in training is refused.
 Output: a JSON summary (stdout, and --out) that docs/trust.md quotes.
 """
 from __future__ import annotations
@@ -86,7 +89,13 @@ def main(argv=None) -> int:
     else:
         arrays = extract(run, Path(args.data), Path(args.wild), args.batch_size, args.workers)
         np.savez(cache, **arrays)
-    summary = report(arrays, explore=args.explore)
+    from dogbreeds.trust.cli import run_outlier_record
+
+    try:
+        summary = report(arrays, explore=args.explore, outliers=run_outlier_record(run))
+    except LeakingSplit as exc:
+        print(f"measure_trust.py: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:
@@ -98,17 +107,52 @@ def main(argv=None) -> int:
 
 # --- step 2: fit on fitting photos, report on held-out photos ---
 
-def splits(arrays: dict, seed: int = 0) -> dict:
-    """Index masks: unknown breeds halved by breed (seeded), wild photos by file-number parity."""
-    other = arrays["other_breed_ids"]
-    rng = np.random.default_rng(seed)
-    fit_breeds = set(rng.permutation(len(other))[: len(other) // 2].tolist())
+class LeakingSplit(ValueError):
+    """The fitting / report split would report on photos or breeds the run trained with."""
+
+
+def splits(arrays: dict, seed: int = 0, outliers: dict | None = None) -> dict:
+    """Index masks: unknown breeds halved by breed (seeded), wild photos by file-number parity.
+
+    With `outliers` (split.json's record of an outlier-exposure run) the fitting unknown breeds
+    are the run's outlier breeds and every other unknown breed reports; LeakingSplit when a
+    reported photo or breed was used in training (or none is left to report on)."""
+    other = [str(b) for b in arrays["other_breed_ids"]]
+    if outliers is None:
+        rng = np.random.default_rng(seed)
+        fit_breeds = set(rng.permutation(len(other))[: len(other) // 2].tolist())
+    else:
+        recorded = [str(b) for b in outliers.get("breeds", [])]
+        fit_breeds = {other.index(b) for b in recorded if b in other}
+        if len(fit_breeds) == len(other):
+            raise LeakingSplit(f"the run trained on all {len(other)} unknown breeds as outliers (oe_breeds="
+                               f"{outliers.get('oe_breeds')!r}), so none is left to report on; measure a run trained "
+                               "with --oe-breeds 0.5")
     unknown_fit = np.isin(arrays["unknown_y"], list(fit_breeds))
-    return {
+    masks = {
         "unknown_fit": unknown_fit, "unknown_report": ~unknown_fit,
         "cats_fit": arrays["wild_cats_y"] % 2 == 0, "cats_report": arrays["wild_cats_y"] % 2 == 1,
         "dogs_fit": arrays["wild_dogs_y"] % 2 == 0, "dogs_report": arrays["wild_dogs_y"] % 2 == 1,
     }
+    if outliers is not None:
+        reported_breeds = {other[i] for i in np.unique(arrays["unknown_y"][masks["unknown_report"]])}
+        used = reported_breeds & set(outliers.get("breeds", []))
+        if used:
+            raise LeakingSplit(f"{len(used)} reported unknown breed(s) were outliers in training, e.g. {sorted(used)[0]}")
+        trained = {str(Path(p).resolve()) for p in outliers.get("photos", [])}
+        for group, key in (("test", None), ("unknown", "unknown_report"), ("wild_cats", "cats_report"),
+                           ("wild_dogs", "dogs_report")):
+            paths = arrays.get(f"{group}_paths")
+            if paths is None:
+                continue
+            if key is not None:
+                paths = paths[masks[key]]
+            leaked = [str(p) for p in paths if str(Path(str(p)).resolve()) in trained]
+            if leaked:
+                raise LeakingSplit(f"{len(leaked)} photo(s) this benchmark reports on ({group}) were outliers the run "
+                                   f"trained with (--outliers {outliers.get('pattern')!r}), e.g. {leaked[0]}; train "
+                                   "with outliers among the fitting photos only (e.g. the even-numbered wild dogs)")
+    return masks
 
 
 def candidate_scores(arrays: dict, bank_x: np.ndarray, bank_y: np.ndarray, num_classes: int) -> dict:
@@ -147,10 +191,10 @@ def candidate_scores(arrays: dict, bank_x: np.ndarray, bank_y: np.ndarray, num_c
     return out
 
 
-def report(arrays: dict, explore: bool = False) -> dict:
+def report(arrays: dict, explore: bool = False, outliers: dict | None = None) -> dict:
     from dogbreeds.trust.scores import auroc, fpr_at_tpr
 
-    masks = splits(arrays)
+    masks = splits(arrays, outliers=outliers)
     num_classes = arrays["train_logits"].shape[1]
     data = {
         "val": (arrays["val_x"], arrays["val_logits"]),
@@ -163,7 +207,9 @@ def report(arrays: dict, explore: bool = False) -> dict:
         "dogs_fit": (arrays["wild_dogs_x"][masks["dogs_fit"]], arrays["wild_dogs_logits"][masks["dogs_fit"]]),
         "dogs_report": (arrays["wild_dogs_x"][masks["dogs_report"]], arrays["wild_dogs_logits"][masks["dogs_report"]]),
     }
-    summary: dict = {"counts": {name: int(len(v[0])) for name, v in data.items()}}
+    summary: dict = {"counts": {name: int(len(v[0])) for name, v in data.items()},
+                     "fitting_unknown_breeds": ("the run's outlier breeds (split.json)" if outliers is not None
+                                                else "a seeded half")}
     if explore:
         table = {}
         for name, score in candidate_scores(arrays, arrays["train_x"], arrays["train_y"], num_classes).items():

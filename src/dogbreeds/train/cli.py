@@ -30,6 +30,15 @@ HELP = {
                  "(--no-calibrate skips it; `dogbreeds calibrate RUN --data DATA` does it later)",
     "deterministic": "deterministic algorithms: bit-identical reruns and resumes (slower)",
     "fast_layout": "ConvNeXt-T and larger with 1x1-convolution MLPs (same weights; faster training step on CPU)",
+    "outlier_exposure": "outlier exposure (Hendrycks et al. 2019): each step also sees outlier photos (the data root's "
+                        "other breeds, --outliers) pushed towards uniform probabilities; recorded in split.json, used by "
+                        "the calibration at the end (docs/trust.md)",
+    "oe_weight": "weight of the outlier-exposure loss (cross-entropy to uniform)",
+    "oe_breeds": "which of the data root's other breeds are outliers: all | none | a seeded share in (0, 1] such as 0.5 "
+                 "(leaves the rest unseen, to measure on) | a comma-separated list of breed ids",
+    "outliers": "more outlier photos for --outlier-exposure: a quoted glob, a folder or a file "
+                "(e.g. '../shared/data/cats-and-dogs/dogs/dog.*[02468].jpg')",
+    "oe_batch_size": "outlier photos per optimizer step (over all processes and accumulation steps)",
 }
 AUGMENT_FLAGS = {
     "mixup": (float, "mixup Beta alpha (0 turns mixup off)"),

@@ -120,10 +120,14 @@ class EpochStats:
     seen: int = 0
     seconds: float = 0.0
     skipped: list = field(default_factory=list)
+    oe_loss_sum: float = 0.0     # outlier exposure: sum over outlier photos of their CE to uniform
+    outliers_seen: int = 0
+    outlier_skipped: list = field(default_factory=list)
 
     def to_state(self) -> dict:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "seconds": self.seconds, "skipped": list(self.skipped)}
+                "seconds": self.seconds, "skipped": list(self.skipped), "oe_loss_sum": self.oe_loss_sum,
+                "outliers_seen": self.outliers_seen, "outlier_skipped": list(self.outlier_skipped)}
 
 
 def _run(s: Session, stop: _StopFlag, hooks: TrainHooks) -> None:
@@ -179,21 +183,29 @@ def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hoo
     group_loss = torch.zeros((), device=ctx.device)
     group_bad = torch.zeros((), device=ctx.device)
     group_correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    group_oe = torch.zeros((), device=ctx.device)
+    group_outliers = 0
     in_group = 0
     tick = time.perf_counter()
     try:
-        for inputs, labels in batches:
+        for inputs, labels, outliers in batches:
             if s.micro_done >= total_micro:
                 break  # the images left over after the last full optimizer step
             if hooks.on_micro_batch is not None:
                 inputs = hooks.on_micro_batch(epoch, s.micro_done, inputs)
             inputs, labels = inputs.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-            if s.channels_last and inputs.ndim == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
             targets = labels
             if s.mixup is not None:
                 inputs, targets = s.mix(inputs, labels)
                 labels = labels[: len(inputs)]
+            n_in, n_out = len(inputs), 0
+            if outliers is not None and len(outliers):
+                # one forward over breed photos + outliers (as Hendrycks et al.): BatchNorm sees both,
+                # and DDP sees one forward per backward
+                n_out = len(outliers)
+                inputs = torch.cat([inputs, outliers.to(ctx.device, non_blocking=True).to(inputs.dtype)])
+            if s.channels_last and inputs.ndim == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             in_group += 1
             sync = in_group == accum
             # Under DDP, gradients are averaged across processes only on the last micro-batch of a step.
@@ -201,11 +213,22 @@ def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hoo
             with no_sync:
                 with s.autocast():
                     logits = s.net(inputs)
+                    if n_out:
+                        logits, outlier_logits = logits[:n_in], logits[n_in:]
                     loss = s.criterion(logits, targets)
-                (loss / accum).backward()
+                    total = loss
+                    if n_out:
+                        from .outliers import oe_loss
+
+                        outlier_loss = oe_loss(outlier_logits)
+                        total = loss + recipe.oe_weight * outlier_loss
+                (total / accum).backward()
             loss = loss.detach().float()
-            group_bad += ~torch.isfinite(loss)
+            group_bad += ~torch.isfinite(total.detach().float())
             group_loss += loss * len(labels)
+            if n_out:
+                group_oe += outlier_loss.detach().float() * n_out
+                group_outliers += n_out
             group_correct += (logits.detach().argmax(-1) == labels).sum()
             stats.seen += len(labels)
             s.micro_done += 1
@@ -222,7 +245,10 @@ def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hoo
             group_loss_sum = group_loss.item()
             stats.loss_sum += group_loss_sum
             stats.correct += int(group_correct)
-            group_loss.zero_(), group_bad.zero_(), group_correct.zero_()
+            group_oe_sum = group_oe.item()
+            stats.oe_loss_sum += group_oe_sum
+            stats.outliers_seen += group_outliers
+            group_loss.zero_(), group_bad.zero_(), group_correct.zero_(), group_oe.zero_()
             if recipe.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(s.trainable, recipe.grad_clip)
                 if not torch.isfinite(norm):  # a finite loss can still give inf gradients
@@ -234,9 +260,13 @@ def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hoo
             if s.ema is not None:
                 s.ema.update(s.net_unwrapped, step=s.step)
             now = time.perf_counter()
-            bar.set_postfix(loss=f"{group_loss_sum / max(1, len(labels) * accum):.3f}",
-                            acc=f"{stats.correct / max(1, stats.seen):.3f}",
-                            img_s=f"{len(labels) * accum * ctx.world_size / max(1e-9, now - tick):.1f}")
+            postfix = dict(loss=f"{group_loss_sum / max(1, len(labels) * accum):.3f}",
+                           acc=f"{stats.correct / max(1, stats.seen):.3f}")
+            if group_outliers:  # outlier photos are counted as images processed too
+                postfix["oe"] = f"{group_oe_sum / group_outliers:.3f}"
+            postfix["img_s"] = f"{(len(labels) * accum + group_outliers) * ctx.world_size / max(1e-9, now - tick):.1f}"
+            bar.set_postfix(**postfix)
+            group_outliers = 0
             tick = now
             if stop_votes:
                 return False
@@ -244,6 +274,7 @@ def _train_epoch(s: Session, epoch: int, stats: EpochStats, stop: _StopFlag, hoo
         bar.close()
     s.optimizer.zero_grad(set_to_none=True)  # a partial last group (files skipped) is left out
     stats.skipped.extend(s.epoch_skipped())
+    stats.outlier_skipped.extend(s.outlier_skipped())
     return True
 
 
@@ -259,8 +290,9 @@ def _diverged(s: Session, epoch: int, what: str):
 def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
     """Validate raw and EMA weights, then write metrics, last/best checkpoints and resume.pt (rank 0)."""
     ctx = s.ctx
-    totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64), ctx)
-    loss_sum, correct, seen = totals.tolist()
+    totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.correct, stats.seen, stats.oe_loss_sum,
+                                          stats.outliers_seen], dtype=torch.float64), ctx)
+    loss_sum, correct, seen, oe_loss_sum, outliers_seen = totals.tolist()
     skipped = s.gather_skipped(stats.skipped)
     s.epoch, s.micro_done = epoch + 1, 0
     line = None
@@ -280,6 +312,13 @@ def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
         }
         if skipped:
             line["skipped"] = capped_skipped(skipped)
+        if s.outliers:  # outlier exposure: the mean CE to uniform over the epoch's outlier photos
+            line["train_oe_loss"] = oe_loss_sum / max(1, outliers_seen)
+            line["outlier_images"] = int(outliers_seen)
+            line["outliers_per_s"] = outliers_seen / max(1e-9, stats.seconds)
+            line["outlier_skipped_files"] = len(stats.outlier_skipped)
+            if stats.outlier_skipped:
+                line["outlier_skipped"] = capped_skipped(stats.outlier_skipped)
         line["val_skipped_files"] = len(val_skipped)  # val_images counts only the decoded ones
         if val_skipped:
             line["val_skipped"] = capped_skipped(val_skipped)
@@ -297,7 +336,8 @@ def _finish_epoch(s: Session, epoch: int, stats: EpochStats) -> None:
     if ctx.is_main:
         append_metrics(s.run.metrics_file, line)
         ema_text = f" | ema top-1 {line['ema_val_top1']:.4f}" if line["ema_val_top1"] is not None else ""
-        print(f"epoch {epoch}: train loss {line['train_loss']:.4f} | val loss {line['val_loss']:.4f} "
+        oe_text = f" (oe {line['train_oe_loss']:.4f} on {line['outlier_images']} outliers)" if s.outliers else ""
+        print(f"epoch {epoch}: train loss {line['train_loss']:.4f}{oe_text} | val loss {line['val_loss']:.4f} "
               f"top-1 {line['val_top1']:.4f} top-5 {line['val_top5']:.4f}{ema_text} | lr {line['lr']:.3g} | "
               f"{line['epoch_time']:.1f}s, {line['images_per_s']:.1f} img/s", flush=True)
         for items, what in ((skipped, "training"), (val_skipped, "validation")):

@@ -75,6 +75,14 @@ class Recipe:
     out: str = "runs/convnext_tiny"   # the run directory
     calibrate: bool = True            # fit temperature, "not a dog" / "unknown breed" thresholds and breed sets
                                       # at the end (`dogbreeds calibrate`, docs/trust.md); off for quick experiments
+    # --- outlier exposure (Hendrycks et al. 2019; train/outliers.py, docs/trust.md) ---
+    outlier_exposure: bool = False    # each step also sees outlier photos, pushed towards uniform probabilities
+    oe_weight: float = 0.5            # weight of the OE loss (cross-entropy to uniform), the paper's 0.5
+    oe_breeds: str = "all"            # outliers from the data root's other breeds: 'all', 'none', a fraction in
+                                      # (0, 1] such as '0.5' (seeded by `seed`), or a comma list of breed ids
+    outliers: str | None = None       # more outlier photos: a glob, folder or file (e.g. wild dogs); None = none
+    oe_batch_size: int = 16           # outlier photos per optimizer step (the paper uses 2x the batch; half the
+                                      # batch keeps a CPU step at about 1.5x the plain one)
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -121,6 +129,10 @@ class Recipe:
             bad("fast_layout", "must be true or false")
         if self.freeze != "auto":
             parse_freeze(self.freeze)
+        if self.outlier_exposure or self.outliers:
+            from .outliers import check_oe_recipe
+
+            check_oe_recipe(self)
 
     # --- defaults that depend on the run ---
     @property

@@ -157,6 +157,11 @@ class Session:
         if len(self.classes) < 2:
             raise DataError(f"{recipe.data} with --breeds {recipe.breeds!r} gives {len(self.classes)} breed(s); "
                             "a classifier needs at least two")
+        self.outliers, self.outlier_summary = [], None
+        if recipe.outlier_exposure:  # before the run files: split.json records them
+            from .outliers import outlier_records
+
+            self.outliers, self.outlier_summary = outlier_records(recipe, self.dataset)
         model_kwargs = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
         if recipe.fast_layout:
             model_kwargs.update(fast_layout_kwargs(recipe.model))
@@ -185,6 +190,9 @@ class Session:
 
         self.head_only = parse_freeze(self.freeze)[0] == "backbone"
         if self.head_only:
+            if self.outliers:
+                raise DogbreedsError("outlier exposure trains the features; freeze=backbone keeps them fixed (and "
+                                     "trains on cached features): drop --outlier-exposure or choose another --freeze")
             self._setup_features()
         else:
             self._setup_images(saved)
@@ -205,6 +213,9 @@ class Session:
             print(f"{'resuming' if saved else 'training'} {recipe.model} ({self.precision}, {ctx.device}, "
                   f"{ctx.world_size} process(es)) on {len(self.dataset.train)} train / {len(self.dataset.val)} val "
                   f"images, {len(self.classes)} breeds, {self.steps_per_epoch} steps/epoch"
+                  + (f", outlier exposure: {len(self.outliers)} outlier photos ({len(self.outlier_summary['breeds'])} "
+                     f"other breeds, {len(self.outlier_summary['photos'])} given), {self.oe_micro * self.ctx.world_size} "
+                     f"per micro-batch, weight {recipe.oe_weight}" if self.outliers else "")
                   + (f", from epoch {self.epoch} step {self.step}" if saved else ""), flush=True)
 
     def _shrink_new_head(self) -> None:
@@ -250,6 +261,40 @@ class Session:
 
             self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         self._set_steps(len(self.sampler) // self.micro_batch, f"{len(self.sampler)} training images per process")
+        self.outlier_loader, self.outlier_cache = None, None
+        if self.outliers:
+            self._setup_outliers(cache, saved, pin)
+
+    def _setup_outliers(self, cache, saved: dict | None, pin: bool) -> None:
+        """The outlier photos' loader (train/outliers.py): the breed photos' augmentation, its own
+        seeded order, `oe_batch_size` photos per optimizer step. Photos of the data root read from the
+        prepared cache when the breed photos are (and it holds them all), the --outliers files decoded."""
+        from ..data.loaders import make_loader
+        from ..data.transforms import build_train_transform
+        from .outliers import SEED_SALT, OutlierSampler, PartialCache
+
+        recipe, ctx = self.recipe, self.ctx
+        world = ctx.world_size * recipe.accum_steps
+        if recipe.oe_batch_size % world:
+            raise DogbreedsError(f"--oe-batch-size {recipe.oe_batch_size} must be divisible by processes x accum-steps "
+                                 f"= {ctx.world_size} x {recipe.accum_steps}")
+        self.oe_micro = recipe.oe_batch_size // world
+        from_root = [r.path for r in self.outliers if r.breed_id != "outlier_photo"]
+        used_before = saved.get("outlier_image_cache", "unknown") if saved is not None else "unknown"
+        outlier_cache = None
+        if cache is not None and from_root and used_before in ("unknown", str(cache.directory)):
+            if all(cache.is_fresh(path) for path in from_root):
+                outlier_cache = PartialCache(cache, from_root)
+            elif ctx.is_main:
+                print(f"outliers: decoding the other breeds' photos from files ({cache.directory} does not hold "
+                      "them all)", flush=True)
+        self.outlier_cache = None if outlier_cache is None else str(cache.directory)
+        self.oe_sampler = OutlierSampler(len(self.outliers), self.oe_micro, self.steps_per_epoch * recipe.accum_steps,
+                                         recipe.seed, ctx.rank)
+        self.outlier_loader = make_loader(self.outliers, build_train_transform(self.preprocessing, recipe.augment),
+                                          self.oe_micro, shuffle=False, seed=recipe.seed + SEED_SALT,
+                                          workers=recipe.workers // 2, sampler=self.oe_sampler, pin_memory=pin,
+                                          cache=outlier_cache)
 
     def _setup_features(self) -> None:
         from ..data.transforms import build_eval_transform
@@ -296,14 +341,29 @@ class Session:
                             "lower --batch-size (or add images)")
 
     def train_batches(self, epoch: int, start: int):
-        """(inputs, labels) micro-batches of `epoch`, from micro-batch `start` on."""
+        """(inputs, labels, outlier inputs or None) micro-batches of `epoch`, from micro-batch `start` on."""
         if self.head_only:
-            yield from self.train_features.batches(epoch, start)
+            for inputs, labels in self.train_features.batches(epoch, start):
+                yield inputs, labels, None
             return
         self.train_loader.set_epoch(epoch)
         self.sampler.start = start * self.micro_batch
+        if self.outlier_loader is None:
+            for batch in self.train_loader:
+                yield batch.images, batch.labels, None
+            return
+        self.outlier_loader.set_epoch(epoch)
+        self.oe_sampler.start = start
+        outlier_batches = iter(self.outlier_loader)
         for batch in self.train_loader:
-            yield batch.images, batch.labels
+            extra = next(outlier_batches, None)
+            yield batch.images, batch.labels, None if extra is None else extra.images
+
+    def outlier_skipped(self) -> list[dict]:
+        """The outlier files of this epoch that could not be decoded."""
+        if self.outlier_loader is None:
+            return []
+        return [{"path": s.path, "reason": s.reason} for s in self.outlier_loader.skipped]
 
     def epoch_skipped(self) -> list[dict]:
         if self.head_only:
@@ -360,7 +420,12 @@ class Session:
         extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
         run.write_text(run.config, self.recipe.to_yaml(extra))
         run.write_json(run.classes_file, self.classes.to_json(), indent=2)
-        run.write_json(run.split_file, self.dataset.split_summary(), indent=1)
+        summary = self.dataset.split_summary()
+        if self.outlier_summary is not None:
+            from .outliers import SPLIT_KEY
+
+            summary[SPLIT_KEY] = self.outlier_summary  # calibration and measure_trust.py follow this record
+        run.write_json(run.split_file, summary, indent=1)
 
     def _saved_state(self) -> dict | None:
         path = self.run.resume_file
@@ -425,6 +490,7 @@ class Session:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "rng": rng, "best": self.best, "history": self.history,
             "image_cache": self.image_cache,  # the prepared cache the images came from (None: the files)
+            "outlier_image_cache": getattr(self, "outlier_cache", None),  # the same for the outliers' root photos
         }
         save_resume_state(self.run.resume_file, state)
 

@@ -109,12 +109,30 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
         raise DogbreedsError(f"{run.path} has no validation photos under {data}; calibration fits on them: "
                              "train with --val-fraction > 0 (default 0.1)")
     others: list = []
+    record = run_outlier_record(run)  # a run trained with outlier exposure: its outliers are the other dogs
     if other_breeds:
         known = set(loaded.classes.breed_ids)
-        others = _capped_per_breed([r for r in scan_source(data)[1] if r.breed_id not in known], OTHER_BREED_PHOTOS)
+        candidates = [r for r in scan_source(data)[1] if r.breed_id not in known]
+        if record is not None:
+            allowed = set(record.get("breeds", []))
+            if progress:
+                print(f"[calibrate] other breeds: the {len(allowed)} the run used as outliers (split.json), "
+                      f"not the {len(record.get('other_breeds_not_used', []))} it never saw", flush=True)
+            candidates = [r for r in candidates if r.breed_id in allowed]
+        others = _capped_per_breed(candidates, OTHER_BREED_PHOTOS)
         ids = sorted({r.breed_id for r in others})  # label = breed number: the OOD head's folds split by breed
         others = [ImageRecord(r.path, ids.index(r.breed_id), r.breed_id, "test") for r in others]
-    wild = [ImageRecord(str(p), -1, "other", "test") for p in _given_photos(other_dogs, "--other-dogs")]
+    wild_photos = _given_photos(other_dogs, "--other-dogs")
+    if record is not None and record.get("photos"):
+        given = {str(Path(p).resolve()) for p in wild_photos}
+        recorded = [Path(p) for p in record["photos"] if str(Path(p).resolve()) not in given]
+        present = [p for p in recorded if p.is_file()]
+        if progress or len(present) < len(recorded):
+            print(f"[calibrate] other dogs: + {len(present)} outlier photos the run trained with ({record.get('pattern')})"
+                  + (f"; {len(recorded) - len(present)} of them are not found from here and are left out"
+                     if len(present) < len(recorded) else ""), flush=True)
+        wild_photos = list(wild_photos) + present
+    wild = [ImageRecord(str(p), -1, "other", "test") for p in wild_photos]
     not_dog_records = [ImageRecord(str(p), -1, "not_a_dog", "test") for p in _given_photos(not_dogs, "--not-dogs")]
     # the photos under DATA are read from `dogbreeds data prepare`'s cache when it holds them all
     lookup = find_prepared_cache(Path(data).expanduser().resolve(), loaded.preprocessing, train + val + others)
@@ -137,6 +155,18 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
               f"{int(np.ceil(1 / (1 - keep))) - 1} or more): every dog counts as a known breed until the run "
               "has more validation photos (--val-fraction), or pass --ood-threshold to predict", flush=True)
     return calibration
+
+
+def run_outlier_record(run) -> dict | None:
+    """split.json's record of the outliers a run was trained with (outlier exposure), or None."""
+    from ..rundir import RunDir
+    from ..train.outliers import SPLIT_KEY
+
+    run = run if isinstance(run, RunDir) else RunDir.locate(run)
+    if not run.split_file.is_file():
+        return None
+    record = run.read_split().get(SPLIT_KEY)
+    return record if isinstance(record, dict) else None
 
 
 def calibrate_after_training(run_dir, data, progress: bool = False) -> None:
