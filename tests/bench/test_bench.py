@@ -392,3 +392,31 @@ def test_a_report_from_before_machine_profiles_still_renders_with_the_fp32_goals
     # timm eager is not in this report: the ratio goal is not reported met
     assert "**not met**: ConvNeXt-T batch 16 at 2.50x timm eager (goal >= 1.5x); not checked against: timm eager" in md
     assert "| dogbreeds settings | 1.30 | 1.30x |" in md
+
+
+def test_an_int8_path_that_quantised_nothing_is_labelled_and_checks_no_int8_goal(tmp_path):
+    """MobileNetV2's dynamic int8 is its fp32 graph: the bench labels it fp32 with the reason (inference.build_paths),
+    and neither the int8-agreement goal nor the bf16 machine's int8 goal is reported met on it."""
+    reason = "int8 dynamic quantised no operator of this model (mobilenetv2_100 ...): it is the fp32 graph"
+    full = ((inference.BASELINE, 1000.0, "fp32"), (inference.ENGINE, 10.0, "bf16"), (inference.TIMM_BF16, 100.0, "bf16"),
+            (inference.OPENVINO_BF16, 100.0, "bf16"), (cli.ORT_PLAIN, 500.0, "fp32"), (cli.HF, 900.0, "fp32"),
+            (cli.KERAS, 900.0, "fp32"), (inference.INT8, 5.0, "int8"))
+    report = _fake_report(AMX_FLAGS, full)
+    for row in report["inference"]:
+        if row.model == "mobilenetv2_100" and row.path == inference.INT8:
+            row.precision, row.note = "fp32", f"nothing quantised: {reason}"
+    report["int8"] = [{"model": "MobileNetV2", "photos": 32, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0,
+                       "quantised_ops": 0, "not_quantised": reason},
+                      {"model": "ConvNeXt-T", "photos": 32, "top1_agreement": 1.0, "max_abs_logit_diff": 1e-3,
+                       "quantised_ops": 36, "not_quantised": None}]
+    text = "\n".join(cli.goals(report))
+    assert "**met**: ConvNeXt-T batch 16: the int8 path at 20.00x" in text  # a real int8 path still counts
+    assert ("**not met**: MobileNetV2 batch 16: no int8 path to compare with the bf16 peers (goal: int8 >= 1.5x the "
+            f"fastest), the int8 row computes in fp32: nothing quantised: {reason}") in text
+    assert "MobileNetV2 batch 16: the int8 path at" not in text
+    assert f"- (not an int8 check) int8 top-1 agreement with fp32, MobileNetV2: 100.0% on 32 photos, but {reason}" in text
+    assert "**met**: int8 top-1 agreement with fp32, ConvNeXt-T: 100.0%" in text
+    md = cli.render(report, tmp_path / "performance.md")
+    assert "| MobileNetV2 | 32 | 100.0% | 0 | 0: nothing quantised, the fp32 graph (agreement trivially 100%) |" in md
+    assert "| ConvNeXt-T | 32 | 100.0% | 0.001 | 36 |" in md
+    assert f"| mobilenetv2_100 | 16 | {inference.INT8} | fp32 |" in md and f"nothing quantised: {reason}" in md

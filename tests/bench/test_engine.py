@@ -209,3 +209,85 @@ def test_engine_and_export_take_a_model_that_already_has_conv_mlps(tmp_path, min
 
     report = export_onnx(run, tmp_path / "model.onnx", check_images=[str(p) for p in sorted((mini_root / "Images").glob("*/*.jpg"))[:2]])
     assert report.max_abs_diff <= report.tolerance
+
+
+# --- int8 that quantises nothing ---------------------------------------------------------------------
+
+class _TinyNet(torch.nn.Module):
+    """A timm-interface net: a convolution, pooling, optionally a hidden Linear (a matrix product
+    dynamic int8 quantises), and a Linear classifier (kept fp32). Without the hidden layer it is
+    MobileNetV2's case in small: convolutions and the classifier only."""
+
+    def __init__(self, hidden: bool):
+        from dogbreeds.preprocessing import Preprocessing
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()) if hidden else torch.nn.Identity()
+        self.fc = torch.nn.Linear(16 if hidden else 8, 4)
+        self.num_classes = 4
+        self.preprocessing = Preprocessing(input_size=32)
+        self.dogbreeds_name = "tiny-mlp" if hidden else "tiny-conv"
+
+    def forward_features(self, x):
+        return torch.relu(self.stem(x))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.mlp(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_int8_on_a_conv_only_model_says_it_is_the_fp32_graph(tmp_path, capsys):
+    import onnx
+
+    from dogbreeds.infer.runtime_onnxruntime import QUANTISED_OPS_KEY, OrtBackend, integer_op_count
+
+    model = _TinyNet(hidden=False)
+    quiet = build_backend(model, engine="int8", cache_dir=tmp_path, quiet=True)
+    assert capsys.readouterr().err == ""
+    assert quiet.quantised_ops == 0 == integer_op_count(quiet.path)
+    assert quiet.not_quantised.startswith("int8 dynamic quantised no operator of this model (tiny-conv")
+    assert "nothing quantised: the fp32 graph" in quiet.description
+    named = build_backend(model, engine="int8", cache_dir=tmp_path)  # what --engine int8 builds: it says so
+    err = capsys.readouterr().err
+    assert "warning: --engine int8 on tiny-conv" in err and "fp32 graph" in err and "int8-static" in err
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    fp32 = build_backend(model, engine="onnxruntime", cache_dir=tmp_path)
+    np.testing.assert_allclose(named.forward(x), fp32.forward(x), atol=1e-5)  # the same numbers: nothing changed
+
+    # an int8 export written before the count was stored: counted from its graph
+    stored = onnx.load(str(quiet.path))
+    assert {p.key: p.value for p in stored.metadata_props}[QUANTISED_OPS_KEY] == "0"
+    older = [p for p in stored.metadata_props if p.key != QUANTISED_OPS_KEY]
+    del stored.metadata_props[:]
+    stored.metadata_props.extend(older)
+    onnx.save(stored, str(tmp_path / "older-int8.onnx"))
+    assert OrtBackend(tmp_path / "older-int8.onnx", kind="int8").not_quantised is not None
+
+
+def test_int8_on_a_model_with_a_matrix_product_quantises_it(tmp_path, capsys):
+    from dogbreeds.infer.runtime_onnxruntime import integer_op_count
+
+    backend = build_backend(_TinyNet(hidden=True), engine="int8", cache_dir=tmp_path)
+    assert backend.quantised_ops == 1 == integer_op_count(backend.path)  # the hidden Linear; the classifier stays fp32
+    assert backend.not_quantised is None and "nothing quantised" not in backend.description
+    assert capsys.readouterr().err == ""
+
+
+def test_static_int8_quantises_the_convolutions_dynamic_int8_leaves(tmp_path, mini_root):
+    """int8-static (QDQ), what the warning suggests, does quantise a conv-only model; the fp32
+    export counts no integer operator."""
+    from dogbreeds.infer.backend import info_for_model
+    from dogbreeds.infer.runtime_onnxruntime import integer_op_count
+
+    model = _TinyNet(hidden=False)
+    info = info_for_model(model)
+    info.photos = sorted((mini_root / "Images").glob("*/*.jpg"))[:4]
+    static = build_backend(model, engine="int8-static", info=info, cache_dir=tmp_path)
+    assert static.quantised_ops >= 1 and static.not_quantised is None
+    fp32 = build_backend(model, engine="onnxruntime", cache_dir=tmp_path)
+    assert integer_op_count(fp32.path) == 0 and fp32.quantised_ops is None

@@ -1,6 +1,6 @@
 """"auto" per machine (infer/auto.py): which engines a machine profile makes worth probing, the
 rule that picks one, the probe on real photos and its record beside the export, and the ways it
-is shown (predict --verbose, /healthz). Tiny model (MobileNetV2-050 at 64 px), a handful of photos."""
+is shown (predict --verbose, /healthz). Tiny models (ConvNeXt-atto, MobileNetV2-050 at 64 px), a handful of photos."""
 from __future__ import annotations
 
 import json
@@ -92,7 +92,9 @@ def test_pick_takes_the_fastest_that_agrees_and_never_a_lower_precision_that_doe
 
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory, mini_root) -> Path:
-    """A random-init MobileNetV2-050 (64 px, 4 breeds) with a split.json naming 8 real validation photos."""
+    """A random-init ConvNeXt-atto (64 px, 4 breeds) with a split.json naming 8 real validation photos.
+    ConvNeXt, not MobileNetV2: its int8 export has matrix products to quantise (MobileNetV2's has
+    none, and the probe skips it: test_an_int8_engine_that_quantised_nothing_is_skipped)."""
     import torch
 
     from dogbreeds.data.records import ClassInfo
@@ -102,7 +104,7 @@ def probe_run(tmp_path_factory, mini_root) -> Path:
     root = tmp_path_factory.mktemp("probe_run")
     breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:4]
     torch.manual_seed(0)
-    model = create_model("mobilenetv2_050", num_classes=4)
+    model = create_model("convnext_atto", num_classes=4)
     set_preprocessing(model, model.preprocessing.with_input_size(64))
     save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
     val = [str(p.relative_to(mini_root)) for b in breeds for p in sorted((mini_root / "Images" / b).glob("*.jpg"))[:2]]
@@ -254,3 +256,49 @@ def test_stored_choice_is_what_bench_reads(fresh_run, few_engines):
     stored = auto.stored_choice(fresh_run)
     assert stored["engine"] == chosen["engine"] and stored["created"] == chosen["created"]
     assert np.isfinite(stored["images_per_s"])
+
+
+# --- an int8 engine that quantised nothing ----------------------------------------------------------
+
+def _mobilenet(size: int = 64):
+    import torch
+
+    from dogbreeds.models.factory import create_model, set_preprocessing
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2_050", num_classes=4).eval()
+    return set_preprocessing(model, model.preprocessing.with_input_size(size))
+
+
+def test_an_int8_engine_that_quantised_nothing_is_skipped(tmp_path, photos):
+    """MobileNetV2 has no matrix product but its classifier (kept fp32): dynamic int8 is its fp32
+    graph under another name, which used to win the probe by timing noise. Never measured as int8."""
+    from dogbreeds.infer.backend import info_for_model
+
+    model = _mobilenet()
+    record, built = auto.probe(model, info_for_model(model), tmp_path, 1, photos[:4], profile=AMD,
+                               engines=["torch", "onnxruntime", "int8"])
+    assert "int8" not in built and "int8" not in {m["engine"] for m in record["measured"]}
+    assert record["skipped"]["int8"].startswith("int8 dynamic quantised no operator of this model")
+    assert record["skipped"]["int8"].endswith("it is the fp32 graph")
+    assert record["engine"] in ("torch", "onnxruntime")
+
+
+def test_a_stored_choice_of_an_int8_that_quantised_nothing_is_probed_again(tmp_path, photos, few_engines):
+    """A record written before such engines were skipped (it chose "int8" on MobileNetV2) is not reused."""
+    from dogbreeds.infer.backend import build_backend, info_for_model, model_key
+    from dogbreeds.infer.runtime_onnxruntime import photo_set_key
+    from dogbreeds.machine import profile_key
+
+    model = _mobilenet()
+    info = info_for_model(model)
+    info.photos = list(photos[:4])
+    info.key = model_key(model, info)
+    cache = tmp_path / "export"
+    stale = {"version": auto.RECORD_VERSION, "engine": "int8", "precision": "int8", "probed": True,
+             "photo_set": photo_set_key(info.photos), "why": "int8, 1.13x the fastest fp32 engine (openvino)"}
+    auto.write_choice(auto.choice_file(cache, info.key, profile_key()), stale)
+    backend = build_backend(model, "auto", info, cache)
+    assert backend.kind in ("torch", "onnxruntime") and backend.auto_choice["probed"]
+    assert "no operator" in backend.auto_choice["skipped"]["int8"]
+    assert auto.read_choice(auto.choice_file(cache, info.key, profile_key()))["engine"] == backend.kind

@@ -12,7 +12,9 @@
    engine that computes in lower precision (bf16, int8) must also beat the fastest fp32 engine
    by LOW_PRECISION_MARGIN, since it changes the numbers. A lower-precision engine that fails
    the rule is never chosen; an engine that fails to build or run (an unsupported operator, a
-   crash, a missing package) is skipped with its reason logged and recorded.
+   crash, a missing package) is skipped with its reason logged and recorded, and so is an int8
+   engine that quantised no operator of the model (MobileNetV2 under dynamic int8: the fp32
+   graph under an int8 label, which could otherwise win by timing noise).
 
 The choice, what was measured and why engines were skipped are written next to the export
 (RunDir.engine_choice_file: engine-choice-<model key>-<machine key>.json) and read back by the
@@ -247,8 +249,12 @@ def probe(model, info: ModelInfo, cache_dir: Path | None, threads: int | None, p
     for engine in ordered:
         start = time.perf_counter()
         try:
-            backend = build_backend(model, engine, info, cache_dir, threads)
+            backend = build_backend(model, engine, info, cache_dir, threads, quiet=True)
             build_s = time.perf_counter() - start
+            if backend.not_quantised:  # an "int8" graph with no integer operator: fp32 under another name
+                skipped[engine] = backend.not_quantised
+                log.info("auto: engine %s skipped: %s", engine, backend.not_quantised)
+                continue
             logits = _outputs(backend, batch)  # every photo once: the answers, and the warm-up
             if logits.shape != (len(batch), len(info.classes)) or not np.isfinite(logits).all():
                 raise DogbreedsError(f"gave logits of shape {logits.shape}"
@@ -397,6 +403,9 @@ def _reuse(record: dict | None, build) -> Backend | None:
     except DogbreedsError as exc:
         log.warning("auto: the engine chosen before, %s, cannot be built now (%s); probing again", record["engine"], exc)
         return None
+    if backend.not_quantised:  # recorded before such engines were skipped: the fp32 graph under an int8 label
+        log.warning("auto: the engine chosen before, %s: %s; probing again", record["engine"], backend.not_quantised)
+        return None
     backend.auto_choice = record
     return backend
 
@@ -415,7 +424,8 @@ def auto_for_run(run, checkpoint: Path, cache_dir: Path, threads: int | None, ph
     key = run_key(run, checkpoint)
     path = choice_file(cache_dir, key, profile_key())
     reused = _reuse(read_choice(path, photos),
-                    lambda engine: open_engine(run, checkpoint, engine, cache_dir, threads, key=key, photos=photos))
+                    lambda engine: open_engine(run, checkpoint, engine, cache_dir, threads, key=key, photos=photos,
+                                               quiet=True))
     if reused is not None:
         return reused
     probe_photos = list(photos or split_photos(run.path, "val", limit=PROBE_PHOTOS))
@@ -441,7 +451,8 @@ def auto_for_loaded(loaded, cache_dir: Path | None, threads: int | None, key: st
     key = key or checkpoint_key(loaded.path, _key_record(loaded.metadata, loaded.classes))
     path = choice_file(cache_dir, key, profile_key())
     reused = _reuse(read_choice(path, photos),
-                    lambda engine: backend_for_loaded(loaded, engine, cache_dir, threads, key=key, photos=photos))
+                    lambda engine: backend_for_loaded(loaded, engine, cache_dir, threads, key=key, photos=photos,
+                                                      quiet=True))
     if reused is not None:
         return reused
     probe_photos = list(photos or split_photos(run.path, "val", limit=PROBE_PHOTOS))
@@ -463,7 +474,7 @@ def auto_for_model(model, info: ModelInfo, cache_dir: Path | None, threads: int 
     info.key = info.key or model_key(model, info)
     path = choice_file(cache_dir, info.key, profile_key()) if cache_dir is not None else None
     reused = _reuse(read_choice(path, info.photos) if path is not None else None,
-                    lambda engine: build_backend(model, engine, info, cache_dir, threads))
+                    lambda engine: build_backend(model, engine, info, cache_dir, threads, quiet=True))
     if reused is not None:
         return reused
     return _choose(model, info, cache_dir, threads, list(info.photos), path)

@@ -173,6 +173,8 @@ class Backend:
     description = ""
     exported = False  # True when building this backend wrote a new export (not a cache hit)
     auto_choice: dict | None = None  # when "auto" chose this engine: what was measured (infer/auto.py)
+    quantised_ops: int | None = None  # a quantised engine's operators that compute in int8 (None: not quantised)
+    not_quantised: str | None = None  # set when an int8 engine quantised nothing of this model: why
 
     def __init__(self, info: ModelInfo, path: str | Path | None):
         from .preprocess_np import NumpyEvalTransform
@@ -277,14 +279,28 @@ def runtime_of(engine: str) -> Runtime:
 
 # --- building backends ---------------------------------------------------------------------------
 
+def say_not_quantised(backend: Backend, quiet: bool = False) -> Backend:
+    """On stderr, when an engine named by the user (--engine int8) quantised nothing of this model
+    and so runs the fp32 graph under an int8 label; `backend` returned as it is. "auto" never
+    chooses such a backend (it skips it with this reason); quiet: the caller reports it itself."""
+    if backend.not_quantised and not quiet:
+        import sys
+
+        print(f"warning: --engine {backend.kind} on {backend.name}: {backend.not_quantised}; it runs, but no faster "
+              "than --engine onnxruntime; for int8 convolutions try --engine int8-static (calibrated on real photos)",
+              file=sys.stderr, flush=True)
+    return backend
+
+
 def build_backend(model, engine: str = DEFAULT_ENGINE, info: ModelInfo | None = None,
-                  cache_dir: str | Path | None = None, threads: int | None = None) -> Backend:
+                  cache_dir: str | Path | None = None, threads: int | None = None, quiet: bool = False) -> Backend:
     """The backend of `engine` for a torch `model` (put in eval mode; its weights are not changed).
 
     info:      what the model is (default: `info_for_model(model)`); a run's checkpoint gives its own
     cache_dir: where exports are kept, named by `info.key` (None: a temporary folder, exported each time)
     threads:   intra-op threads (default: the physical cores)
     "auto" probes the engines when `info.photos` are given (choice cached in `cache_dir`), else onnxruntime.
+    quiet:     no warning on stderr when a named int8 engine quantised nothing (`say_not_quantised`)
     """
     if engine == AUTO:
         from .auto import auto_for_model
@@ -292,13 +308,14 @@ def build_backend(model, engine: str = DEFAULT_ENGINE, info: ModelInfo | None = 
         return auto_for_model(model, info or info_for_model(model), Path(cache_dir) if cache_dir is not None else None,
                               threads)
     kind = check_engine(engine)
-    return _runtimes()[kind].from_model(model.eval(), kind, info or info_for_model(model),
-                                        Path(cache_dir) if cache_dir is not None else None, threads)
+    return say_not_quantised(_runtimes()[kind].from_model(model.eval(), kind, info or info_for_model(model),
+                                                          Path(cache_dir) if cache_dir is not None else None, threads),
+                             quiet)
 
 
 def backend_for_loaded(loaded, engine: str = DEFAULT_ENGINE, cache_dir: str | Path | None = None,
                        threads: int | None = None, key: str | None = None,
-                       photos: list[Path] | None = None) -> Backend:
+                       photos: list[Path] | None = None, quiet: bool = False) -> Backend:
     """The backend of `engine` for a run's model read by `load_run`; exports are cached in `cache_dir`
     (default: the run's export folder) under the checkpoint's key (hashed here unless given).
     photos: real photos for "auto"'s probe and int8 calibration (default: the run's validation split)."""
@@ -315,7 +332,7 @@ def backend_for_loaded(loaded, engine: str = DEFAULT_ENGINE, cache_dir: str | Pa
     if runtime.from_cache is not None:
         info.key = key or checkpoint_key(loaded.path, _key_record(loaded.metadata, loaded.classes))
     cache_dir = Path(cache_dir) if cache_dir is not None else RunDir.locate(loaded.path).export_dir
-    return runtime.from_model(loaded.model, kind, info, cache_dir, threads)
+    return say_not_quantised(runtime.from_model(loaded.model, kind, info, cache_dir, threads), quiet)
 
 
 def open_run(path: str | Path, engine: str = DEFAULT_ENGINE, cache_dir: str | Path | None = None,
@@ -346,8 +363,9 @@ def run_key(run, checkpoint: Path) -> str:
 
 
 def open_engine(run, checkpoint: Path, engine: str, cache_dir: Path, threads: int | None = None,
-                key: str | None = None, photos: list[Path] | None = None) -> Backend:
-    """`open_run` for one named engine (not "auto"): a cached export as it is, else load and build."""
+                key: str | None = None, photos: list[Path] | None = None, quiet: bool = False) -> Backend:
+    """`open_run` for one named engine (not "auto"): a cached export as it is, else load and build.
+    quiet: see `say_not_quantised`."""
     kind = check_engine(engine)
     runtime = _runtimes()[kind]
     if runtime.from_cache is not None:
@@ -355,10 +373,10 @@ def open_engine(run, checkpoint: Path, engine: str, cache_dir: Path, threads: in
     if runtime.from_cache is not None and photos is None:  # given photos may name another int8 calibration
         cached = runtime.from_cache(kind, cache_dir, key, checkpoint, threads)
         if cached is not None:
-            return cached
+            return say_not_quantised(cached, quiet)
     from ..models.factory import load_run
 
-    return backend_for_loaded(load_run(checkpoint), kind, cache_dir, threads, key=key, photos=photos)
+    return backend_for_loaded(load_run(checkpoint), kind, cache_dir, threads, key=key, photos=photos, quiet=quiet)
 
 
 def _key_record(sidecar: dict, classes: ClassInfo) -> dict:

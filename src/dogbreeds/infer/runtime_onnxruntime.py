@@ -7,7 +7,11 @@ the model (export.write_onnx: ConvNeXt MLPs as 1x1 convolutions, see runtime_tor
 in a session with tuned options (`session`, the one place sessions are made).
 
 "int8" is onnxruntime dynamic int8 quantisation of the matrix products of the Linear-MLP export,
-classifier kept fp32 (`quantize_int8`): a separate, labelled path; it changes the numbers.
+classifier kept fp32 (`quantize_int8`): a separate, labelled path; it changes the numbers. On a
+model with no other matrix product (MobileNetV2: convolutions and the classifier) it quantises
+nothing: the export records how many operators compute in int8 (`integer_op_count`, metadata
+QUANTISED_OPS_KEY), and such a backend says so (`OrtBackend.not_quantised`): "auto" skips it,
+`--engine int8` warns, `dogbreeds bench` labels it fp32.
 "int8-static" is static QDQ quantisation (`quantize_static_int8`) of the fp32 export, convolutions
 and matrix products, activation ranges calibrated on real photos (the run's validation split,
 or the photos given: ModelInfo.photos); its file name carries a hash of the calibration photos.
@@ -33,6 +37,12 @@ FP32, INT8, INT8_STATIC = "onnxruntime", "int8", "int8-static"
 INT8_SCHEME = "fp32head"  # in the int8 file name: change it when quantize_int8 changes, so old int8 exports miss
 STATIC_SCHEME = "qdq1"     # the same for quantize_static_int8
 CALIBRATION_PHOTOS = 32    # photos the static int8 ranges are calibrated on
+QUANTISED_OPS_KEY = "dogbreeds.quantised_ops"  # metadata of a quantised export: how many operators compute in int8
+# operators that compute on integers: what quantize_dynamic writes (MatMulInteger, ConvInteger) and
+# the fused / QOperator forms onnxruntime and its quantiser use
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                         "QLinearMatMul", "QLinearConv", "QGemm", "QAttention", "DynamicQuantizeLSTM"})
+QDQ_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def session(path: str | Path, threads: int | None = None, tuned: bool = True):
@@ -64,6 +74,35 @@ def session(path: str | Path, threads: int | None = None, tuned: bool = True):
                            f"it with `dogbreeds export`; or {USE_TORCH}") from exc
 
 
+def integer_op_count(model) -> int:
+    """How many operators of an ONNX graph (an onnx ModelProto, or the path of a file) compute in
+    int8: integer kernels (INTEGER_OPS: what dynamic quantisation writes) plus, in a QDQ graph
+    (static quantisation), each Conv/MatMul/Gemm whose input and weight both come out of a
+    DequantizeLinear (onnxruntime fuses those into integer kernels). 0: nothing was quantised,
+    the graph computes in fp32 whatever its file is called."""
+    if not hasattr(model, "graph"):
+        import onnx
+
+        model = onnx.load(str(model), load_external_data=False)
+    nodes = list(model.graph.node)
+    dequantised = {out for node in nodes if node.op_type == "DequantizeLinear" for out in node.output}
+    count = 0
+    for node in nodes:
+        if node.op_type in INTEGER_OPS:
+            count += 1
+        elif node.op_type in QDQ_COMPUTE_OPS and len(node.input) >= 2 and all(i in dequantised for i in node.input[:2]):
+            count += 1
+    return count
+
+
+def not_quantised_reason(kind: str, name: str) -> str:
+    """What an int8 engine whose graph has no integer operator is (see `integer_op_count`)."""
+    if kind == INT8:
+        return (f"int8 dynamic quantised no operator of this model ({name} has no matrix product but its classifier, "
+                "kept fp32, and convolutions are not quantised): it is the fp32 graph")
+    return f"{kind} quantised no operator of this model ({name}): it is the fp32 graph"
+
+
 class OrtBackend(Backend):
     """A dogbreeds ONNX file (onnx_format.py) in an onnxruntime session; numpy in, numpy out."""
 
@@ -81,7 +120,21 @@ class OrtBackend(Backend):
         self._input = self.session.get_inputs()[0].name
         options = f"tuned, {self.threads} threads" if tuned else "default options"
         legacy = "" if self.contents.has_features else ", format 1: no features"
-        self.description = f"onnxruntime {ort.__version__} {kind} ({options}{legacy}): {self.path.name}"
+        self.quantised_ops = self._quantised_ops(path) if kind in (INT8, INT8_STATIC) else None
+        honest = " (nothing quantised: the fp32 graph)" if self.quantised_ops == 0 else ""
+        self.description = f"onnxruntime {ort.__version__} {kind}{honest} ({options}{legacy}): {self.path.name}"
+
+    def _quantised_ops(self, path) -> int:
+        """The count written at quantisation (QUANTISED_OPS_KEY), else counted in the graph (older exports)."""
+        stored = self.session.get_modelmeta().custom_metadata_map.get(QUANTISED_OPS_KEY)
+        if stored is not None and stored.isdigit():
+            return int(stored)
+        return integer_op_count(path)
+
+    @property
+    def not_quantised(self) -> str | None:
+        """Why this int8 backend is not one (no operator computes in int8), or None."""
+        return not_quantised_reason(self.kind, self.name) if self.quantised_ops == 0 else None
 
     def _run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(outputs, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
@@ -246,7 +299,9 @@ def _quantize_into(fp32_path: Path, int8_path: Path, quantize) -> None:
             root.setLevel(level)
         quantized, source = onnx.load(str(partial)), onnx.load(str(fp32_path), load_external_data=False)
         del quantized.metadata_props[:]
-        quantized.metadata_props.extend(source.metadata_props)
+        quantized.metadata_props.extend(p for p in source.metadata_props if p.key != QUANTISED_OPS_KEY)
+        count = quantized.metadata_props.add()
+        count.key, count.value = QUANTISED_OPS_KEY, str(integer_op_count(quantized))
         onnx.save(quantized, str(partial))
         os.replace(partial, int8_path)
     finally:
