@@ -158,6 +158,7 @@ class Session:
             raise DataError(f"{recipe.data} with --breeds {recipe.breeds!r} gives {len(self.classes)} breed(s); "
                             "a classifier needs at least two")
         self.outliers, self.outlier_summary = [], None
+        self.outlier_loader, self.outlier_cache = None, None
         if recipe.outlier_exposure:  # before the run files: split.json records them
             from .outliers import outlier_records
 
@@ -261,7 +262,6 @@ class Session:
 
             self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         self._set_steps(len(self.sampler) // self.micro_batch, f"{len(self.sampler)} training images per process")
-        self.outlier_loader, self.outlier_cache = None, None
         if self.outliers:
             self._setup_outliers(cache, saved, pin)
 
@@ -490,7 +490,7 @@ class Session:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "rng": rng, "best": self.best, "history": self.history,
             "image_cache": self.image_cache,  # the prepared cache the images came from (None: the files)
-            "outlier_image_cache": getattr(self, "outlier_cache", None),  # the same for the outliers' root photos
+            "outlier_image_cache": self.outlier_cache,  # the same for the outliers' root photos
         }
         save_resume_state(self.run.resume_file, state)
 
