@@ -47,8 +47,6 @@ def split_photos(run: Path, part: str = "test", multi_dog: bool = False) -> list
 
 
 def measure(detector, predictor, photos: list[Path], repeats: int) -> dict:
-    from dogbreeds.detect.infer import crop_box
-
     rows = []
     for photo in photos:
         best = None
@@ -59,7 +57,7 @@ def measure(detector, predictor, photos: list[Path], repeats: int) -> dict:
             dogs = detector.detect(rgb)
             detected = time.perf_counter()
             if dogs:
-                predictor.predict([crop_box(rgb, d.box) for d in dogs])
+                predictor.predict([detector.crop(rgb, d.box) for d in dogs])  # the run's crop, as detect_breeds
             done = time.perf_counter()
             timing = {"total": done - start, "decode": decoded - start, "detect": detected - decoded,
                       "breeds": done - detected, "dogs": len(dogs), "size": list(rgb.shape[:2])}

@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     train.add_argument("--max-size", type=_positive_int, default=None, help="longest side of the network input (px)")
     train.add_argument("--frozen-levels", type=int, default=None,
                        help="backbone feature levels (from the stem) that stay frozen")
+    train.add_argument("--multi-dog-repeat", type=_positive_int, default=None,
+                       help="each photo with two or more dogs is seen this many times per epoch (--quick: 3)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the training process)")
     train.set_defaults(func=run_train)
@@ -68,6 +70,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--choose-count", action="store_true",
                           help="with --split val: choose the count threshold and duplicate rule on these photos and "
                                "save them in the run's checkpoint (for a run trained before the rule existed)")
+    evaluate.add_argument("--choose-margin", action="store_true",
+                          help="with --split val and --breeds-run: choose the crop of each box for the breed run (its "
+                               "margin, and the box's shape or a square around it; best breed accuracy) and save it "
+                               "in the run's checkpoint")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:
@@ -84,7 +90,7 @@ def config_from_args(args):
 
     given = {"data": args.data, "backbone": args.backbone, "weights": args.weights, "out": args.out,
              "breeds": args.breeds, "seed": args.seed}
-    for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "frozen_levels", "workers"):
+    for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "frozen_levels", "workers", "multi_dog_repeat"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -109,9 +115,9 @@ def run_evaluate(args) -> int:
 
     result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
                                score_threshold=args.score_threshold, engine=args.engine,
-                               choose_count=args.choose_count)
+                               choose_count=args.choose_count, choose_margin=args.choose_margin)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
-            "count_nms_iou", "count_containment",
+            "count_nms_iou", "count_containment", "box_nms_thresh", "crop_margin", "crop_square",
             "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
     print(json.dumps({k: result.get(k) for k in keys}, indent=1))
     print(f"wrote {result['figure']} and the full result to RUN/eval/{args.split}.json", file=sys.stderr)

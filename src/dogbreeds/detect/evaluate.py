@@ -29,6 +29,9 @@ from ..errors import DogbreedsError
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.30, 0.96, 0.05))
 NMS_IOU_GRID = (0.3, 0.35, 0.4, 0.45, 1.0)             # 1.0: off (the model's own NMS at box_nms_thresh only)
 CONTAINMENT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)       # 1.0: off
+BOX_NMS_GRID = (0.5, 0.6, 0.7)                          # the model's own NMS IoU (box_nms_thresh), --choose-count
+MARGIN_GRID = (0.0, 0.1, 0.2, 0.3, 0.5)                 # crop margin before the breed run, --choose-margin ...
+SQUARE_GRID = (False, True)                             # ... and the crop's shape (the box's, or a square around it)
 MATCH_IOU = 0.5
 
 
@@ -164,32 +167,24 @@ def predict_records(model, records, batch_size: int = 8) -> list[dict]:
     return out
 
 
-def _crop(image: np.ndarray, box) -> np.ndarray:
-    try:  # the crop the predict path uses (detect/infer.py), so that evaluation measures what users get
-        from .infer import DEFAULT_MARGIN, crop_box
-
-        return crop_box(image, box, DEFAULT_MARGIN)
-    except ImportError:
-        height, width = image.shape[:2]
-        x0, y0, x1, y1 = box
-        x0, y0 = int(max(0, np.floor(x0))), int(max(0, np.floor(y0)))
-        x1, y1 = int(min(width, max(x0 + 1, np.ceil(x1)))), int(min(height, max(y0 + 1, np.ceil(y1))))
-        return np.ascontiguousarray(image[y0:y1, x0:x1])
-
-
 def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False,
-                 rule: tuple[float, float] = (1.0, 1.0)) -> tuple[dict, list]:
-    """End-to-end breed accuracy, and the breed run's own top-1 on the whole single-dog photos."""
+                 rule: tuple[float, float] = (1.0, 1.0), margin: float | None = None,
+                 whole: bool = True, square: bool = False) -> tuple[dict, list]:
+    """End-to-end breed accuracy, and (whole) the breed run's own top-1 on the whole single-dog
+    photos. Each counted box is cropped as the predict path crops it (`infer.crop_dog`, `margin`
+    (None: DEFAULT_MARGIN), `square`), so that evaluation measures what users get."""
     from tqdm import tqdm
 
     from ..data.decode import decode_image
+    from .infer import DEFAULT_MARGIN, crop_dog
 
+    margin = DEFAULT_MARGIN if margin is None else float(margin)
     known = set(predictor.classes.breed_ids)
     hits_all, hits_single, whole_single, labels = [], [], [], []
     for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
         image = decode_image(record.path)
         boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[_count_keep(pred, threshold, *rule)]
-        crops = [_crop(image, b) for b in boxes]
+        crops = [crop_dog(image, b, margin, square) for b in boxes]
         names = [p.top[0].breed_id if p.ok and p.top else None for p in predictor.predict(crops, top_k=1)] if crops else []
         labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
         if record.breed_id not in known:
@@ -198,8 +193,9 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
         hits_all.extend(hits)
         if record.count == 1:
             hits_single.extend(hits)
-            whole = predictor.predict([image], top_k=1)[0]
-            whole_single.append(bool(whole.ok and whole.top and whole.top[0].breed_id == record.breed_id))
+            if whole:
+                photo = predictor.predict([image], top_k=1)[0]
+                whole_single.append(bool(photo.ok and photo.top and photo.top[0].breed_id == record.breed_id))
     scores = {
         "breed_accuracy": float(np.mean(hits_all)) if hits_all else None,
         "breed_accuracy_single": float(np.mean(hits_single)) if hits_single else None,
@@ -291,10 +287,12 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
 
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
-                      figure_photos: int = 8, choose_count: bool = False) -> dict:
-    """Evaluate a detector run on a split. choose_count (validation only): choose the score
-    threshold and the count rule on these photos (`best_counting`) and save them in the run's
-    checkpoints, so that predict, the service and later evaluations count with them."""
+                      figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False) -> dict:
+    """Evaluate a detector run on a split. choose_count (validation only): choose the model's NMS
+    IoU (`BOX_NMS_GRID`), the score threshold and the count rule on these photos (`choose_counting`);
+    choose_margin (validation only, with a breed run): the crop margin with the best end-to-end
+    breed accuracy (`MARGIN_GRID`). Both are saved in the config of the run's checkpoint, so that
+    predict, the service and later evaluations use them."""
     import time
 
     from ..rundir import RunDir
@@ -305,6 +303,11 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
                              f"use --split val (not {split}), then evaluate --split test")
     if choose_count and score_threshold is not None:
         raise DogbreedsError("--choose-count chooses the score threshold itself: leave out --score-threshold")
+    if choose_margin and split != "val":
+        raise DogbreedsError(f"--choose-margin chooses the crop margin on the validation photos: use --split val "
+                             f"(not {split}), then evaluate --split test")
+    if choose_margin and breeds_run is None:
+        raise DogbreedsError("--choose-margin measures breed accuracy: give the breed run with --breeds-run")
     progress = sys.stderr.isatty() if progress is None else progress
     run = RunDir.locate(run_path)
     model, cfg = load_detector(run_path)
@@ -323,13 +326,16 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     predictions = predict_records(model, records)
     seconds = time.perf_counter() - started
     if choose_count:
-        chosen, nms_iou, containment = best_counting(predictions, [r.boxes for r in records])
-        cfg = save_count_rule(run, chosen, nms_iou, containment)
+        box_nms, predictions, (chosen, nms_iou, containment), seconds = choose_counting(model, records, predictions,
+                                                                                       cfg.box_nms_thresh, seconds)
+        cfg = save_settings(run, box_nms_thresh=box_nms, score_threshold=chosen, count_nms_iou=nms_iou,
+                            count_containment=containment)
         checkpoint = run.checkpoint()
     threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     rule = (cfg.count_nms_iou, cfg.count_containment)
     result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
-              "min_size": cfg.min_size, "max_size": cfg.max_size, "records_from": origin,
+              "min_size": cfg.min_size, "max_size": cfg.max_size, "box_nms_thresh": cfg.box_nms_thresh,
+              "records_from": origin,
               "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
               **score_detections(predictions, [r.boxes for r in records], threshold, rule),
               "detect_seconds_per_photo": seconds / len(records),
@@ -340,7 +346,13 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
         from ..infer.predictor import Predictor
 
         predictor = Predictor.from_run(breeds_run, engine=engine)
-        breed, labels = breed_scores(predictor, records, predictions, threshold, progress, rule)
+        if choose_margin:
+            margin, square = choose_crop(predictor, records, predictions, threshold, rule, progress)
+            cfg = save_settings(run, crop_margin=margin, crop_square=square)
+            checkpoint = run.checkpoint()
+        breed, labels = breed_scores(predictor, records, predictions, threshold, progress, rule, cfg.crop_margin,
+                                     square=cfg.crop_square)
+        result.update(crop_margin=cfg.crop_margin, crop_square=cfg.crop_square)
         result.update(breed, breeds_run=str(breeds_run))
     else:
         result["breed_accuracy"] = None
@@ -352,19 +364,63 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     return result
 
 
+def choose_counting(model, records, predictions: list[dict], box_nms: float, seconds: float):
+    """(box_nms_thresh, its predictions, (score threshold, count_nms_iou, count_containment), seconds
+    per pass) with the best exact count on these photos over BOX_NMS_GRID (the model's own NMS, which
+    can suppress a dog's box under its neighbour's), ties: the multi-dog count, then mAP, then the
+    current setting, then the lower IoU. `predictions` are the model's at `box_nms`; the others are made here."""
+    import time
+
+    gts = [r.boxes for r in records]
+    options = []
+    for nms in sorted(set(BOX_NMS_GRID) | {float(box_nms)}):
+        if nms == float(box_nms):
+            preds = predictions
+        else:
+            model.roi_heads.nms_thresh = nms
+            started = time.perf_counter()
+            preds = predict_records(model, records)
+            seconds = min(seconds, time.perf_counter() - started)
+        rule = best_counting(preds, gts)
+        scores = score_detections(preds, gts, rule[0], rule[1:])
+        options.append(((scores["exact_count"], scores["exact_count_multi"] or 0.0, scores["map"], nms == box_nms,
+                         -nms), nms, preds, rule))
+    _, nms, preds, rule = max(options, key=lambda o: o[0])
+    model.roi_heads.nms_thresh = nms
+    return float(nms), preds, rule, seconds
+
+
+def choose_crop(predictor, records, predictions: list[dict], threshold: float, rule: tuple[float, float],
+                progress: bool = False, grid=MARGIN_GRID, shapes=SQUARE_GRID) -> tuple[float, bool]:
+    """(crop margin, square) with the best end-to-end breed accuracy on these photos (ties: the box's
+    own shape, then the margin nearest 0.1: the crop used before it was chosen)."""
+    accuracy = {(m, q): breed_scores(predictor, records, predictions, threshold, progress, rule, m, whole=False,
+                                     square=q)[0]["breed_accuracy"] or 0.0 for m in grid for q in shapes}
+    margin, square = max(accuracy, key=lambda k: (accuracy[k], not k[1], -abs(k[0] - 0.1)))
+    return float(margin), bool(square)
+
+
 def save_count_rule(run, threshold: float, nms_iou: float, containment: float):
-    """Write (score threshold, count rule) into the config of the checkpoint that evaluation and
-    predict load (its weights unchanged; the other checkpoint is another epoch's, left as it is)
-    and return that config."""
+    """Write (score threshold, count rule) into the config of the run's checkpoint (`save_settings`)."""
+    return save_settings(run, score_threshold=float(threshold), count_nms_iou=float(nms_iou),
+                         count_containment=float(containment))
+
+
+def save_settings(run, **settings):
+    """Write settings chosen on the validation photos (count rule, model NMS, crop margin) into the
+    config of the checkpoint that evaluation and predict load (its weights unchanged; the other
+    checkpoint is another epoch's, left as it is) and return that config."""
     from safetensors.torch import load_file
 
     from .model import DetectorConfig, read_detector_meta, save_detector
 
     path = run.checkpoint()
     meta = read_detector_meta(path)
-    cfg = DetectorConfig.from_dict({**meta["config"], "score_threshold": float(threshold),
-                                    "count_nms_iou": float(nms_iou), "count_containment": float(containment)})
-    extra = {**meta.get("extra", {}), "count_rule_chosen_on": "val"}
+    cfg = DetectorConfig.from_dict({**meta["config"], **settings})
+    chosen = sorted(set(meta.get("extra", {}).get("chosen_on_val", [])) | set(settings))
+    extra = {**meta.get("extra", {}), "chosen_on_val": chosen}
+    if "score_threshold" in settings:
+        extra["count_rule_chosen_on"] = "val"
 
     class _Tensors:  # save_detector takes a module; the tensors are written back unchanged
         def __init__(self, tensors):

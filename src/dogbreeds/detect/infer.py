@@ -17,8 +17,9 @@ pixel coordinates. So the input prepared here is only the photo as float32 CHW i
 same on both runtimes, and the exported graph holds the rest (resize, normalisation, box
 decoding, NMS).
 
-A breed per dog: each box is cropped with a margin (`DEFAULT_MARGIN` of its size on every
-side, clipped to the photo: some context, as in the photos the breed runs were trained on)
+A breed per dog: each box is cropped with a margin (the run's `crop_margin` of its size on every
+side, `DEFAULT_MARGIN` for a run without one; clipped to the photo: some context, as in the photos
+the breed runs were trained on)
 and the crops go through the breed `Predictor` as one batch: top-k breeds and, for a
 calibrated run, the verdict, OOD score and breed set of each dog. A photo where nothing
 scores at least the score threshold gives "dogs": [].
@@ -55,6 +56,7 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 # what a run trained before the rule existed gets until `detect evaluate --split val --choose-count`.
 COUNT_RULE_OFF = 1.0
 DEFAULT_MARGIN = 0.1
+MAX_MARGIN = 2.0  # a larger margin is the whole photo anyway
 NOT_A_DOG = "not_a_dog"  # the trust layer's verdict (trust/): such boxes go to "not_dogs"
 ENGINES = ("auto", "onnxruntime", "torch")
 
@@ -105,6 +107,13 @@ def config_count_rule(config: dict) -> tuple[float, float]:
         value = config.get(key)
         rule.append(float(value) if isinstance(value, (int, float)) and 0 < value <= 1 else COUNT_RULE_OFF)
     return rule[0], rule[1]
+
+
+def config_crop_margin(config: dict) -> float:
+    """The margin each box is grown by before the breed run (`crop_margin`, chosen with `crop_square`
+    on the validation photos by `detect evaluate --choose-margin`); DEFAULT_MARGIN for a run that has none."""
+    value = config.get("crop_margin")
+    return float(value) if isinstance(value, (int, float)) and 0 <= value <= MAX_MARGIN else DEFAULT_MARGIN
 
 
 def count_keep(boxes: np.ndarray, scores: np.ndarray, threshold: float, nms_iou: float = 1.0,
@@ -159,6 +168,8 @@ class Detector:
         self.score_threshold = check_score_threshold(
             _config_threshold(self.config) if score_threshold is None else score_threshold)
         self.count_nms_iou, self.count_containment = config_count_rule(self.config)
+        self.crop_margin = config_crop_margin(self.config)
+        self.crop_square = self.config.get("crop_square") is True
         self.kind, self.description = kind, description
         self.path = Path(path) if path is not None else None
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -309,6 +320,11 @@ class Detector:
                    min(max(y1, 0.0), height))
             found.append(Detection(box, float(scores[i])))
         return found
+
+    def crop(self, image: np.ndarray, box: Iterable[float], margin: float | None = None) -> np.ndarray:
+        """The crop of one detected dog for the breed run, as this detector's run chose it on the
+        validation photos (`crop_margin`, `crop_square`; margin overrides the first)."""
+        return crop_dog(image, box, self.crop_margin if margin is None else float(margin), self.crop_square)
 
     def __repr__(self) -> str:
         return f"Detector({self.kind}: {self.description})"
@@ -471,6 +487,26 @@ def crop_box(image: np.ndarray, box: Iterable[float], margin: float = DEFAULT_MA
     return np.ascontiguousarray(image[top:bottom, left:right])
 
 
+def crop_dog(image: np.ndarray, box: Iterable[float], margin: float = DEFAULT_MARGIN, square: bool = False) -> np.ndarray:
+    """The crop of one dog for the breed run: `crop_box`, or with square=True a square of side
+    max(width, height) * (1 + 2 * margin) around the box's centre, moved inside the photo where it
+    fits (else clipped to it). The breed runs resize the short side and cut the centre square
+    (Preprocessing.crop_pct), so a long rectangular crop would lose the ends of the dog."""
+    if not square:
+        return crop_box(image, box, margin)
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0, 0.0) * (1 + 2 * margin)
+    edges = []
+    for centre, limit in (((x0 + x1) / 2, width), ((y0 + y1) / 2, height)):
+        low = centre - side / 2
+        if side <= limit:
+            low = min(max(low, 0.0), limit - side)
+        edges.append((low, low + side))
+    (left, right), (top, bottom) = edges
+    return crop_box(image, (left, top, right, bottom), 0.0)
+
+
 def dog_entry(detection: Detection, prediction: dict) -> dict:
     """One dog of the answer: its box and score, then the breed prediction's fields (top, verdict, ...)."""
     entry = detection.to_dict()
@@ -488,11 +524,12 @@ def split_dogs(entries: list[dict], drop_not_a_dog: bool = True) -> dict:
     return {"dogs": dogs, "not_dogs": not_dogs} if not_dogs else {"dogs": dogs}
 
 
-def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, margin: float = DEFAULT_MARGIN,
+def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, margin: float | None = None,
                   score_threshold: float | None = None, name: str | None = None, drop_not_a_dog: bool = True) -> dict:
     """{"image": name, "dogs": [{"box", "score", "top", "low_confidence", "verdict", "ood_score",
     "breed_set"[, "note"]}, ...]} for one photo (a path, bytes, PIL image or HxWx3 uint8 array),
-    dogs best first; {"image": name, "error": ...} when the photo cannot be read.
+    dogs best first; {"image": name, "error": ...} when the photo cannot be read. margin None: the
+    detector's own (`crop_margin` of its config, chosen on the validation photos).
 
     drop_not_a_dog (default): a box whose crop the calibrated breed run calls "not_a_dog" is
     moved from "dogs" to "not_dogs" (kept, never hidden): the detector learnt from dog photos
@@ -506,7 +543,7 @@ def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, mar
     except DogbreedsError as exc:
         return {"image": name, "error": str(exc)}
     detections = detector.detect(rgb, score_threshold)
-    crops = [crop_box(rgb, d.box, margin) for d in detections]
+    crops = [detector.crop(rgb, d.box, margin) for d in detections]
     predictions = predictor.predict(crops, top_k=top_k) if crops else []
     entries = [dog_entry(d, p.to_dict()) for d, p in zip(detections, predictions)]
     return {"image": name, **split_dogs(entries, drop_not_a_dog)}

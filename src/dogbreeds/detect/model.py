@@ -73,6 +73,8 @@ class DetectorConfig:
     score_threshold: float = 0.5        # a detection counts as a dog (counting, predict) from this score
     count_nms_iou: float = 1.0          # ... unless it overlaps a better one by IoU > this (1.0: off) ...
     count_containment: float = 1.0      # ... or covers / is covered by one by more than this of the smaller (infer.count_keep)
+    crop_margin: float = 0.1            # each box grown by this of its size on every side before the breed run ...
+    crop_square: bool = False           # ... as a square around it (infer.crop_dog); both chosen on val (--choose-margin)
 
     # --- the training recipe ---
     data: str | None = None
@@ -88,6 +90,7 @@ class DetectorConfig:
     warmup_epochs: float = 0.5
     grad_clip: float = 10.0
     hflip: float = 0.5
+    multi_dog_repeat: int = 1           # a photo with 2+ dogs appears this many times per epoch (repeat-factor sampling)
     workers: int = 2
     quick: bool = False
     out: str | None = None

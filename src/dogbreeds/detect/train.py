@@ -28,7 +28,10 @@ from ..rundir import RunDir
 from .model import DetectorConfig, detector_from_config, save_detector
 
 # Fields that may differ between a saved run and the command that resumes it.
-RESUME_FREE = ("out", "workers", "extra", "score_threshold", "count_nms_iou", "count_containment")
+RESUME_FREE = ("out", "workers", "extra", "score_threshold", "count_nms_iou", "count_containment", "crop_margin",
+               "crop_square")
+# Training fields added after runs were made, with the value those runs trained with.
+ADDED_LATER = {"multi_dog_repeat": 1}
 LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal (no progress bar)
 
 
@@ -64,13 +67,25 @@ def _config_mismatches(saved: dict, cfg: DetectorConfig) -> list[str]:
             continue
         if key == "out_indices" and value is None:  # None: the backbone's last three, resolved when built
             continue
-        if key in saved and saved[key] != value:
-            out.append(f"{key}: saved {saved[key]!r}, now {value!r}")
+        was = saved.get(key, ADDED_LATER.get(key))  # a run from before a field existed had its default
+        if (key in saved or key in ADDED_LATER) and was != value:
+            out.append(f"{key}: saved {was!r}, now {value!r}")
     return out
 
 
+def epoch_pool(cfg: DetectorConfig, counts) -> list[int]:
+    """The photos one epoch draws from, by index: every photo once, and a photo with two or more
+    dogs `multi_dog_repeat` times (repeat-factor sampling: the mini data's train split has 171
+    multi-dog photos of 1750, and its detectors under-count them). The same for every epoch."""
+    repeat = int(cfg.multi_dog_repeat)
+    if repeat < 1:
+        raise DogbreedsError(f"multi_dog_repeat must be at least 1 (1: no repeats), got {cfg.multi_dog_repeat!r}")
+    return [i for i, count in enumerate(counts) for _ in range(repeat if count >= 2 else 1)]
+
+
 def epoch_plan(cfg: DetectorConfig, n: int, epoch: int) -> tuple[list[list[int]], np.ndarray]:
-    """The batches (lists of photo indices) and flips of an epoch: a function of (seed, epoch) only."""
+    """The batches (lists of positions in the epoch's pool of n photos, `epoch_pool`) and one flip
+    per position: a function of (seed, epoch) only."""
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(n, generator=gen).tolist()
     flips = (torch.rand(n, generator=gen) < cfg.hflip).numpy()
@@ -137,7 +152,8 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
-    steps_per_epoch = len(train_records) // cfg.batch_size
+    pool = [train_records[i] for i in epoch_pool(cfg, [r.count for r in train_records])]
+    steps_per_epoch = len(pool) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
@@ -155,7 +171,9 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
     write_metrics(run.metrics_file, history)
     print(f"{'resuming' if saved else 'training'} detector {cfg.backbone} ({cfg.min_size}-{cfg.max_size} px) on "
           f"{len(train_records)} train / {len(val_records)} val photos "
-          f"({sum(r.count for r in train_records)} dogs), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+          f"({sum(r.count for r in train_records)} dogs)"
+          + (f", multi-dog photos x{cfg.multi_dog_repeat} ({len(pool)} per epoch)" if len(pool) != len(train_records) else "")
+          + f", {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
           + (f", from epoch {epoch} step {step_in_epoch}" if saved else ""), flush=True)
 
     def save_state(at_epoch: int, in_epoch: int, sums: dict | None) -> None:
@@ -172,8 +190,8 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
 
     with _stop_on_signals() as stop:
         while epoch < cfg.epochs:
-            batches, flips = epoch_plan(cfg, len(train_records), epoch)
-            dataset = DetectionDataset(train_records, flips)
+            batches, flips = epoch_plan(cfg, len(pool), epoch)
+            dataset = DetectionDataset(pool, flips)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                                                  num_workers=cfg.workers, generator=torch.Generator().manual_seed(0),
                                                  persistent_workers=False)

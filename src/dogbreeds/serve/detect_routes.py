@@ -20,7 +20,7 @@ import asyncio
 
 from fastapi import FastAPI, HTTPException, Query, Request
 
-from ..detect.infer import DEFAULT_MARGIN, Detector, crop_box, dog_entry, split_dogs
+from ..detect.infer import Detector, dog_entry, split_dogs
 from ..trust.present import verdict_text
 from .app import RETRY_AFTER_S, read_image_upload
 from .batcher import Overloaded
@@ -45,7 +45,7 @@ DETECT_RESPONSES = {
 }
 
 
-def add_detect_routes(app: FastAPI, detector: Detector, margin: float = DEFAULT_MARGIN) -> None:
+def add_detect_routes(app: FastAPI, detector: Detector, margin: float | None = None) -> None:
     """Add GET /v1/detector and POST /v1/detect to an app made by `serve.app.create_app`."""
     predictor, settings = app.state.predictor, app.state.settings
     admission, batcher = app.state.admission, app.state.batcher
@@ -68,7 +68,7 @@ def add_detect_routes(app: FastAPI, detector: Detector, margin: float = DEFAULT_
                 rgb = await asyncio.to_thread(predictor.decode, data, name)
             detector.check_size(rgb, name)  # too thin to resize: 422, like an unreadable image
             detections = await asyncio.to_thread(detector.detect, rgb, threshold)
-            inputs = await asyncio.to_thread(lambda: [predictor.preprocess(crop_box(rgb, d.box, margin))
+            inputs = await asyncio.to_thread(lambda: [predictor.preprocess(detector.crop(rgb, d.box, margin))
                                                       for d in detections])
             try:
                 answers = await asyncio.gather(*(batcher.submit(x) for x in inputs))

@@ -1,0 +1,168 @@
+"""Repeat-factor sampling of multi-dog photos, the crop each dog gets before the breed run, and the
+settings chosen on the validation photos (model NMS, crop) that travel in the run's checkpoint."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dogbreeds.detect import evaluate as evaluate_module
+from dogbreeds.detect.data import DetRecord
+from dogbreeds.detect.evaluate import choose_counting, choose_crop, save_settings
+from dogbreeds.detect.infer import DEFAULT_MARGIN, Detector, crop_box, crop_dog
+from dogbreeds.detect.model import DetectorConfig, load_detector, read_detector_meta
+from dogbreeds.detect.train import _config_mismatches, epoch_plan, epoch_pool, quick_config, train_detector
+from dogbreeds.errors import DogbreedsError
+from dogbreeds.rundir import RunDir
+
+from .conftest import tiny_config
+from .test_detect_evaluate import _FakePredictor
+
+
+# --- repeat-factor sampling ---
+
+def test_epoch_pool_repeats_only_the_multi_dog_photos():
+    counts = [1, 2, 1, 3, 4, 1]
+    assert epoch_pool(DetectorConfig(multi_dog_repeat=1), counts) == list(range(6))
+    pool = epoch_pool(DetectorConfig(multi_dog_repeat=3), counts)
+    assert Counter(pool) == {0: 1, 1: 3, 2: 1, 3: 3, 4: 3, 5: 1}
+    with pytest.raises(DogbreedsError, match="multi_dog_repeat"):
+        epoch_pool(DetectorConfig(multi_dog_repeat=0), counts)
+
+
+def test_epoch_plan_gives_each_repeat_its_own_flip_and_is_seeded():
+    cfg = DetectorConfig(multi_dog_repeat=3, batch_size=4, hflip=0.5)
+    batches, flips = epoch_plan(cfg, 40, 1)
+    again, flips_again = epoch_plan(cfg, 40, 1)
+    assert batches == again and np.array_equal(flips, flips_again)
+    assert len(flips) == 40 and sorted(i for b in batches for i in b) == list(range(40))
+    assert epoch_plan(cfg, 40, 2)[0] != batches
+
+
+def test_training_sees_each_multi_dog_photo_repeat_times(box_root, tmp_path, monkeypatch):
+    from dogbreeds.detect import data as data_module
+
+    seen = []
+    original = data_module.DetectionDataset.__getitem__
+
+    def spy(self, index):
+        image, target = original(self, index)
+        if self.flips is not None:  # training (evaluation passes no flips)
+            seen.append((self.records[index].path, len(target["boxes"])))
+        return image, target
+
+    monkeypatch.setattr(data_module.DetectionDataset, "__getitem__", spy)
+    cfg = tiny_config(box_root, tmp_path / "run", multi_dog_repeat=2, batch_size=1, epochs=1)
+    train_detector(cfg, progress=False)
+    visits = Counter(path for path, _ in seen)
+    multi = {path for path, dogs in seen if dogs >= 2}
+    assert multi, "the tiny set has multi-dog photos"
+    assert all(visits[p] == 2 for p in multi) and all(visits[p] == 1 for p in visits if p not in multi)
+    steps = [line for line in RunDir(tmp_path / "run").read_metrics()]
+    assert steps[0]["step"] == len(seen)  # the schedule counts the repeats
+
+
+def test_a_run_from_before_the_sampler_resumes_only_without_repeats():
+    old = {k: v for k, v in quick_config().to_dict().items() if k != "multi_dog_repeat"}
+    assert _config_mismatches(old, quick_config(multi_dog_repeat=1)) == []
+    assert any("multi_dog_repeat" in m for m in _config_mismatches(old, quick_config(multi_dog_repeat=3)))
+
+
+# --- the crop of each dog ---
+
+def test_square_crop_is_centred_moved_inside_and_clipped_when_larger_than_the_photo():
+    image = np.arange(100 * 200 * 3, dtype=np.uint8).reshape(100, 200, 3)
+    assert np.array_equal(crop_dog(image, (50, 20, 150, 70), 0.1), crop_box(image, (50, 20, 150, 70), 0.1))
+    # a 40x20 box in the middle: a 40x40 square around its centre (margin 0), 48x48 with margin 0.1
+    assert np.array_equal(crop_dog(image, (80, 40, 120, 60), 0.0, square=True), image[30:70, 80:120])
+    assert crop_dog(image, (80, 40, 120, 60), 0.1, square=True).shape == (48, 48, 3)
+    # at the left border the square is moved inside the photo, not cut
+    assert np.array_equal(crop_dog(image, (0, 40, 40, 60), 0.0, square=True), image[30:70, 0:40])
+    assert np.array_equal(crop_dog(image, (190, 0, 200, 60), 0.0, square=True), image[0:60, 140:200])
+    # wider than the photo is tall: clipped to its height, still centred across
+    assert np.array_equal(crop_dog(image, (20, 10, 180, 90), 0.0, square=True), image[0:100, 20:180])
+    assert crop_dog(image, (199.5, 99.5, 199.6, 99.6), 0.0, square=True).shape[:2] == (1, 1)  # never empty
+
+
+def test_detector_crops_as_its_config_says_and_old_runs_as_before():
+    image = np.zeros((100, 200, 3), np.uint8)
+    box = (80, 40, 120, 60)
+    old = Detector(lambda chw: None, {"backbone": "x"})  # a config from before the crop settings
+    assert old.crop_margin == DEFAULT_MARGIN and not old.crop_square
+    assert old.crop(image, box).shape == crop_box(image, box, DEFAULT_MARGIN).shape == (24, 48, 3)
+    chosen = Detector(lambda chw: None, {"backbone": "x", "crop_margin": 0.25, "crop_square": True})
+    assert chosen.crop(image, box).shape == (60, 60, 3)
+    assert chosen.crop(image, box, margin=0.0).shape == (40, 40, 3)  # an explicit margin wins
+
+
+def _records(tmp_path, breed, boxes):
+    from PIL import Image
+
+    photo = tmp_path / f"{breed}.jpg"
+    Image.new("RGB", (300, 200)).save(photo)
+    return [DetRecord(str(photo), breed, 0, "val", np.array([b], np.float32), (300, 200)) for b in boxes]
+
+
+@pytest.mark.parametrize("breed, square", [("pug", True), ("collie", False)])
+def test_choose_crop_takes_the_shape_with_the_best_breed_accuracy(tmp_path, breed, square):
+    # the fake breed run says 'pug' for a crop at least as wide as tall: a tall pug is named right only
+    # when cropped as a square, a tall collie only with the box's own shape
+    records = _records(tmp_path, breed, [[100, 20, 140, 180], [10, 10, 50, 150]])
+    predictions = [{"boxes": r.boxes, "scores": np.array([0.9])} for r in records]
+    margin, chosen_square = choose_crop(_FakePredictor(), records, predictions, 0.5, (1.0, 1.0))
+    assert chosen_square is square
+    if not square:
+        assert margin == 0.1  # every margin ties: the crop used before the choice
+
+
+class _Heads:
+    nms_thresh = 0.5
+
+
+class _Model:
+    roi_heads = _Heads()
+
+
+def test_choose_counting_takes_the_model_nms_that_keeps_both_dogs(monkeypatch):
+    # two dogs side by side overlapping at IoU ~0.54: the model's NMS at 0.5 keeps only one of them
+    gt = np.array([[0, 0, 100, 100], [35, 0, 135, 100]], np.float32)
+    records = [DetRecord("p.jpg", "pug", 0, "val", gt, (200, 200))]
+
+    def fake_predict(model, recs):
+        boxes = gt if model.roi_heads.nms_thresh > 0.55 else gt[:1]
+        return [{"boxes": boxes, "scores": np.array([0.9, 0.8][:len(boxes)], np.float32)}]
+
+    monkeypatch.setattr(evaluate_module, "predict_records", fake_predict)
+    model = _Model()
+    nms, preds, (threshold, nms_iou, containment), _ = choose_counting(model, records, fake_predict(model, records),
+                                                                      0.5, 1.0)
+    assert nms == 0.6 and model.roi_heads.nms_thresh == 0.6 and len(preds[0]["boxes"]) == 2
+    assert nms_iou > 0.54 and containment > 0.65  # the count rule keeps them too
+
+
+# --- settings chosen on val travel in the checkpoint ---
+
+def test_saved_settings_reach_the_loaded_model_and_the_detector(tiny_detector_run, tmp_path):
+    run_path = tmp_path / "run"
+    shutil.copytree(tiny_detector_run, run_path)
+    run = RunDir(run_path)
+    before = run.checkpoint().read_bytes()
+    cfg = save_settings(run, box_nms_thresh=0.6, crop_margin=0.3, crop_square=True)
+    assert (cfg.box_nms_thresh, cfg.crop_margin, cfg.crop_square) == (0.6, 0.3, True)
+    meta = read_detector_meta(run.checkpoint())
+    assert set(meta["extra"]["chosen_on_val"]) == {"box_nms_thresh", "crop_margin", "crop_square"}
+    assert "count_rule_chosen_on" not in meta["extra"] or meta["extra"].get("count_rule_chosen_on") == "val"
+    model, loaded = load_detector(run_path)
+    assert model.roi_heads.nms_thresh == 0.6 and loaded.crop_square
+    detector = Detector.from_run_torch(run_path)
+    assert (detector.crop_margin, detector.crop_square) == (0.3, True)
+    assert run.checkpoint().read_bytes() != before
+
+
+def test_a_config_from_before_the_new_fields_loads_with_the_old_behaviour():
+    old = {k: v for k, v in quick_config().to_dict().items()
+           if k not in ("multi_dog_repeat", "crop_margin", "crop_square")}
+    cfg = DetectorConfig.from_dict(old)
+    assert (cfg.multi_dog_repeat, cfg.crop_margin, cfg.crop_square) == (1, DEFAULT_MARGIN, False)
