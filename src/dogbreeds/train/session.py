@@ -285,6 +285,9 @@ class Session:
         if cache is not None and from_root and used_before in ("unknown", str(cache.directory)):
             if all(cache.is_fresh(path) for path in from_root):
                 outlier_cache = PartialCache(cache, from_root)
+                if ctx.is_main:
+                    print(f"outliers: {len(from_root)} photos of other breeds from the prepared cache {cache.directory}, "
+                          f"{len(self.outliers) - len(from_root)} given photos decoded from files", flush=True)
             elif ctx.is_main:
                 print(f"outliers: decoding the other breeds' photos from files ({cache.directory} does not hold "
                       "them all)", flush=True)
