@@ -420,3 +420,50 @@ def test_an_int8_path_that_quantised_nothing_is_labelled_and_checks_no_int8_goal
     assert "| MobileNetV2 | 32 | 100.0% | 0 | 0: nothing quantised, the fp32 graph (agreement trivially 100%) |" in md
     assert "| ConvNeXt-T | 32 | 100.0% | 0.001 | 36 |" in md
     assert f"| mobilenetv2_100 | 16 | {inference.INT8} | fp32 |" in md and f"nothing quantised: {reason}" in md
+
+
+# --- train's settings one at a time (benchmarks/bench_train_step.py --settings) -----------------------
+
+def test_interleaved_steps_reverse_the_order_and_take_per_round_ratios():
+    """A fake clock: 'slow' takes 2 s, the reference 1 s, except in round 2 where the machine got 3x
+    busier for everyone; the per-round ratio stays 0.5 whatever the load."""
+    now, order, load = [0.0], [], {0: 1, 1: 3, 2: 1}
+
+    def step(name, seconds):
+        def run():
+            order.append(name)
+            now[0] += seconds * load[len(order[:-1]) // 2]
+        return run
+
+    out = training.interleaved({"ref": step("ref", 1.0), "slow": step("slow", 2.0)}, 3, "ref", clock=lambda: now[0])
+    assert order == ["ref", "slow", "slow", "ref", "ref", "slow"]
+    assert out["ref"]["seconds"] == [1.0, 3.0, 1.0] and out["slow"]["seconds"] == [2.0, 6.0, 2.0]
+    assert out["slow"]["ratio"] == 0.5 and out["ref"]["ratio"] == 1.0 and out["slow"]["median_s"] == 2.0
+
+
+def test_setting_variants_change_one_setting_at_a_time():
+    convnext, mobilenet = training.setting_variants("convnext_tiny"), training.setting_variants("mobilenetv2_100")
+    default = training.DEFAULT_SETTING
+    for variants in (convnext, mobilenet):
+        assert variants["train default"] == default
+        for label, setting in variants.items():
+            assert sum(setting[k] != default[k] for k in default) == (0 if label == "train default" else 1), label
+    assert any(not s["fast_layout"] for s in convnext.values())  # conv_mlp off: only where train turns it on
+    assert all(s["fast_layout"] for s in mobilenet.values()) and {"foreach AdamW", "fused AdamW"} <= set(mobilenet)
+
+
+def test_another_adamw_implementation_keeps_trains_parameter_groups():
+    from dogbreeds.train.optim import build_optimizer
+    from dogbreeds.train.recipe import Recipe
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    base = build_optimizer(model, Recipe(model="convnext_tiny"), use_layer_decay=False)
+    for impl in ("foreach", "fused"):
+        other = training.with_implementation(base, impl)
+        assert other.defaults[impl] is True and all(g.get(impl) is True for g in other.param_groups)
+        assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in other.param_groups] == \
+               [(g["lr"], g["weight_decay"], len(g["params"])) for g in base.param_groups]
+    assert training.with_implementation(base, "default") is base
+    with pytest.raises(ValueError, match="unknown AdamW implementation 'magic'"):
+        training.with_implementation(base, "magic")

@@ -185,3 +185,121 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
         + f" -> {out['ratio']:.2f}x the fp32 loop"
         + (f", {out['ratio_bf16']:.2f}x the bf16 loop" if out["ratio_bf16"] else ""))
     return out
+
+
+# --- train's settings one at a time (benchmarks/bench_train_step.py --settings) ----------------------
+
+OPTIMIZER_IMPLS = ("default", "foreach", "fused")  # torch AdamW's implementations; "default" is what train builds
+DEFAULT_SETTING = {"channels_last": True, "fast_layout": True, "optimizer": "default"}
+
+
+def setting_variants(name: str) -> dict[str, dict]:
+    """{label: setting} for `name`: train's defaults, then each setting changed alone
+    (channels_last off; ConvNeXt's conv_mlp off where train turns it on; foreach / fused AdamW)."""
+    from ..train.session import fast_layout_kwargs
+
+    variants = {"train default": dict(DEFAULT_SETTING),
+                "channels_last off": dict(DEFAULT_SETTING, channels_last=False)}
+    if fast_layout_kwargs(name):
+        variants["conv_mlp off (timm's Linear MLPs)"] = dict(DEFAULT_SETTING, fast_layout=False)
+    variants["foreach AdamW"] = dict(DEFAULT_SETTING, optimizer="foreach")
+    variants["fused AdamW"] = dict(DEFAULT_SETTING, optimizer="fused")
+    return variants
+
+
+def with_implementation(optimizer, impl: str):
+    """The same AdamW (train's parameter groups: layer decay, no decay on norms) with torch's
+    `impl` implementation: "default" (what torch picks: the per-tensor loop on CPU), "foreach"
+    or "fused"."""
+    import torch
+
+    if impl == "default":
+        return optimizer
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"unknown AdamW implementation {impl!r}; choose one of {', '.join(OPTIMIZER_IMPLS)}")
+    groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+    return torch.optim.AdamW(groups, **defaults, **{impl: True})
+
+
+def _step_fn(model, optimizer, criterion, x, y, autocast=None, grad_clip=None):
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = autocast or contextlib.nullcontext
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = criterion(model(x), y)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        return float(loss.detach())
+    return step
+
+
+def interleaved(loops: dict, rounds: int, reference: str, clock=time.perf_counter) -> dict:
+    """Time `loops` (label -> step callable) in `rounds` rounds, each running every loop once (the
+    order reversed every other round, so a load change falls on all alike). Returns {label:
+    {"seconds": [...], "median_s", "ratio": median over rounds of reference's time / this loop's
+    time (> 1: faster than the reference)}}. Pure except for the calls: unit-tested with a fake clock."""
+    names = list(loops)
+    seconds = {k: [] for k in names}
+    for i in range(rounds):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            start = clock()
+            loops[k]()
+            seconds[k].append(clock() - start)
+    out = {}
+    for k in names:
+        ratios = [r / s for r, s in zip(seconds[reference], seconds[k]) if s > 0]
+        out[k] = {"seconds": [round(s, 4) for s in seconds[k]], "median_s": float(np.median(seconds[k])),
+                  "ratio": float(np.median(ratios)) if ratios else None}
+    return out
+
+
+def measure_settings(name: str, batch: int = 8, size: int = 224, rounds: int = 3, threads: int | None = None,
+                     num_classes: int = 20, variants: dict | None = None, log=print) -> dict:
+    """Training-step images/s of train's setup with each setting of `setting_variants` against the
+    plain timm fp32 loop (timm model in NCHW, torch AdamW defaults, CE), interleaved, after one
+    warm-up step each, at `threads` intra-op threads (default: torch's, which is what train runs at)."""
+    import timm
+    import torch
+
+    from ..train.optim import build_optimizer
+    from ..train.recipe import Recipe
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, num_classes, (batch,))
+    plain = timm.create_model(name, pretrained=False, num_classes=num_classes).train()
+    loops = {PLAIN: _step_fn(plain, torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.05),
+                             torch.nn.CrossEntropyLoss(), x, y)}
+    built = {}
+    for label, setting in (variants or setting_variants(name)).items():
+        recipe = Recipe(model=name, channels_last=setting["channels_last"], fast_layout=setting["fast_layout"])
+        torch.manual_seed(0)
+        setup = train_setup(name, num_classes=num_classes, recipe=recipe)
+        optimizer = with_implementation(setup["optimizer"], setting["optimizer"])
+        inputs = x.contiguous(memory_format=torch.channels_last) if setup["channels_last"] else x
+        loops[label] = _step_fn(setup["model"], optimizer, setup["criterion"], inputs, y, setup["autocast"],
+                                setup["grad_clip"])
+        built[label] = {**setting, "precision": setup["precision"], "model_kwargs": setup["model_kwargs"],
+                        "optimizer_class": type(optimizer).__name__}
+    first_loss, warm_s = {}, {}
+    for label, step in loops.items():
+        start = time.perf_counter()
+        first_loss[label] = round(step(), 4)
+        warm_s[label] = round(time.perf_counter() - start, 2)
+    timed = interleaved(loops, rounds, PLAIN)
+    result = {"model": name, "batch": batch, "size": size, "rounds": rounds, "threads": torch.get_num_threads(),
+              "settings": built, "first_loss": first_loss, "warmup_s": warm_s,
+              "loops": {k: {**v, "images_per_s": batch / v["median_s"]} for k, v in timed.items()}}
+    for k, v in result["loops"].items():
+        log(f"  {name} b{batch} {size}px {result['threads']}t: {k}: {v['images_per_s']:.2f} img/s, "
+            f"{v['ratio']:.2f}x the plain loop (per-round ratios' median)")
+    return result
