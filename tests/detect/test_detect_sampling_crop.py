@@ -166,3 +166,29 @@ def test_a_config_from_before_the_new_fields_loads_with_the_old_behaviour():
            if k not in ("multi_dog_repeat", "crop_margin", "crop_square")}
     cfg = DetectorConfig.from_dict(old)
     assert (cfg.multi_dog_repeat, cfg.crop_margin, cfg.crop_square) == (1, DEFAULT_MARGIN, False)
+
+
+@pytest.mark.parametrize("split, breeds_run, message", [("test", "runs/b", "--split val"),
+                                                        ("val", None, "--breeds-run")])
+def test_choose_margin_only_on_validation_and_with_a_breed_run(tmp_path, split, breeds_run, message):
+    from dogbreeds.detect.evaluate import evaluate_detector
+
+    with pytest.raises(DogbreedsError, match=message):
+        evaluate_detector(tmp_path, tmp_path, split, breeds_run=breeds_run, choose_margin=True)
+
+
+def test_the_cli_passes_the_new_options(monkeypatch):
+    import argparse
+
+    from dogbreeds.detect import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["detect", "train", "--data", "d", "--backbone", "mobilenetv2_100", "--out", "o",
+                              "--quick", "--multi-dog-repeat", "2"])
+    assert cli.config_from_args(args).multi_dog_repeat == 2
+    seen = {}
+    monkeypatch.setattr(evaluate_module, "evaluate_detector", lambda *a, **k: seen.update(k) or {"figure": "f"})
+    args = parser.parse_args(["detect", "evaluate", "r", "--data", "d", "--split", "val", "--choose-margin",
+                              "--breeds-run", "b"])
+    assert args.func(args) == 0 and seen["choose_margin"] is True and seen["breeds_run"] == "b"
