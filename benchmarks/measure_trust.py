@@ -259,13 +259,27 @@ def calibrator_table(arrays: dict) -> dict:
         q[np.arange(len(q)), p.argmax(1)] = new
         return q.astype(np.float32)
 
+    def top_label_isotonic():  # after T: isotonic regression of "top-1 is right" on the top-1 confidence
+        from sklearn.isotonic import IsotonicRegression
+
+        p = softmax(zv, t)
+        fit = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p.max(1), p.argmax(1) == yv)
+        p = softmax(zt, t)
+        c = p.max(1)
+        new = np.clip(fit.predict(c), 1e-6, 1 - 1e-6)
+        q = p * ((1 - new) / np.clip(1 - c, 1e-12, None))[:, None]
+        q[np.arange(len(q)), p.argmax(1)] = new
+        return q.astype(np.float32)
+
     ece = lambda probs: round(expected_calibration_error(probs, yt, 15), 4)
     grid = np.exp(np.linspace(np.log(0.3), np.log(3.0), 400))
     oracle = float(min(grid, key=lambda g: expected_calibration_error(softmax(zt, g), yt, 15)))
     platt = top_label_platt()
+    iso = top_label_isotonic()
     return {"none": ece(softmax(zt)), "temperature_nll": [round(t, 3), ece(softmax(zt, t))],
             "temperature_bagged": [round(bagged, 3), ece(softmax(zt, bagged))],
             "top_label_platt": [ece(platt), int((platt.argmax(1) != zt.argmax(1)).sum())],
+            "top_label_isotonic": [ece(iso), int((iso.argmax(1) != zt.argmax(1)).sum())],
             "oracle_test_temperature": [round(oracle, 3), ece(softmax(zt, oracle))]}
 
 
