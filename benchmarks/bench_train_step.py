@@ -19,7 +19,7 @@ from dogbreeds.cli import main
 
 
 def settings(argv: list[str]) -> int:
-    from dogbreeds.bench.training import measure_settings
+    from dogbreeds.bench.training import measure_settings, setting_variants
     from dogbreeds.machine import describe, machine_profile
 
     p = argparse.ArgumentParser(prog="bench_train_step.py --settings")
@@ -28,11 +28,17 @@ def settings(argv: list[str]) -> int:
     p.add_argument("--sizes", default="224", help="comma list of input sizes")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, as train)")
+    p.add_argument("--only", default=None, help="comma list of setting labels to time (default: all of "
+                   "bench.training.setting_variants), e.g. 'train default,conv_mlp off'; matched by prefix")
     args = p.parse_args(argv)
     machine = describe(machine_profile())
     for name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            result = measure_settings(name, args.batch, size, args.rounds, args.threads,
+            variants = setting_variants(name)
+            if args.only:
+                wanted = [w.strip() for w in args.only.split(",")]
+                variants = {k: v for k, v in variants.items() if any(k.startswith(w) for w in wanted)}
+            result = measure_settings(name, args.batch, size, args.rounds, args.threads, variants=variants,
                                       log=lambda line: print(line, file=sys.stderr, flush=True))
             result["machine"] = machine
             print(json.dumps(result), flush=True)

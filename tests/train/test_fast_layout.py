@@ -37,7 +37,11 @@ def test_recipe_default_is_on_and_survives_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("fast_layout", [True, False])
-def test_convnext_tiny_trains_saves_and_loads_in_its_layout(tiny_data, tiny_recipe, tmp_path, fast_layout):
+def test_convnext_tiny_trains_saves_and_loads_in_its_layout(tiny_data, tiny_recipe, tmp_path, fast_layout, monkeypatch):
+    from dogbreeds.train import layout_probe  # fast_layout=True: conv MLPs where they time faster (faked here)
+
+    monkeypatch.setenv("DOGBREEDS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(layout_probe, "_time_layouts", lambda *a: {"conv": [1.0], "linear": [1.0]})
     run = train(tiny_recipe(tiny_data, tmp_path / "run", model="convnext_tiny", epochs=1, ema_decay=None,
                             fast_layout=fast_layout))
     meta = read_checkpoint_meta(run / "checkpoints" / "last.safetensors")

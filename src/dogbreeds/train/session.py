@@ -164,8 +164,13 @@ class Session:
 
             self.outliers, self.outlier_summary = outlier_records(recipe, self.dataset)
         model_kwargs = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+        self.layout = None  # fast_layout: the MLP layout timed faster on this machine (train/layout_probe.py)
         if recipe.fast_layout:
-            model_kwargs.update(fast_layout_kwargs(recipe.model))
+            from .layout_probe import layout_for_run
+
+            self.layout = layout_for_run(recipe, ctx.device, autocast_dtype(recipe.precision, ctx.device),
+                                         self.run.config if saved is not None else None, ctx.world_size)
+            model_kwargs.update(self.layout["model_kwargs"] if self.layout else {})
         self.model = create_model(recipe.model, num_classes=len(self.classes), weights=recipe.weights, **model_kwargs)
         self.preprocessing = self.model.preprocessing
         if recipe.input_size:
@@ -421,6 +426,10 @@ class Session:
         run = self.run
         run.path.mkdir(parents=True, exist_ok=True)
         extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
+        if self.layout is not None:
+            from .layout_probe import CONFIG_KEY, config_record
+
+            extra[CONFIG_KEY] = config_record(self.layout)
         run.write_text(run.config, self.recipe.to_yaml(extra))
         run.write_json(run.classes_file, self.classes.to_json(), indent=2)
         summary = self.dataset.split_summary()
