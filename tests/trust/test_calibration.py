@@ -275,3 +275,113 @@ def test_version_1_calibration_files_still_load_as_knn_alone(world, calibration,
     newer = dict(meta, version=99)
     with pytest.raises(DogbreedsError, match="old.json"):
         Calibration.from_parts(newer, buffer.getvalue(), "old.json")
+
+
+# --- the top-label isotonic step (temperature + isotonic, chosen on the validation split) ---
+
+def _random_probs(rng, n, k):
+    logits = rng.normal(size=(n, k)) * rng.choice([0.05, 1.0, 4.0, 20.0], size=(n, 1))
+    logits[: n // 10, 1] = logits[: n // 10, 0]  # exact ties for the top-1
+    from dogbreeds.trust.scores import softmax
+
+    return softmax(logits)
+
+
+@pytest.mark.parametrize("k", [2, 5, 120])
+def test_top_label_step_never_changes_the_argmax(k):
+    from dogbreeds.trust.calibration import apply_top_label
+
+    rng = np.random.default_rng(k)
+    probs = _random_probs(rng, 4000, k)
+    # adversarial maps: everything to 0 (pushes every top-1 down onto its bound), to 1, and a random staircase
+    for x, y in ((np.array([0.0, 1.0]), np.array([0.0, 0.0])), (np.array([0.0, 1.0]), np.array([1.0, 1.0])),
+                 (np.sort(rng.uniform(size=30)), np.sort(rng.uniform(size=30)))):
+        out = apply_top_label(probs, x, y)
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out.argmax(1), probs.argmax(1))
+        np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+        top = out.max(1)
+        assert (top >= 1.0 / k - 1e-6).all() and (top <= 1.0).all() and (out >= 0).all()
+    # the identity map changes nothing beyond the tie-breaking gap (1e-5 relative, at exact ties)
+    x, y = np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    np.testing.assert_allclose(apply_top_label(probs, x, y), probs, atol=1e-5)
+    untied = probs[len(probs) // 10:]
+    np.testing.assert_allclose(apply_top_label(untied, x, y)[untied.max(1) > 0.6], untied[untied.max(1) > 0.6], atol=1e-6)
+
+
+def _flat_accuracy(seed, n):
+    """Logits whose top-1 is right 70% of the time whatever its confidence: no single temperature
+    calibrates that (confidences stay spread), a map of the top-1 probability does."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 6)) * 3
+    top = logits.argmax(1)
+    labels = np.where(rng.uniform(size=n) < 0.7, top, (top + rng.integers(1, 6, n)) % 6)
+    return logits, labels
+
+
+def test_isotonic_is_chosen_by_cross_validation_and_stored(tmp_path):
+    import json
+
+    from dogbreeds.evaluate.metrics import expected_calibration_error
+    from dogbreeds.trust.calibration import ISOTONIC, TEMPERATURE, VERSION
+    from dogbreeds.trust.scores import softmax
+
+    logits, labels = _flat_accuracy(7, 6000)
+    features = np.random.default_rng(0).normal(size=(len(labels), 8))
+    cal = fit_calibration(features[:500], features[500:2500], logits[500:2500], labels[500:2500], raps=(0.0, 0))
+    choice = cal.info["top_label"]
+    assert choice["folds"] == 5 and choice["margin"] > 0
+    assert choice["cv_ece_isotonic"] < choice["cv_ece_temperature"] - choice["margin"]
+    assert cal.method == ISOTONIC and cal.top_label_x is not None
+    test_logits, test_labels = logits[2500:], labels[2500:]
+    after = cal.calibrated_probs(test_logits)
+    plain = softmax(test_logits, cal.temperature)
+    np.testing.assert_array_equal(after.argmax(1), test_logits.argmax(1))
+    assert expected_calibration_error(after, test_labels) < expected_calibration_error(plain, test_labels)
+    # conformal scores come from the final probabilities, and the file round-trips them exactly
+    from dogbreeds.trust.scores import conformal_scores
+
+    np.testing.assert_allclose(cal.conformal_scores, conformal_scores(
+        cal.calibrated_probs(logits[500:2500]), labels[500:2500], 0.0, 0), atol=1e-6)
+    run = RunDir(tmp_path / "run")
+    cal.save(run)
+    stored = json.loads(run.calibration_file.read_text())
+    assert stored["version"] == VERSION == 3 and stored["probabilities"]["method"] == ISOTONIC
+    assert stored["probabilities"]["choice"]["cv_ece_isotonic"] == choice["cv_ece_isotonic"]
+    again = Calibration.load(run)
+    np.testing.assert_array_equal(again.calibrated_probs(test_logits), after)
+    np.testing.assert_allclose(again.assess(test_logits[:3], features[:3])[0].probs, after[0], atol=1e-6)  # assess: float32 logits
+    # forced temperature: no isotonic step
+    forced = fit_calibration(features[:500], features[500:2500], logits[500:2500], labels[500:2500],
+                             raps=(0.0, 0), top_label="temperature")
+    assert forced.method == TEMPERATURE and forced.to_json()["probabilities"]["isotonic_x"] is None
+    with pytest.raises(DogbreedsError, match="'sometimes'"):
+        fit_calibration(features[:500], features[500:2500], logits[500:2500], labels[500:2500], top_label="sometimes")
+
+
+def test_temperature_alone_when_it_is_already_calibrated(world, calibration):
+    # the synthetic world's logits are calibrated by one temperature: the margin keeps it
+    choice = calibration.info["top_label"]
+    assert choice["cv_ece_temperature"] is not None and calibration.method == "temperature"
+    assert calibration.top_label_x is None
+    small = fit_calibration(world["train_x"], world["val_x"][:30], world["logits"](world["val_x"][:30]),
+                            world["val_y"][:30])
+    assert small.method == "temperature" and "under" in small.info["top_label"]["reason"]
+
+
+def test_version_2_calibration_files_still_load_as_temperature_alone(world, calibration):
+    import json
+
+    from dogbreeds.trust.scores import softmax
+
+    meta = json.loads(json.dumps(calibration.to_json()))
+    meta["version"] = 2
+    del meta["probabilities"]
+    old = Calibration.from_parts(meta, calibration.banks_npz(), "v2.json")
+    logits = world["logits"](world["val_x"])
+    assert old.top_label_x is None
+    np.testing.assert_array_equal(old.calibrated_probs(logits), softmax(logits, old.temperature))
+    bad = json.loads(json.dumps(calibration.to_json()))
+    bad["probabilities"]["isotonic_x"], bad["probabilities"]["isotonic_y"] = [0.5, 0.2], [0.1, 0.3]
+    with pytest.raises(DogbreedsError, match="bad.json"):
+        Calibration.from_parts(bad, calibration.banks_npz(), "bad.json")

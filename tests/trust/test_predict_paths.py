@@ -62,9 +62,14 @@ def calibrated_run(tmp_path_factory, tiny_run, photos, cats) -> Path:
     _, other_x = embed(photos[:4])
     _, cat_x = embed(cats[:4])
     labels = np.arange(len(val_x)) % 5
-    # the outlier-exposure head given (too few photos here to choose it): every part of ood_score travels
-    calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4))
-    assert calibration.ood_head_w is not None
+    # the outlier-exposure head and the top-label isotonic step given (too few photos here to choose
+    # them): every part of ood_score and of the calibrated probabilities travels
+    calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4),
+                                  top_label="isotonic")
+    assert calibration.ood_head_w is not None and calibration.top_label_x is not None
+    from dogbreeds.trust.scores import softmax
+
+    assert np.abs(calibration.calibrated_probs(val_logits) - softmax(val_logits, calibration.temperature)).max() > 1e-3
     calibration.save(RunDir(run))
     return run
 
@@ -88,14 +93,15 @@ def test_torch_onnxruntime_and_exported_file_agree(calibrated_run, photos, cats,
     onnx_file.rename(alone)
     exported = Predictor.from_onnx(alone)
     assert exported.calibration is not None and exported.calibration.ood_head_w is not None
+    np.testing.assert_array_equal(exported.calibration.top_label_y, Predictor.from_run(calibrated_run).calibration.top_label_y)
     from_file = _answers(exported, images)
     assert {p.verdict for p in reference} <= {"breed", "unknown_breed", "not_a_dog"}
     for a, b, c in zip(reference, cached, from_file):
         assert a.verdict == b.verdict == c.verdict
         assert abs(a.ood_score - b.ood_score) < 1e-4 and abs(a.ood_score - c.ood_score) < 1e-4
         assert [s.index for s in a.breed_set] == [s.index for s in b.breed_set] == [s.index for s in c.breed_set]
-        for x, y in zip(a.top, c.top):
-            assert x.index == y.index and abs(x.prob - y.prob) < 1e-4
+        for x, y, z in zip(a.top, b.top, c.top):
+            assert x.index == y.index == z.index and abs(x.prob - y.prob) < 1e-4 and abs(x.prob - z.prob) < 1e-4
         assert a.note is None
 
 

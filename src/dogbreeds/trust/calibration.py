@@ -5,7 +5,10 @@ banks, .npz) and carried inside ONNX exports (`to_metadata` / `from_metadata`: o
 string with the banks base64-encoded), so the torch-free path computes the same scores.
 
 A photo's answer (`assess`):
-- `probs`: softmax(logits / temperature), the calibrated probabilities (order = the model's);
+- `probs`: softmax(logits / temperature), the calibrated probabilities (order = the model's),
+  then, when cross-validation on the validation split chose it, a top-label isotonic step
+  (`apply_top_label`: the top-1 probability mapped through stored breakpoints, clamped so the
+  top-1 breed stays the top-1, the others rescaled);
 - `ood_score`: how far its pooled features are from the run's breeds (0..1); above
   `ood_threshold` the photo is not one of the known breeds. With other dogs at calibration
   (the data root's breeds the run does not know, `--other-dogs`): sigmoid of a weighted sum of
@@ -39,7 +42,17 @@ from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_l
                      logistic_score, nll, normalise, prediction_sets, softmax)
 
 FORMAT = "dogbreeds-calibration"
-VERSION = 2                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
+VERSION = 3                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
+#                            3: the optional top-label isotonic step (older files: temperature alone)
+TEMPERATURE, ISOTONIC = "temperature", "temperature + isotonic"
+# the isotonic step is used only when its out-of-fold ECE on the validation split (TOP_LABEL_FOLDS
+# folds, seeded, TOP_LABEL_BINS bins, pooled) beats the temperature alone by TOP_LABEL_MARGIN;
+# margin and folds were fixed before any test figure of this rule was seen (docs/trust.md)
+TOP_LABEL_FOLDS = 5
+TOP_LABEL_BINS = 15
+TOP_LABEL_MARGIN = 0.005
+TOP_LABEL_MIN_VAL = 50     # fewer validation photos: temperature alone, no cross-validation
+TOP_LABEL_GAP = 1e-5       # relative gap kept between the clamped top-1 and the largest other probability
 DEFAULT_COVERAGE = 0.9
 DEFAULT_KEEP = 0.95       # share of in-breed (validation) dogs a threshold keeps as "breed"
 DEFAULT_OOD_K = 10        # chosen by measurement on fitting photos (docs/trust.md)
@@ -93,6 +106,8 @@ class Calibration:
     ood_head_b: float = 0.0
     ood_mix: float = 1.0                  # weight of the kNN z-score (1 - it: the head's)
     ood_stats: tuple = (0.0, 1.0, 0.0, 1.0)  # validation mean / std of the kNN distance and of the head logit
+    top_label_x: np.ndarray | None = None  # float64 breakpoints of the top-label isotonic step (None: temperature alone)
+    top_label_y: np.ndarray | None = None
 
     def __post_init__(self):
         # float32 copies of the float16 banks, made once (the same values on every path)
@@ -110,7 +125,7 @@ class Calibration:
         ood_threshold = self.ood_threshold if ood_threshold is None else check_fraction("ood threshold", ood_threshold)
         coverage = self.coverage if coverage is None else check_fraction("coverage", coverage)
         logits = np.asarray(logits, dtype=np.float32)
-        probs = softmax(logits, self.temperature)
+        probs = self.calibrated_probs(logits)
         ood = self.ood_scores(features)
         dog = self.dog_scores(features)
         sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
@@ -127,6 +142,17 @@ class Calibration:
                 verdict = "unknown_breed"
             out.append(Assessment(verdict, float(ood[i]), float(dog[i]), probs[i], sets[i]))
         return out
+
+    @property
+    def method(self) -> str:
+        return TEMPERATURE if self.top_label_x is None else ISOTONIC
+
+    def calibrated_probs(self, logits: np.ndarray) -> np.ndarray:
+        """float32 calibrated probabilities: softmax(logits / T), then the top-label isotonic step if any."""
+        probs = softmax(logits, self.temperature)
+        if self.top_label_x is None:
+            return probs
+        return apply_top_label(probs, self.top_label_x, self.top_label_y)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
         knn = knn_distance(features, self._bank, self.ood_k)
@@ -146,6 +172,10 @@ class Calibration:
         return {
             "format": FORMAT, "version": VERSION,
             "temperature": self.temperature, "coverage": self.coverage,
+            "probabilities": {"method": self.method,
+                              "isotonic_x": None if self.top_label_x is None else [float(v) for v in self.top_label_x],
+                              "isotonic_y": None if self.top_label_y is None else [float(v) for v in self.top_label_y],
+                              "choice": self.info.get("top_label")},
             "ood": {"method": "knn-cosine" if self.ood_head_w is None else "knn-cosine + outlier-exposure head",
                     "k": self.ood_k, "threshold": self.ood_threshold, "mix": self.ood_mix,
                     "head_bias": None if self.ood_head_w is None else self.ood_head_b,
@@ -181,6 +211,11 @@ class Calibration:
             bias = meta["not_a_dog"].get("bias")
             ood_bias = meta["ood"].get("head_bias")  # version 1: absent (kNN alone)
             stats = meta["ood"].get("stats") or {}
+            probabilities = meta.get("probabilities") or {}  # version <= 2: absent (temperature alone)
+            iso_x, iso_y = probabilities.get("isotonic_x"), probabilities.get("isotonic_y")
+            if (iso_x is None) != (iso_y is None) or (iso_x is not None and (
+                    len(iso_x) != len(iso_y) or len(iso_x) < 1 or np.any(np.diff(np.asarray(iso_x, float)) < 0))):
+                raise ValueError("isotonic breakpoints must be two lists of the same length, x increasing")
             if ood_bias is not None and ood_head.shape != (bank.shape[1],):
                 raise ValueError(f"outlier-exposure head of shape {ood_head.shape} for {bank.shape[1]}-d features")
             return cls(
@@ -198,6 +233,8 @@ class Calibration:
                 ood_mix=float(meta["ood"].get("mix", 1.0)),
                 ood_stats=tuple(float(stats.get(key, default)) for key, default in (
                     ("knn_mean", 0.0), ("knn_std", 1.0), ("head_mean", 0.0), ("head_std", 1.0))),
+                top_label_x=None if iso_x is None else np.asarray(iso_x, dtype=np.float64),
+                top_label_y=None if iso_y is None else np.asarray(iso_y, dtype=np.float64),
             )
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
@@ -250,7 +287,7 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
                     coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
                     dog_k: int = DEFAULT_DOG_K, raps: tuple[float, int] | None = None,
                     info: dict | None = None, seed: int = 0, other_dog_groups: np.ndarray | None = None,
-                    ood_head: bool | tuple[float, float] = True) -> Calibration:
+                    ood_head: bool | tuple[float, float] = True, top_label: str = "auto") -> Calibration:
     """Fit temperature, thresholds and conformal scores on the validation split.
 
     - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
@@ -274,6 +311,10 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       splitting `other_dog_groups` (breed per other dog; -1 = none known, split at random);
       the thresholds below then use that score. `ood_head` = (mix, l2) gives the choice instead
       (any number of other dogs); False: the kNN distance alone;
+    - probabilities: softmax(logits / T), T minimising the validation NLL; then, with `top_label`
+      "auto", the top-label isotonic step when `choose_top_label` (K-fold cross-validation of
+      the out-of-fold ECE on the validation split) prefers it; "temperature" / "isotonic" force
+      the choice. The conformal scores and the RAPS choice use these final probabilities;
     - RAPS penalty `raps` = (lambda, k_reg): given, or the grid entry with the smallest sets in
       2-fold cross-validation on the validation split (APS when it has under 40 photos).
     """
@@ -287,6 +328,16 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
     dog_bank = normalise(other).astype(np.float16) if len(other) else np.zeros((0, bank.shape[1]), np.float16)
     temperature = fit_temperature(val_logits, val_labels)
     probs = softmax(val_logits, temperature)
+    if top_label == "auto":
+        top_choice = choose_top_label(val_logits, val_labels, seed)
+    elif top_label in ("temperature", "isotonic"):
+        top_choice = {"method": TEMPERATURE if top_label == "temperature" else ISOTONIC, "given": True}
+    else:
+        raise DogbreedsError(f"top_label {top_label!r}: use 'auto', 'temperature' or 'isotonic'")
+    iso_x = iso_y = None
+    if top_choice["method"] == ISOTONIC:
+        iso_x, iso_y = fit_top_label_isotonic(probs, val_labels)
+        probs = apply_top_label(probs, iso_x, iso_y)
     val_ood = knn_distance(val_features, bank, ood_k)
     ood_head_w, ood_head_b, ood_mix, ood_stats, ood_choice = None, 0.0, 1.0, (0.0, 1.0, 0.0, 1.0), None
     if isinstance(ood_head, tuple) and len(other):
@@ -323,17 +374,93 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
         coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg, dog_head_w=head_w, dog_head_b=head_b,
         head_on_all=head_w is not None, ood_head_w=ood_head_w, ood_head_b=ood_head_b, ood_mix=ood_mix,
-        ood_stats=ood_stats,
+        ood_stats=ood_stats, top_label_x=iso_x, top_label_y=iso_y,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
         "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)), "dog_head_l2": head_l2,
-        "ood_head": ood_choice,
+        "ood_head": ood_choice, "top_label": top_choice,
         "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
                                                                                            temperature),
         **(info or {}),
     }
     return calibration
+
+
+def fit_top_label_isotonic(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (x, y) of an increasing isotonic regression (scikit-learn) of "the top-1 breed is
+    right" on the top-1 probability; between them the map is linear, outside them constant."""
+    from sklearn.isotonic import IsotonicRegression
+
+    probs = np.asarray(probs, dtype=np.float64)
+    right = (probs.argmax(1) == np.asarray(labels)).astype(np.float64)
+    fit = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(probs.max(1), right)
+    return np.asarray(fit.X_thresholds_, np.float64), np.asarray(fit.y_thresholds_, np.float64)
+
+
+def apply_top_label(probs: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The top-label isotonic step, keeping every photo's top-1 breed by construction.
+
+    The top-1 probability c becomes c' = isotonic(c) (np.interp on the breakpoints: the same
+    piecewise-linear map scikit-learn's predict uses, clipped at the ends) and the other
+    probabilities are scaled by (1 - c') / (1 - c). The second largest, p2, becomes
+    p2 (1 - c') / (1 - c), which stays below c' exactly when c' > p2 / (1 - c + p2); so c' is
+    clamped to at least that bound (times 1 + TOP_LABEL_GAP, which survives float32 rounding
+    and breaks ties towards the original top-1) and to [1/K, 1]. Rows with 1 - c < 1e-12 are
+    left as they are. 1 - c is taken as the sum of the other probabilities (so the output sums
+    to 1 even when the input's float32 rounding does not). float32 out, computed in float64."""
+    p = np.asarray(probs, dtype=np.float64)
+    n, k = p.shape
+    if n == 0:
+        return p.astype(np.float32)
+    rows = np.arange(n)
+    top = p.argmax(1)
+    c = p[rows, top]
+    rest = p.copy()
+    rest[rows, top] = 0.0
+    p2 = rest.max(1)
+    left = rest.sum(1)  # 1 - c up to the input's rounding; using the sum makes the output sum to 1
+    bound = np.divide(p2, left + p2, out=np.zeros(n), where=(left + p2) > 0)
+    lower = np.maximum(1.0 / k, np.minimum(1.0, bound * (1.0 + TOP_LABEL_GAP)))
+    new = np.clip(np.interp(c, np.asarray(x, np.float64), np.asarray(y, np.float64)), lower, 1.0)
+    movable = left > 1e-12
+    new = np.where(movable, new, c)
+    scale = np.where(movable, (1.0 - new) / np.where(movable, left, 1.0), 1.0)
+    out = p * scale[:, None]
+    out[rows, top] = new
+    return out.astype(np.float32)
+
+
+def choose_top_label(val_logits: np.ndarray, val_labels: np.ndarray, seed: int = 0, folds: int = TOP_LABEL_FOLDS,
+                     margin: float = TOP_LABEL_MARGIN) -> dict:
+    """Temperature alone or temperature + isotonic, on the validation split only.
+
+    K-fold cross-validation (seeded): on each fold's complement fit T (validation NLL) and the
+    isotonic step, apply both to the held-out fold; the out-of-fold probabilities of all folds
+    are pooled and their ECE (TOP_LABEL_BINS bins) compared. Isotonic only when it beats the
+    temperature alone by `margin`. Under TOP_LABEL_MIN_VAL photos: temperature alone."""
+    from ..evaluate.metrics import expected_calibration_error
+
+    logits, labels = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
+    n = len(labels)
+    record = {"method": TEMPERATURE, "folds": folds, "seed": seed, "margin": margin, "bins": TOP_LABEL_BINS,
+              "val_photos": int(n)}
+    if n < max(TOP_LABEL_MIN_VAL, 2 * folds):
+        return {**record, "cv_ece_temperature": None, "cv_ece_isotonic": None,
+                "reason": f"under {TOP_LABEL_MIN_VAL} validation photos"}
+    fold = np.empty(n, dtype=int)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    plain, iso = np.empty(logits.shape, np.float32), np.empty(logits.shape, np.float32)
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        t = fit_temperature(logits[fit], labels[fit])
+        x, y = fit_top_label_isotonic(softmax(logits[fit], t), labels[fit])
+        plain[held] = softmax(logits[held], t)
+        iso[held] = apply_top_label(plain[held], x, y)
+    ece_t = expected_calibration_error(plain, labels, TOP_LABEL_BINS)
+    ece_i = expected_calibration_error(iso, labels, TOP_LABEL_BINS)
+    return {**record, "method": ISOTONIC if ece_i < ece_t - margin else TEMPERATURE,
+            "cv_ece_temperature": round(float(ece_t), 5), "cv_ece_isotonic": round(float(ece_i), 5)}
 
 
 def ood_head_logit(features: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:

@@ -54,7 +54,20 @@ def run_calibrate(args) -> int:
           f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank; "
           f"dog / not-dog head: {'on ' + str(info['not_dogs']) + ' photos of non-dogs' if info['not_dogs'] else 'none (pass --not-dogs)'}; "
           f"breed sets: RAPS lambda {calibration.raps_lambda}, k_reg {calibration.raps_k_reg}, coverage {calibration.coverage}")
+    print(f"probabilities: {_probability_method(calibration)}")
     return 0
+
+
+def _probability_method(calibration) -> str:
+    choice = calibration.info.get("top_label") or {}
+    if choice.get("given"):
+        return f"{calibration.method} (given)"
+    if choice.get("cv_ece_temperature") is None:
+        return f"{calibration.method} ({choice.get('reason', 'no cross-validation')})"
+    return (f"{calibration.method}, chosen by {choice['folds']}-fold cross-validation on the "
+            f"{choice['val_photos']} validation photos: out-of-fold ECE ({choice['bins']} bins) temperature alone "
+            f"{choice['cv_ece_temperature']:.4f}, + top-label isotonic {choice['cv_ece_isotonic']:.4f} (isotonic "
+            f"only if lower by {choice['margin']})")
 
 
 def _ood_method(calibration) -> str:
@@ -180,7 +193,7 @@ def calibrate_after_training(run_dir, data, progress: bool = False) -> None:
         print(f"note: the run is trained but not calibrated ({exc}); predictions work without it. Fix that, then run "
               f"`dogbreeds calibrate {run_dir} --data {data}`", flush=True)
         return
-    print(f"calibrated: temperature {calibration.temperature:.3f}, OOD threshold {calibration.ood_threshold:.4f} "
+    print(f"calibrated: temperature {calibration.temperature:.3f} ({calibration.method}), OOD threshold {calibration.ood_threshold:.4f} "
           f"(see docs/trust.md)", flush=True)
 
 

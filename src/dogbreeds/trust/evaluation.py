@@ -1,20 +1,21 @@
 """What `dogbreeds evaluate` reports about a run's calibration: `trust_metrics(run, probs, labels)`.
 
 The evaluate path has probabilities (softmax of the logits); softmax(log(p) / T) equals
-softmax(logits / T), so temperature scaling applies to them exactly.
+softmax(logits / T), so temperature scaling (and the top-label step after it) applies to them exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .calibration import Calibration
-from .scores import prediction_sets, softmax
+from .scores import prediction_sets
 
 ECE_BINS = 15
 
 
 def calibrated(calibration: Calibration, probs: np.ndarray) -> np.ndarray:
-    return softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None)), calibration.temperature)
+    """The run's calibrated probabilities (temperature, then its top-label isotonic step if any)."""
+    return calibration.calibrated_probs(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None)))
 
 
 def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=None, title: str = "") -> dict | None:
@@ -30,7 +31,8 @@ def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=N
     after = calibrated(calibration, probs)
     sets = prediction_sets(after, calibration.qhat(), calibration.raps_lambda, calibration.raps_k_reg)
     result = {
-        "temperature": calibration.temperature,
+        "temperature": calibration.temperature, "method": calibration.method,
+        "choice": calibration.info.get("top_label"),
         "ece_before": metrics.expected_calibration_error(probs, labels, ECE_BINS),
         "ece_after": metrics.expected_calibration_error(after, labels, ECE_BINS),
         "top1_unchanged": bool((after.argmax(1) == np.asarray(probs).argmax(1)).all()),
@@ -42,6 +44,11 @@ def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=N
         from ..evaluate import figures
 
         figures.plot_reliability(metrics.calibration_bins(after, labels, ECE_BINS), reliability_path,
-                                 ece=result["ece_after"], title=f"{title} after temperature scaling (T={calibration.temperature:.2f})")
+                                 ece=result["ece_after"], title=f"{title} after {_method_words(calibration)}")
         result["reliability_figure"] = str(reliability_path)
     return result
+
+
+def _method_words(calibration: Calibration) -> str:
+    words = f"temperature scaling (T={calibration.temperature:.2f})"
+    return words + (" + top-label isotonic" if calibration.top_label_x is not None else "")
