@@ -356,7 +356,7 @@ def format_summary(result: dict) -> str:
         lines.append(f"no photo of {len(result['breeds_without_photos'])} of the run's breeds: "
                      f"{', '.join(result['breeds_without_photos'])}")
     trust = result.get("trust")
-    lines.append(f"calibrated (T={trust['temperature']:.2f}): ECE {trust['ece_before']:.3f} -> {trust['ece_after']:.3f}; "
+    lines.append(f"calibrated (T={trust['temperature']:.2f}{' + top-label isotonic' if trust.get('method', '').endswith('isotonic') else ''}): ECE {trust['ece_before']:.3f} -> {trust['ece_after']:.3f}; "
                  f"breed sets: coverage {100 * trust['coverage']:.1f}% (target {100 * trust['coverage_target']:.0f}%), "
                  f"mean size {trust['mean_set_size']:.2f}" if trust else
                  "no calibration in this run (ECE after scaling, breed sets): run `dogbreeds calibrate RUN --data DATA`")
