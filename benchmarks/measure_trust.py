@@ -4,7 +4,8 @@ Step 1 (slow, cached in RUN/trust_measure.npz): logits + pooled features of the 
 val / test photos, the data root's breeds the run does not know ("unknown breeds"), and the
 cats and dogs photographed in the wild (../shared/data/cats-and-dogs).
 Step 2 (seconds): fit everything with `dogbreeds.trust.fit` on fitting data only, and report on
-held-out photos:
+held-out photos (the calibrated probabilities: temperature, plus the top-label isotonic step when
+5-fold cross-validation on the validation split chooses it; both candidates' test ECE reported):
   - unknown breeds are split BY BREED (seeded): half the breeds may be used to fit, the other
     half only to report, so a reported unknown breed was never seen while fitting;
   - cats-and-dogs photos are split by file number: even numbers may fit, odd numbers report
@@ -316,6 +317,12 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
     test_y = arrays["test_y"]
     before = softmax(arrays["test_logits"])
     after = np.stack([a.probs for a in answers["test"]])
+    # the test ECE of both candidates, whichever the validation-only rule chose (reported, never used to choose)
+    from dogbreeds.trust.calibration import apply_top_label, fit_top_label_isotonic
+
+    t_val = softmax(arrays["val_logits"], cal.temperature)
+    t_test = softmax(arrays["test_logits"].astype(np.float32), cal.temperature)
+    iso_test = apply_top_label(t_test, *fit_top_label_isotonic(t_val, arrays["val_y"]))
     sets = [a.breed_set for a in answers["test"]]
     return {
         "not_dogs_for_the_head": int(len(data["cats_fit"][0])) if with_not_dogs else 0,
@@ -336,6 +343,11 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
         "verdicts": verdicts,
         "top1_before": float((before.argmax(1) == test_y).mean()), "top1_after": float((after.argmax(1) == test_y).mean()),
         "ece_before": expected_calibration_error(before, test_y, 15), "ece_after": expected_calibration_error(after, test_y, 15),
+        "probabilities": cal.info.get("top_label"),
+        "top1_changed_photos": int((after.argmax(1) != before.argmax(1)).sum()),
+        "test_ece_temperature_alone": expected_calibration_error(t_test, test_y, 15),
+        "test_ece_temperature_isotonic": expected_calibration_error(iso_test, test_y, 15),
+        "top1_changed_photos_isotonic": int((iso_test.argmax(1) != before.argmax(1)).sum()),
         "coverage_target": cal.coverage,
         "coverage": float(np.mean([y in s for y, s in zip(test_y, sets)])),
         "mean_set_size": float(np.mean([len(s) for s in sets])),
