@@ -385,3 +385,32 @@ def test_version_2_calibration_files_still_load_as_temperature_alone(world, cali
     bad["probabilities"]["isotonic_x"], bad["probabilities"]["isotonic_y"] = [0.5, 0.2], [0.1, 0.3]
     with pytest.raises(DogbreedsError, match="bad.json"):
         Calibration.from_parts(bad, calibration.banks_npz(), "bad.json")
+
+
+def test_calibrate_and_evaluate_say_which_probabilities_they_use(tmp_path):
+    from dogbreeds.evaluate.report import format_summary
+    from dogbreeds.trust.cli import _probability_method
+    from dogbreeds.trust.evaluation import trust_metrics
+    from dogbreeds.trust.scores import softmax
+
+    logits, labels = _flat_accuracy(3, 3000)
+    features = np.random.default_rng(1).normal(size=(len(labels), 8))
+    chosen = fit_calibration(features[:300], features[300:1500], logits[300:1500], labels[300:1500], raps=(0.0, 0))
+    words = _probability_method(chosen)
+    choice = chosen.info["top_label"]
+    assert words.startswith("temperature + isotonic, chosen by 5-fold cross-validation on the 1200 validation photos")
+    assert f"{choice['cv_ece_isotonic']:.4f}" in words and f"{choice['cv_ece_temperature']:.4f}" in words
+    forced = fit_calibration(features[:300], features[300:1500], logits[300:1500], labels[300:1500], raps=(0.0, 0),
+                             top_label="temperature")
+    assert _probability_method(forced) == "temperature (given)"
+    run = RunDir(tmp_path / "run")
+    chosen.save(run)
+    trust = trust_metrics(run, softmax(logits[1500:]), labels[1500:])
+    assert trust["method"] == "temperature + isotonic" and trust["top1_unchanged"]
+    assert trust["ece_after"] < trust["ece_before"] / 2
+    result = {"model": "m", "split": "test", "n_images": 1500, "skipped": 0, "tta": None, "top1": 0.7, "top5": 1.0,
+              "loss": 1.0, "ece": trust["ece_before"], "records_from": "x", "trust": trust}
+    assert f"+ top-label isotonic): ECE {trust['ece_before']:.3f} -> {trust['ece_after']:.3f}" in format_summary(result)
+    forced.save(run)
+    result["trust"] = trust_metrics(run, softmax(logits[1500:]), labels[1500:])
+    assert "isotonic" not in format_summary(result)
