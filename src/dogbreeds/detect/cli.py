@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="run directory; rerunning into it resumes")
     train.add_argument("--quick", action="store_true",
                        help="the CPU recipe: 160 px, 4 epochs, 128 RoIs per photo, stem and first two levels frozen "
-                            "(about 14 min of CPU on the mini data)")
+                            "(about 14 min of one CPU core on the mini data)")
     train.add_argument("--breeds", default="top20", help="'top20', 'all', a list or a file, as for `dogbreeds train`")
     train.add_argument("--epochs", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None)
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     train.add_argument("--frozen-levels", type=int, default=None,
                        help="backbone feature levels (from the stem) that stay frozen")
     train.add_argument("--multi-dog-repeat", type=_positive_int, default=None,
-                       help="each photo with two or more dogs is seen this many times per epoch (--quick: 3)")
+                       help="each photo with two or more dogs is seen this many times per epoch (default 1)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the training process)")
     train.set_defaults(func=run_train)

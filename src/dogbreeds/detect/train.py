@@ -43,12 +43,25 @@ class DetectHooks:
 
 
 def quick_config(**overrides) -> DetectorConfig:
-    """The --quick recipe: a usable detector on the mini data (224 px photos, seen at 160 px) in about
-    20 min on 2 idle CPU cores: 4 epochs, stem and first two levels frozen, a light box head sampling 128 RoIs
-    per photo (measured on val against 3 epochs / 32 RoIs: mAP 0.602 vs 0.595, exact count 0.949 vs 0.939)."""
+    """The --quick recipe: a usable detector on the mini data (224 px photos, seen at 160 px) within
+    20 min of one idle CPU core: 4 epochs, stem and first two levels frozen, a light box head sampling 128 RoIs
+    per photo (measured on val against 3 epochs / 32 RoIs: mAP 0.602 vs 0.595, exact count 0.949 vs 0.939),
+    model NMS at 0.6 and a square crop per dog (below)."""
     base = dict(min_size=160, max_size=160, epochs=4, batch_size=8, lr=0.01, warmup_epochs=0.25, frozen_levels=2,
                 quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=128,
-                roi_sampling_ratio=1, representation_size=256, workers=0)
+                roi_sampling_ratio=1, representation_size=256, workers=0,
+                # Multi-dog photos are NOT repeated (multi_dog_repeat=1): seen 3x per epoch (runs/detect_mnv2_quick_rep3)
+                # they gave on val, against this recipe at the same NMS, mAP 0.607 vs 0.606, the same multi-dog
+                # count (11/16), exact count 0.939 vs 0.954, for 31 % more CPU (1107 s vs 846 s). Smaller anchors
+                # (16-128, runs/detect_mnv2_quick_rep3a16) were worse still: val mAP 0.574.
+                multi_dog_repeat=1,
+                # The model's NMS at IoU 0.6, not 0.5: at 0.5 a dog's box was often suppressed under its
+                # neighbour's (runs/detect_mnv2_quick_e4r128 on val: multi-dog count 9/16 -> 11/16, mAP 0.602 -> 0.606).
+                box_nms_thresh=0.6,
+                # Each dog cropped as a square around its box with 0.3 margin before the breed run (the breed runs
+                # cut the centre square of what they get): chosen on val by --choose-margin for
+                # runs/detect_mnv2_quick_e4r128 with runs/trust_default, breed accuracy 0.769 -> 0.824.
+                crop_square=True, crop_margin=0.3)
     return DetectorConfig(**{**base, **overrides})
 
 
