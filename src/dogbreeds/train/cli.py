@@ -29,7 +29,8 @@ HELP = {
     "calibrate": "fit the 'not a dog' / 'unknown breed' thresholds, temperature and breed sets at the end "
                  "(--no-calibrate skips it; `dogbreeds calibrate RUN --data DATA` does it later)",
     "deterministic": "deterministic algorithms: bit-identical reruns and resumes (slower)",
-    "fast_layout": "ConvNeXt-T and larger with 1x1-convolution MLPs (same weights; faster training step on CPU)",
+    "fast_layout": "ConvNeXt-T and larger: train in the MLP layout (1x1 convolutions or Linear, same weights) a short "
+                   "probe timed faster on this machine (once per machine, cached; recorded in config.yaml)",
     "outlier_exposure": "outlier exposure (Hendrycks et al. 2019): each step also sees outlier photos (the data root's "
                         "other breeds, --outliers) pushed towards uniform probabilities; recorded in split.json, used by "
                         "the calibration at the end (docs/trust.md)",
