@@ -1,13 +1,21 @@
 """Shared fixtures. Real data lives in ../shared beside the project root (CI has it too)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Keras is only a reference implementation in tests; it must run on the torch backend.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# Per-machine caches (train/layout_probe.py's timed MLP layout) go to a folder of this test session,
+# never the user's ~/.cache/dogbreeds: a choice cached there must not change what a test sees.
+if "DOGBREEDS_CACHE_DIR" not in os.environ:
+    os.environ["DOGBREEDS_CACHE_DIR"] = tempfile.mkdtemp(prefix="dogbreeds-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DOGBREEDS_CACHE_DIR"], ignore_errors=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
