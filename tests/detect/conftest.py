@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+# The tests here import their shared fakes by name (`from _detect_fakes import FixedBoxes`); with
+# --import-mode=importlib pytest does not put this folder on sys.path itself.
+sys.path.insert(0, str(Path(__file__).parent))
 
 BREEDS = ("n02085936-Maltese_dog", "n02099601-golden_retriever")
 

@@ -8,6 +8,7 @@ import pytest
 from dogbreeds.detect.evaluate import best_counting, count_scores, evaluate_detector, score_detections
 from dogbreeds.detect.infer import Detector, count_keep, detector_metadata, read_detector_metadata
 from dogbreeds.errors import DogbreedsError
+from _detect_fakes import FixedBoxes
 
 DOG = [10, 10, 110, 110]
 INSIDE = [20, 30, 90, 105]        # a duplicate box inside DOG (covers 100 % of itself, IoU 0.53)
@@ -17,14 +18,6 @@ TOUCHING = [100, 10, 200, 110]    # a second dog overlapping the first a little 
 
 def _rgb() -> np.ndarray:
     return np.zeros((120, 400, 3), np.uint8)
-
-
-class _Fixed:
-    def __init__(self, boxes, scores):
-        self.boxes, self.scores = np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32)
-
-    def __call__(self, chw):
-        return self.boxes, self.scores, np.ones(len(self.scores), np.int64)
 
 
 def test_a_contained_duplicate_is_dropped_and_two_side_by_side_dogs_are_kept():
@@ -49,7 +42,7 @@ def test_a_better_box_around_two_dogs_suppresses_both_only_when_asked():
 
 
 def test_detector_detect_counts_with_the_rule_of_its_config():
-    runner = _Fixed([DOG, INSIDE, NEXT_TO], [0.95, 0.9, 0.7])
+    runner = FixedBoxes([DOG, INSIDE, NEXT_TO], [0.95, 0.9, 0.7])
     plain = Detector(runner, {"score_threshold": 0.6})
     assert len(plain.detect(_rgb())) == 3  # a run without the rule: as before
     ruled = Detector(runner, {"score_threshold": 0.6, "count_nms_iou": 1.0, "count_containment": 0.8})
@@ -64,7 +57,7 @@ def test_an_onnx_export_carries_the_rule():
     config = {"backbone": "mobilenetv2_100", "score_threshold": 0.6, "count_nms_iou": 0.45, "count_containment": 0.8}
     stored = read_detector_metadata(detector_metadata(config), Path("det.onnx"))
     threshold = stored.pop("__score_threshold__")
-    runner = _Fixed([DOG, INSIDE, NEXT_TO], [0.95, 0.9, 0.7])
+    runner = FixedBoxes([DOG, INSIDE, NEXT_TO], [0.95, 0.9, 0.7])
     from_file = Detector(runner, stored, threshold)
     in_memory = Detector(runner, config)
     assert from_file.detect(_rgb()) == in_memory.detect(_rgb()) and len(in_memory.detect(_rgb())) == 2

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dogbreeds.detect.infer import Detection, Detector, crop_box, detect_breeds
 from dogbreeds.errors import DogbreedsError
+from _detect_fakes import FixedBoxes
 
 
 def tiny_detector(seed: int = 0):
@@ -42,16 +43,6 @@ def save_run(model, root: Path) -> Path:
 
     save_detector(model, root / "checkpoints" / "best.safetensors", model.detector_config)
     return root
-
-
-class FixedBoxes:
-    """A detector runner that answers the same boxes for every photo."""
-
-    def __init__(self, boxes, scores):
-        self.boxes, self.scores = np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32)
-
-    def __call__(self, chw):
-        return self.boxes, self.scores, np.ones(len(self.scores), np.int64)
 
 
 @pytest.fixture(scope="module")
