@@ -20,6 +20,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1 (0: off), got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="find every dog in a photo: train and evaluate a dog detector",
                                    description="A dog detector (Faster R-CNN + FPN on this project's backbones) "
@@ -51,6 +68,11 @@ def register(subparsers) -> None:
                        help="backbone feature levels (from the stem) that stay frozen")
     train.add_argument("--multi-dog-repeat", type=_positive_int, default=None,
                        help="each photo with two or more dogs is seen this many times per epoch (default 1)")
+    train.add_argument("--mosaic", type=_probability, default=None, metavar="P",
+                       help="each training sample is, with probability P, a mosaic of 2-4 training photos (a 2x2 "
+                            "grid or two side by side) on a canvas the size of one photo (default 0: off)")
+    train.add_argument("--close-mosaic", type=_non_negative_int, default=None, metavar="N",
+                       help="no mosaics in the last N epochs (as Ultralytics' close_mosaic; default 0)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the training process)")
     train.set_defaults(func=run_train)
@@ -90,7 +112,8 @@ def config_from_args(args):
 
     given = {"data": args.data, "backbone": args.backbone, "weights": args.weights, "out": args.out,
              "breeds": args.breeds, "seed": args.seed}
-    for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "frozen_levels", "workers", "multi_dog_repeat"):
+    for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "frozen_levels", "workers", "multi_dog_repeat",
+                 "mosaic", "close_mosaic"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value

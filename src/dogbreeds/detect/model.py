@@ -91,6 +91,8 @@ class DetectorConfig:
     grad_clip: float = 10.0
     hflip: float = 0.5
     multi_dog_repeat: int = 1           # a photo with 2+ dogs appears this many times per epoch (repeat-factor sampling)
+    mosaic: float = 0.0                 # each training sample is a mosaic of 2-4 photos with this probability (data.py)
+    close_mosaic: int = 0               # ... except in the last this many epochs (Ultralytics' close_mosaic)
     workers: int = 2
     quick: bool = False
     out: str | None = None

@@ -31,7 +31,7 @@ from .model import DetectorConfig, detector_from_config, save_detector
 RESUME_FREE = ("out", "workers", "extra", "score_threshold", "count_nms_iou", "count_containment", "crop_margin",
                "crop_square")
 # Training fields added after runs were made, with the value those runs trained with.
-ADDED_LATER = {"multi_dog_repeat": 1}
+ADDED_LATER = {"multi_dog_repeat": 1, "mosaic": 0.0, "close_mosaic": 0}
 LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal (no progress bar)
 
 
@@ -106,6 +106,36 @@ def epoch_plan(cfg: DetectorConfig, n: int, epoch: int) -> tuple[list[list[int]]
     return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps)], flips
 
 
+def check_mosaic(cfg: DetectorConfig) -> None:
+    """--mosaic is a probability and --close-mosaic a number of epochs: an error naming the value otherwise."""
+    p = cfg.mosaic
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise DogbreedsError(f"mosaic must be a probability between 0 and 1 (0: off), got {p!r}; "
+                             "give e.g. --mosaic 0.5")
+    n = cfg.close_mosaic
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DogbreedsError(f"close_mosaic must be a whole number of epochs >= 0 (0: mosaics until the end), "
+                             f"got {n!r}; give e.g. --close-mosaic 1")
+
+
+def mosaic_plan(cfg: DetectorConfig, n: int, epoch: int) -> "MosaicPlan | None":
+    """Which of the n positions of an epoch's pool are mosaics, with their partners, layout, flips
+    and jitter (data.MosaicPlan): a function of (seed, epoch) only, drawn from a generator of its
+    own (epoch_plan's order and flips are the same with or without mosaics). None when the epoch
+    has none (mosaic 0, or one of the last close_mosaic epochs)."""
+    from .data import MosaicPlan
+
+    check_mosaic(cfg)
+    if cfg.mosaic <= 0 or epoch >= cfg.epochs - cfg.close_mosaic or n < 1:
+        return None
+    rng = np.random.default_rng([int(cfg.seed), int(epoch), 0x6D6F73])  # 'mos'
+    use = rng.random(n) < cfg.mosaic
+    return MosaicPlan(use=use, four=rng.random(n) < 0.5, across=rng.random(n) < 0.5,
+                      split=rng.uniform(0.3, 0.7, (n, 2)), partners=rng.integers(0, n, (n, 3)),
+                      slot=rng.integers(0, 4, n), partner_flips=rng.random((n, 3)) < cfg.hflip,
+                      scale=rng.random((n, 4)), offset=rng.random((n, 4, 2)))
+
+
 def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progress: bool | None = None,
                    data=None) -> Path:
     """Train (or resume) the detector `cfg` describes; returns the run directory."""
@@ -121,6 +151,7 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
         raise DogbreedsError("detect train needs --out (the run directory, e.g. runs/detect_mnv2)")
     if not cfg.data:
         raise DogbreedsError("detect train needs --data (a Stanford Dogs root with Annotation/)")
+    check_mosaic(cfg)
     run = RunDir(cfg.out)
     progress = sys.stderr.isatty() if progress is None else progress
     saved = None
@@ -186,6 +217,8 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
           f"{len(train_records)} train / {len(val_records)} val photos "
           f"({sum(r.count for r in train_records)} dogs)"
           + (f", multi-dog photos x{cfg.multi_dog_repeat} ({len(pool)} per epoch)" if len(pool) != len(train_records) else "")
+          + (f", mosaics with p={cfg.mosaic:g}" + (f" (not in the last {cfg.close_mosaic} epoch(s))"
+                                                   if cfg.close_mosaic else "") if cfg.mosaic > 0 else "")
           + f", {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
           + (f", from epoch {epoch} step {step_in_epoch}" if saved else ""), flush=True)
 
@@ -204,7 +237,7 @@ def train_detector(cfg: DetectorConfig, hooks: DetectHooks | None = None, progre
     with _stop_on_signals() as stop:
         while epoch < cfg.epochs:
             batches, flips = epoch_plan(cfg, len(pool), epoch)
-            dataset = DetectionDataset(pool, flips)
+            dataset = DetectionDataset(pool, flips, mosaic=mosaic_plan(cfg, len(pool), epoch))
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                                                  num_workers=cfg.workers, generator=torch.Generator().manual_seed(0),
                                                  persistent_workers=False)
