@@ -65,6 +65,21 @@ def test_lookup_says_what_it_found(data):
     assert stale.cache is None and f"1 of {len(records)} images" in stale.message
 
 
+def test_lookup_messages_name_paths_as_relative_ones(data, monkeypatch):
+    """Callers resolve the data root; the messages still say where the data is relative to the
+    working directory (`../dogs/...`), not where this machine keeps it."""
+    records = load_dataset(data, breeds="all").train
+    here = data.parent / "project"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    missing = find_prepared_cache(data.resolve(), PP, records)
+    assert str(data.parent.resolve()) not in missing.message
+    assert "at ../dogs/.dogbreeds-cache/" in missing.message and "`dogbreeds data prepare ../dogs --size" in missing.message
+    _prepare(data)
+    found = find_prepared_cache(data.resolve(), PP, records)
+    assert found.cache is not None and "using the prepared cache ../dogs/.dogbreeds-cache/" in found.message
+
+
 def test_train_reads_the_cache_and_gets_the_same_run(data, tiny_recipe, tmp_path, capsys, monkeypatch):
     """With the deterministic 'none' augmentation the cached rows are exactly what decoding and
     resizing give, so a run from the cache must equal a run from the files, bit for bit."""

@@ -29,6 +29,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 from ..errors import DataError, ImageDecodeError
+from .listing import shown_path
 from .resize import PIL_INTERPOLATION, resize_short_side
 
 FORMAT = "dogbreeds-image-cache"
@@ -62,7 +63,7 @@ class ImageCache:
     def open(cls, directory: str | Path) -> "ImageCache":
         index_path = Path(directory) / "index.json"
         if not index_path.is_file():
-            raise DataError(f"{directory} is not an image cache (no index.json); create it with "
+            raise DataError(f"{shown_path(directory)} is not an image cache (no index.json); create it with "
                             "`dogbreeds data prepare DATA --size N --out DIR`")
         index = json.loads(index_path.read_text())
         if index.get("format") != FORMAT or index.get("version") != VERSION:
@@ -180,20 +181,20 @@ def find_prepared_cache(data_root: str | Path, preprocessing, records: Iterable 
     """
     short_side, interpolation = preprocessing.resize_size, preprocessing.interpolation
     directory = default_cache_dir(data_root, short_side, interpolation)
-    command = f"`dogbreeds data prepare {data_root} --size {short_side} --interpolation {interpolation}`"
+    command = f"`dogbreeds data prepare {shown_path(data_root)} --size {short_side} --interpolation {interpolation}`"
     if not (directory / "index.json").is_file():
-        return CacheLookup(None, f"decoding images from files (no prepared cache at {directory}; {command} "
+        return CacheLookup(None, f"decoding images from files (no prepared cache at {shown_path(directory)}; {command} "
                                  "writes one)")
     try:
         cache = ImageCache.open(directory)
     except (DataError, OSError, ValueError) as exc:
-        return CacheLookup(None, f"not using the prepared cache {directory}: {exc}")
+        return CacheLookup(None, f"not using the prepared cache {shown_path(directory)}: {exc}")
     paths = [r.path for r in records]
     outdated = sum(not cache.is_fresh(p) for p in paths)
     if outdated:
-        return CacheLookup(None, f"not using the prepared cache {directory}: {outdated} of {len(paths)} images are "
+        return CacheLookup(None, f"not using the prepared cache {shown_path(directory)}: {outdated} of {len(paths)} images are "
                                  f"missing from it or changed since it was prepared; {command} updates it")
-    return CacheLookup(cache, f"using the prepared cache {directory} ({len(paths)} images, no decoding)")
+    return CacheLookup(cache, f"using the prepared cache {shown_path(directory)} ({len(paths)} images, no decoding)")
 
 
 def _decode_one(job: tuple[str, int, str]) -> dict:

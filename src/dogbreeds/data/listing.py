@@ -93,6 +93,19 @@ def display(path: str | Path) -> str:
     return repr(text) if bad_name_reason(Path(text).name) or _not_utf8(text) else text
 
 
+def shown_path(path: str | Path) -> str:
+    """A path for a message: an absolute one (a resolved data root, a cache folder) relative to
+    the working directory, so messages say `../shared/data/...` as the user typed it rather
+    than where this machine keeps it; escaped like `display`."""
+    text = str(path)
+    if os.path.isabs(text):
+        try:
+            text = os.path.relpath(text)
+        except ValueError:  # another drive (Windows)
+            pass
+    return display(text)
+
+
 def _not_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import folders, stanford_dogs
-from .listing import LeftOut, left_out_summary, warn_left_out
+from .listing import LeftOut, left_out_summary, shown_path, warn_left_out
 from .records import ClassInfo, ImageRecord, breed_display_name
 
 SPLITS = ("train", "val", "test")
@@ -90,8 +90,8 @@ def detect_layout(root: str | Path) -> str:
     """'stanford_dogs' | 'csv' | 'folders', or a DataError saying what was expected and found."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"data root does not exist: {root}; check the path, or fetch Stanford Dogs there with "
-                        f"`dogbreeds data download --dest {root}`")
+        raise DataError(f"data root does not exist: {shown_path(root)}; check the path, or fetch Stanford Dogs there with "
+                        f"`dogbreeds data download --dest {shown_path(root)}`")
     if root.is_dir() and stanford_dogs.is_stanford_dogs(root):
         return "stanford_dogs"
     if folders.find_csv(root) is not None:
@@ -99,7 +99,7 @@ def detect_layout(root: str | Path) -> str:
     if root.is_dir() and folders.is_breed_folders(root):
         return "folders"
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:10] if root.is_dir() else [root.name]
-    raise DataError(f"{root} is not a dataset root. Expected {EXPECTED_LAYOUTS}. Found: {found or 'an empty folder'}")
+    raise DataError(f"{shown_path(root)} is not a dataset root. Expected {EXPECTED_LAYOUTS}. Found: {found or 'an empty folder'}")
 
 
 def scan_source(root: str | Path, left_out: list[LeftOut] | None = None) -> tuple[str, list[ImageRecord]]:

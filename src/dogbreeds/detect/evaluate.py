@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DogbreedsError
+from ..data.listing import shown_path
 
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.30, 0.96, 0.05))
 NMS_IOU_GRID = (0.3, 0.35, 0.4, 0.45, 1.0)             # 1.0: off (the model's own NMS at box_nms_thresh only)
@@ -270,7 +271,7 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
     if trained_on == root and breeds is None:
         data = load_detection_data(root, breeds=cfg.get("breeds", "top20"), seed=cfg.get("seed", 0),
                                    val_fraction=cfg.get("val_fraction", 0.1), test_fraction=cfg.get("test_fraction", 0.2))
-        return data, data.split(split), f"the run's own {split} split of {data_root}"
+        return data, data.split(split), f"the run's own {split} split of {shown_path(data_root)}"
     _, records = scan_source(root)
     present = {r.breed_id for r in records}
     if breeds is None:
@@ -280,9 +281,9 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
     has_split = all(r.split in ("train", "test") for r in records)
     if has_split:
         data = load_detection_data(root, breeds=breeds, seed=cfg.get("seed", 0))
-        return data, data.split(split), f"the {split} split of {data_root}"
+        return data, data.split(split), f"the {split} split of {shown_path(data_root)}"
     data = load_detection_data(root, breeds=breeds, all_as=split)
-    return data, data.split(split), f"every photo of {data_root} (it has no train/test lists)"
+    return data, data.split(split), f"every photo of {shown_path(data_root)} (it has no train/test lists)"
 
 
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
@@ -318,7 +319,7 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     checkpoint = run.checkpoint()
     data, records, origin = evaluation_records(run, data_root, split, breeds)
     if not records:
-        raise DogbreedsError(f"{data_root}: no {split} photos with dog boxes to evaluate ({origin})")
+        raise DogbreedsError(f"{shown_path(data_root)}: no {split} photos with dog boxes to evaluate ({origin})")
     report = data.problem_report()
     if report:
         print("annotation problems:\n  " + report.replace("\n", "\n  "), file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from ..errors import DataError
 from ..infer.backend import check_engine, softmax
 from ..rundir import RunDir
 from . import figures, metrics
+from ..data.listing import shown_path
 
 SPLITS = ("train", "val", "test")
 TTA_CHOICES = (None, "flip")
@@ -114,7 +115,7 @@ def records_for_split(run_dir: str | Path, data_root: str | Path, split: str, cl
     split_args = {key: settings[key] for key in ("seed", "val_fraction", "test_fraction") if settings.get(key) is not None}
     dataset = load_dataset(data_root, breeds=list(classes.breed_ids), **split_args)
     if tuple(dataset.classes.breed_ids) != tuple(classes.breed_ids):
-        raise DataError(f"breeds under {data_root} differ from {run.classes_file}; "
+        raise DataError(f"breeds under {shown_path(data_root)} differ from {run.classes_file}; "
                         "evaluate on data that holds the run's breeds")
     listed = settings.get("files", {}).get(split) if isinstance(settings.get("files"), dict) else None
     if listed is None or not same_root:
@@ -125,7 +126,7 @@ def records_for_split(run_dir: str | Path, data_root: str | Path, split: str, cl
     by_relative = {_relative(record.path, root): record for name in SPLITS for record in dataset.split(name)}
     missing = [f for f in listed if f not in by_relative]
     if missing:
-        raise DataError(f"{len(missing)} file(s) of the run's {split} split are no longer under {root} "
+        raise DataError(f"{len(missing)} file(s) of the run's {split} split are no longer under {shown_path(root)} "
                         f"(first: {missing[0]}); restore them, or evaluate a copy of the data elsewhere")
     records = [replace(by_relative[f], split=split) for f in listed]
     return EvalRecords(records, "run_split", f"{run.split_file} (the run's own {split} list, {len(records)} files)")
@@ -168,7 +169,7 @@ def _other_test_records(run: RunDir, data_root: str | Path, classes: ClassInfo, 
     if not known:
         shown = ", ".join(list(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
         what = f"its test list holds {len(pool)} photo(s)" if official else f"it holds {len(pool)} photo(s)"
-        raise DataError(f"{root} has no photo of the run's {len(classes)} breeds ({what}"
+        raise DataError(f"{shown_path(root)} has no photo of the run's {len(classes)} breeds ({what}"
                         + (f" of {len(unknown)} unknown breed(s): {shown}" if unknown else "")
                         + f"); breeds are matched by id (folder name or CSV label), e.g. {classes.breed_ids[0]}: "
                         f"name the folders as in {run.classes_file}")
@@ -187,14 +188,14 @@ def _other_test_records(run: RunDir, data_root: str | Path, classes: ClassInfo, 
     present = {r.breed_id for r in records}
     absent = [b for b in classes.breed_ids if b not in present]
     kind = "test_list" if official else "all_photos"
-    source = (f"the official test list of {root} ({len(records)} photos of the run's breeds)" if official else
-              f"all photos of the run's breeds under {root} ({len(records)}; it has no test list)")
+    source = (f"the official test list of {shown_path(root)} ({len(records)} photos of the run's breeds)" if official else
+              f"all photos of the run's breeds under {shown_path(root)} ({len(records)}; it has no test list)")
     if left_out:
         source += f"; {len(left_out)} photo(s) the run trained or validated on left out"
     if not isinstance(settings.get("files"), dict):
         source += f"; the run has no {run.split_file.name}, so photos it trained on could not be left out"
     if not records:
-        raise DataError(f"every photo of the run's breeds under {root} ({len(left_out)}, first: {left_out[0]}) is one "
+        raise DataError(f"every photo of the run's breeds under {shown_path(root)} ({len(left_out)}, first: {left_out[0]}) is one "
                         f"the run trained or validated on (see {run.split_file}); evaluate on photos it has not seen")
     return EvalRecords(records, kind, source, unknown, absent, left_out)
 
@@ -287,7 +288,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, split: str = "test"
         print(skipped_report(skipped, f"{split}-split"), file=sys.stderr, flush=True)
     if len(labels) == 0:
         raise DataError(f"every image of the {split} split was unreadable ({len(skipped)} skipped, first: "
-                        f"{skipped[0]['path'] if skipped else '?'}); check {data_root}")
+                        f"{skipped[0]['path'] if skipped else '?'}); check {shown_path(data_root)}")
     summary = metrics.summarize(probs, labels, n_bins=ECE_BINS)
     scores = summary["scores"]
     result = {

@@ -23,6 +23,7 @@ from .checkpoint import (load_resume_state, restore_rng_state, rng_states_of_all
 from .distributed import DistContext, ShardedSampler
 from .optim import apply_freeze, build_optimizer, build_scheduler, resolve_freeze
 from .recipe import Recipe, environment_versions, parse_freeze
+from ..data.listing import shown_path
 
 
 def cpu_bf16_support() -> str | None:
@@ -291,10 +292,10 @@ class Session:
             if all(cache.is_fresh(path) for path in from_root):
                 outlier_cache = PartialCache(cache, from_root)
                 if ctx.is_main:
-                    print(f"outliers: {len(from_root)} photos of other breeds from the prepared cache {cache.directory}, "
+                    print(f"outliers: {len(from_root)} photos of other breeds from the prepared cache {shown_path(cache.directory)}, "
                           f"{len(self.outliers) - len(from_root)} given photos decoded from files", flush=True)
             elif ctx.is_main:
-                print(f"outliers: decoding the other breeds' photos from files ({cache.directory} does not hold "
+                print(f"outliers: decoding the other breeds' photos from files ({shown_path(cache.directory)} does not hold "
                       "them all)", flush=True)
         self.outlier_cache = None if outlier_cache is None else str(cache.directory)
         self.oe_sampler = OutlierSampler(len(self.outliers), self.oe_micro, self.steps_per_epoch * recipe.accum_steps,
@@ -409,7 +410,7 @@ class Session:
         cache, message = find_prepared_cache(self.dataset.root, self.preprocessing, records)
         used_before = saved.get("image_cache") if saved is not None else None
         if saved is not None and used_before is None and cache is not None:
-            message = (f"decoding images from files as before the stop, although {cache.directory} is there now: "
+            message = (f"decoding images from files as before the stop, although {shown_path(cache.directory)} is there now: "
                        "the resumed run stays the same as an unbroken one")
             cache = None
         elif used_before is not None and cache is None:
