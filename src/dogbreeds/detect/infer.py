@@ -460,7 +460,7 @@ def read_detector_metadata(props: dict[str, str], path: Path) -> dict:
         version = int(props.get(META_VERSION, "1"))
         config = json.loads(props.get(META_CONFIG, "{}"))
         threshold = float(props[META_THRESHOLD]) if META_THRESHOLD in props else None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: a nesting bomb
         raise WeightsError(f"{path}: unreadable detector metadata ({exc}); re-export it with "
                            "`dogbreeds detect export DETECTOR_RUN --out FILE.onnx`") from None
     if version > FORMAT_VERSION:

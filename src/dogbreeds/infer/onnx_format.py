@@ -89,7 +89,7 @@ def read_metadata(props: dict[str, str], path: str | Path) -> OnnxContents:
         classes = ClassInfo.from_json(json.loads(props["dogbreeds.classes"]))
         preprocessing = Preprocessing.from_dict(json.loads(props["dogbreeds.preprocessing"]))
         extra = json.loads(props.get("dogbreeds.extra", "{}"))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: a nesting bomb
         raise WeightsError(f"{path}: unreadable dogbreeds metadata ({exc}); re-export it with "
                            "`dogbreeds export RUN --out FILE.onnx`") from None
     if version > FORMAT_VERSION:

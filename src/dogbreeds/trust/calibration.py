@@ -264,7 +264,7 @@ class Calibration:
         try:
             data = json.loads(text)
             banks = base64.b64decode(data["banks"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:  # RecursionError: a nesting bomb
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); re-export the run") from None
         return cls.from_parts(data["calibration"], banks, origin)
 
