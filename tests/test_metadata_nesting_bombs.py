@@ -32,3 +32,17 @@ def test_a_nesting_bomb_is_an_error_naming_the_file(reader):
     with pytest.raises(DogbreedsError, match="hostile.onnx") as info:
         reader()
     assert "unreadable" in str(info.value) and "re-export" in str(info.value)
+
+
+def test_run_files_and_caches_with_a_nesting_bomb_are_errors_naming_the_file(tmp_path):
+    from dogbreeds.data.cache import ImageCache
+    from dogbreeds.rundir import RunDir
+
+    (tmp_path / "split.json").write_text(BOMB)
+    with pytest.raises(DogbreedsError, match="split.json"):
+        RunDir(tmp_path).read_json(tmp_path / "split.json")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_text(BOMB)
+    with pytest.raises(DogbreedsError, match="index.json.*data prepare"):
+        ImageCache.open(cache)

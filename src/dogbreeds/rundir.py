@@ -217,7 +217,7 @@ class RunDir:
     def read_json(self, path: Path) -> Any:
         try:
             return json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: a nesting bomb
             raise DogbreedsError(f"cannot read {path}: {exc}; is {self.path} a run directory written by "
                                  "`dogbreeds train`? Rerun the step that writes it") from None
 
@@ -251,7 +251,7 @@ class RunDir:
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 if number == len(lines):
                     break
                 raise DogbreedsError(f"{self.metrics_file} line {number} is not JSON; rerun the same "

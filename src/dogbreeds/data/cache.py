@@ -65,8 +65,12 @@ class ImageCache:
         if not index_path.is_file():
             raise DataError(f"{shown_path(directory)} is not an image cache (no index.json); create it with "
                             "`dogbreeds data prepare DATA --size N --out DIR`")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT or index.get("version") != VERSION:
+        try:
+            index = json.loads(index_path.read_text())
+        except (ValueError, RecursionError) as exc:  # RecursionError: a nesting bomb
+            raise DataError(f"{shown_path(index_path)} is not valid JSON ({type(exc).__name__}); delete the folder "
+                            "and run `dogbreeds data prepare` again") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
             raise DataError(f"{index_path} is not a version-{VERSION} dogbreeds image cache; "
                             "delete the folder and run `dogbreeds data prepare` again")
         return cls(directory, index)

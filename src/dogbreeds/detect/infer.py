@@ -411,7 +411,7 @@ def check_detector_run(path: Path) -> None:
     sidecar = checkpoint.with_suffix(".json")
     try:
         kind = json.loads(sidecar.read_text()).get("format") if sidecar.is_file() else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return  # the checkpoint reader reports it
     if kind is not None and kind != FORMAT_NAME:
         raise DogbreedsError(f"{path} is not a detector run ({sidecar.name} says format {kind!r}): --detect takes a "

@@ -111,7 +111,7 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
     path = cache_file(name, size, precision, channels_last, device.type, profile_key(profile))
     try:
         record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("layout probe: ignoring %s (%s); probing again", path, exc)
         record = None
     if isinstance(record, dict) and record.get("version") == RECORD_VERSION and isinstance(record.get("conv_mlp"), bool):
