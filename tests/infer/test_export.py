@@ -95,3 +95,18 @@ def test_onnx_backend_takes_any_batch_size(convnext_onnx):
     for n in (1, 7):
         probs = predictor.forward(np.zeros((n, 3, 128, 128), np.float32))
         assert probs.shape == (n, 20)
+
+
+def test_check_images_says_what_it_leaves_out(photos, tmp_path, capsys):
+    from dogbreeds.infer.export import MAX_CHECK_PHOTOS, _check_photos
+    from dogbreeds.rundir import RunDir
+
+    folder = tmp_path / "check"
+    folder.mkdir()
+    for i in range(MAX_CHECK_PHOTOS + 2):
+        (folder / f"p{i:02d}.jpg").write_bytes(photos[i % len(photos)].read_bytes())
+    (folder / "notes.txt").write_text("not a photo")
+    chosen = _check_photos(RunDir(tmp_path), [str(folder)])
+    err = capsys.readouterr().err
+    assert len(chosen) == MAX_CHECK_PHOTOS and chosen[0].name == "p00.jpg"
+    assert "notes.txt" in err and f"first {MAX_CHECK_PHOTOS} of the {MAX_CHECK_PHOTOS + 2} photos" in err

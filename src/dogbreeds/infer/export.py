@@ -14,6 +14,7 @@ reader never sees a half-written or unchecked file:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..data.listing import left_out_report
 from ..errors import DogbreedsError
 from .backend import USE_TORCH, ModelInfo, info_for_model
 from .onnx_format import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, metadata_props
@@ -29,6 +31,7 @@ from .predictor import collect_images
 OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_COUNT = 4
+MAX_CHECK_PHOTOS = 16  # --check-images: at most this many are compared (one batch each way)
 EXPORTERS = ("legacy", "dynamo")
 
 
@@ -178,10 +181,16 @@ def export_onnx(run: str | Path, out: str | Path, opset: int = OPSET, check_imag
 def _check_photos(run, given: list[str] | None) -> list[Path]:
     """Real photos to compare on: the ones given, else the first test photos of the run (a RunDir)."""
     if given:
-        photos = collect_images(given)
+        left_out: list = []
+        photos = collect_images(given, left_out)
+        if left_out:  # files of the given folders or globs that are not photos: say which, and why
+            print(left_out_report(left_out), file=sys.stderr)
         if not photos:
             raise ExportCheckError(f"no images found in --check-images {given}; pass photo files or folders")
-        return photos[:16]
+        if len(photos) > MAX_CHECK_PHOTOS:
+            print(f"export: checking on the first {MAX_CHECK_PHOTOS} of the {len(photos)} photos given to "
+                  "--check-images", file=sys.stderr)
+        return photos[:MAX_CHECK_PHOTOS]
     if run.split_file.is_file():
         split = run.read_split()
         root = Path(split.get("root", run.path))
