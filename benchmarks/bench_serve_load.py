@@ -42,11 +42,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: str, max_batch: int, max_wait_ms: float, max_queue: int) -> tuple[subprocess.Popen, str]:
+def serve_until_healthy(model: str, options: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`dogbreeds serve MODEL OPTIONS...` on a free loopback port; returns once /healthz answers 200."""
     port = free_port()
-    command = [sys.executable, "-m", "dogbreeds.cli", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-               "--max-wait-ms", str(max_wait_ms), "--max-queue", str(max_queue), "--log-level", "warning"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "dogbreeds.cli", "serve", model, "--port", str(port), *options,
+               "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -59,6 +60,11 @@ def start_server(model: str, max_batch: int, max_wait_ms: float, max_queue: int)
             time.sleep(0.2)
     server.kill()
     raise SystemExit("server did not become healthy within 180 s")
+
+
+def start_server(model: str, max_batch: int, max_wait_ms: float, max_queue: int) -> tuple[subprocess.Popen, str]:
+    return serve_until_healthy(model, ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+                                       "--max-queue", str(max_queue)])
 
 
 async def load(url: str, bodies: list[bytes], clients: int, requests: int, max_seconds: float):

@@ -27,34 +27,21 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve_load import PHOTOS, free_port, percentile, rss_mb  # noqa: E402
+from bench_serve_load import PHOTOS, percentile, rss_mb, serve_until_healthy  # noqa: E402
 
 BODY_BYTES = 1_000_000
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "dogbreeds.cli", "serve", args.model, "--port", str(port), "--log-level", "warning"]
+    options = []
     if args.header_timeout is not None:
-        command += ["--header-timeout", str(args.header_timeout)]
+        options += ["--header-timeout", str(args.header_timeout)]
     if args.body_timeout is not None:
-        command += ["--body-timeout", str(args.body_timeout)]
+        options += ["--body-timeout", str(args.body_timeout)]
     env = dict(os.environ)
     if args.src:
         env["PYTHONPATH"] = str(Path(args.src).resolve())
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("server did not become healthy within 180 s")
+    return serve_until_healthy(args.model, options, env)
 
 
 async def slow_client(port: int, interval: float, stop: asyncio.Event, cutoffs: Counter) -> None:
