@@ -114,8 +114,8 @@ def _close(got: np.ndarray, want: np.ndarray, scale: float = 1e-4) -> None:
 
 
 def test_every_runtime_is_registered():
-    assert {"auto", "torch", "torch-compile", "onnxruntime", "int8", "int8-static", "openvino", "openvino-bf16",
-            "torch-bf16", "torch-bf16-compile", "cuda", "cuda-bf16", "cuda-bf16-compile"} <= set(engine_names())
+    assert {"auto", "torch", "torch-compile", "onnxruntime", "onnxruntime-spin", "int8", "int8-static", "openvino",
+            "openvino-bf16", "torch-bf16", "torch-bf16-compile", "cuda", "cuda-bf16", "cuda-bf16-compile"} <= set(engine_names())
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -4,6 +4,9 @@
    only where the CPU has bf16 matrix units (AMX-BF16, AVX512-BF16) or the GPU has bf16
    (compute capability >= 8.0): emulated bf16 is slower than fp32. The CUDA engines only with a
    GPU. OpenVINO only when installed. Compiling engines are not probed (minutes to compile).
+   On a CPU, onnxruntime is probed twice: as the default ("onnxruntime": worker threads sleep
+   between operators) and with spinning worker threads ("onnxruntime-spin"); which is faster
+   depends on the model, the batch and the machine's load (docs/performance.md).
 2. A short probe (`probe`): up to PROBE_PHOTOS real photos (the run's validation split, or the
    photos given), each candidate built (exports cached in RUN/export/ as usual), run on all of
    them, then timed on batches of PROBE_BATCH. Its logits are compared with fp32 PyTorch's.
@@ -20,9 +23,13 @@ The choice, what was measured and why engines were skipped are written next to t
 (RunDir.engine_choice_file: engine-choice-<model key>-<machine key>.json) and read back by the
 next start on the same kind of machine (no probe, and no torch when the chosen engine's export is
 cached); another machine profile (machine.profile_key: CPU model, ISA, cores, GPU, runtime
-versions) probes again. The backend carries the record as `backend.auto_choice`, shown by
+versions) probes again, and so does a record of an older RECORD_VERSION. The backend carries the record as `backend.auto_choice`, shown by
 `predict --verbose`, /healthz and `dogbreeds bench`. With no photos to probe on, "auto" is
 onnxruntime (fp32), unprobed, as before.
+
+The service (`dogbreeds serve`) never runs a spinning engine that "auto" chose: `without_spinning`
+gives it the same export in the sleeping session (the probe times the engine alone; the service
+decodes photos on the same cores, which spinning threads take). `--engine onnxruntime-spin` still forces it.
 """
 from __future__ import annotations
 
@@ -50,9 +57,9 @@ LOW_PRECISION_MARGIN = 1.05  # bf16 / int8 must be this much faster than the fas
 SWITCH_MARGIN = 1.05    # another fp32 engine replaces the default (AUTO_ENGINE) only when this much faster:
                         # a 1% lead is probe noise on a shared CPU (openvino at 1.01x the default was cached
                         # once and then ran MobileNetV2 at 0.53x plain onnxruntime in the next bench)
-RECORD_VERSION = 2      # 2: SWITCH_MARGIN (records of version 1 are probed again)
+RECORD_VERSION = 3      # 2: SWITCH_MARGIN; 3: onnxruntime-spin probed too (older records are probed again)
 
-PRECISION = {"onnxruntime": "fp32", "torch": "fp32", "torch-compile": "fp32", "openvino": "fp32", "cuda": "fp32",
+PRECISION = {"onnxruntime": "fp32", "onnxruntime-spin": "fp32", "torch": "fp32", "torch-compile": "fp32", "openvino": "fp32", "cuda": "fp32",
              "int8": "int8", "int8-static": "int8",
              "torch-bf16": "bf16", "torch-bf16-compile": "bf16", "openvino-bf16": "bf16",
              "cuda-bf16": "bf16", "cuda-bf16-compile": "bf16"}
@@ -137,14 +144,14 @@ def candidates(profile: dict, openvino: bool, include_compile: bool = False) -> 
             for engine in ("cuda-bf16", "cuda-bf16-compile"):
                 skipped[engine] = (f"{gpu.get('name')} has compute capability {gpu.get('compute_capability')} "
                                    "< 8.0: no bf16")
-        for engine in ("openvino", "openvino-bf16", "int8", "int8-static", "torch-bf16", "torch-compile",
-                       "torch-bf16-compile"):
+        for engine in ("onnxruntime-spin", "openvino", "openvino-bf16", "int8", "int8-static", "torch-bf16",
+                       "torch-compile", "torch-bf16-compile"):
             skipped[engine] = "a CUDA GPU is present: only the CPU fp32 references are probed beside it"
         return chosen, skipped
 
     for engine in ("cuda", "cuda-bf16", "cuda-bf16-compile"):
         skipped[engine] = "no CUDA GPU"
-    chosen += ["torch", "onnxruntime"]
+    chosen += ["torch", "onnxruntime", "onnxruntime-spin"]  # the default session, and the same with spinning threads
     if openvino:
         chosen.append("openvino")
     else:
@@ -329,6 +336,27 @@ def summary(record: dict | None) -> str:
             f"measured on {record.get('machine')} ({record.get('created')})")
 
 
+def without_spinning(backend: Backend) -> Backend:
+    """`backend`, or, when "auto" chose a spinning engine (onnxruntime-spin), the same export in the
+    default, sleeping session, its record saying so: what `dogbreeds serve` runs. The service
+    decodes uploads on threads of the same cores while the model runs; spinning workers busy-wait
+    on them between operators (docs/serving.md). A spinning engine named with --engine (no
+    auto_choice) is kept: the user asked for it."""
+    from .runtime_onnxruntime import FP32, SPIN, OrtBackend
+
+    record = backend.auto_choice
+    if not record or backend.kind != SPIN:
+        return backend
+    sleeping = OrtBackend(backend.path, threads=getattr(backend, "threads", None), kind=FP32,
+                          checkpoint=backend.checkpoint)
+    measured = next((m for m in record.get("measured") or [] if m.get("engine") == FP32), {})
+    sleeping.auto_choice = {**record, "engine": FP32, "chose": SPIN,
+                            **{k: measured[k] for k in ("images_per_s", "agreement", "max_prob_diff") if k in measured},
+                            "why": f"{record.get('why')}; the service runs {FP32} instead of {SPIN}: spinning "
+                                   "threads take the cores its decoding needs (docs/serving.md)"}
+    return sleeping
+
+
 # --- the records -------------------------------------------------------------------------------------
 
 def choice_file(cache_dir: Path, model_key: str, profile: str) -> Path:
@@ -346,7 +374,7 @@ def read_choice(path: Path, photos: list[Path] | None = None) -> dict | None:
         return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("auto: ignoring %s (%s); probing again", path, exc)
         return None
     if (not isinstance(record, dict) or record.get("version") != RECORD_VERSION

@@ -124,10 +124,17 @@ class Predictor:
         return cls(OrtBackend(path), **kwargs)
 
     @classmethod
-    def from_path(cls, path: str | Path, engine: str = DEFAULT_ENGINE, **kwargs) -> "Predictor":
+    def from_path(cls, path: str | Path, engine: str = DEFAULT_ENGINE, spinning: bool = True,
+                  **kwargs) -> "Predictor":
         """`.onnx` files run on onnxruntime (no torch); anything else is a run or checkpoint,
-        run on `engine` (see `from_run`)."""
-        return cls(open_path(path, engine=engine), **kwargs)
+        run on `engine` (see `from_run`). spinning=False (the service): when "auto" chose
+        onnxruntime-spin, run the same export in the default, sleeping session (auto.without_spinning)."""
+        backend = open_path(path, engine=engine)
+        if not spinning:
+            from .auto import without_spinning
+
+            backend = without_spinning(backend)
+        return cls(backend, **kwargs)
 
     @property
     def classes(self) -> ClassInfo:

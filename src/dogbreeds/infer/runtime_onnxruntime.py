@@ -16,6 +16,11 @@ QUANTISED_OPS_KEY), and such a backend says so (`OrtBackend.not_quantised`): "au
 and matrix products, activation ranges calibrated on real photos (the run's validation split,
 or the photos given: ModelInfo.photos); its file name carries a hash of the calibration photos.
 "auto" (infer/auto.py) chooses either only where it agrees with fp32 on real photos.
+"onnxruntime-spin" is the same fp32 export and the same tuned session with spinning worker
+threads (`session.intra_op.allow_spinning` = 1, onnxruntime's own default): a thread that finished
+its share of one operator busy-waits for the next instead of sleeping, which saves a wake-up per
+operator (most at batch 1 on a model of many small operators) and costs the cores it spins on.
+"auto" probes both; the service never runs the spinning one unless named (`without_spinning`).
 
 Exports of a run are cached in RUN/export/ under the run's key (backend.checkpoint_key), so the
 second start opens the file without torch, and a changed checkpoint gets a new export. The
@@ -34,6 +39,8 @@ from .backend import USE_TORCH, Backend, ModelInfo, Runtime, model_key, physical
 from .onnx_format import read_metadata
 
 FP32, INT8, INT8_STATIC = "onnxruntime", "int8", "int8-static"
+SPIN = "onnxruntime-spin"  # FP32's export and session, with spinning intra-op threads
+SPINNING_KEY = "session.intra_op.allow_spinning"
 INT8_SCHEME = "fp32head"  # in the int8 file name: change it when quantize_int8 changes, so old int8 exports miss
 STATIC_SCHEME = "qdq1"     # the same for quantize_static_int8
 CALIBRATION_PHOTOS = 32    # photos the static int8 ranges are calibrated on
@@ -45,13 +52,15 @@ INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"
 QDQ_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def session(path: str | Path, threads: int | None = None, tuned: bool = True):
+def session(path: str | Path, threads: int | None = None, tuned: bool = True, spinning: bool = False):
     """An onnxruntime CPU session for `path`, the one way this package makes them.
 
     Tuned (the default): every graph optimisation (fusions and the NCHWc layout), one intra-op
     thread per physical core, sequential execution, and worker threads that sleep instead of
     spinning (spinning threads steal the cores that decoding and other processes need).
-    tuned=False: onnxruntime's defaults, for `dogbreeds bench` to compare against."""
+    spinning=True (engine "onnxruntime-spin"): the same, with worker threads that spin between
+    operators (SPINNING_KEY = 1). tuned=False: onnxruntime's defaults, for `dogbreeds bench` to
+    compare against."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -63,7 +72,7 @@ def session(path: str | Path, threads: int | None = None, tuned: bool = True):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or physical_cores()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry(SPINNING_KEY, "1" if spinning else "0")
     elif threads:
         options.intra_op_num_threads = threads
     try:
@@ -107,10 +116,12 @@ class OrtBackend(Backend):
     """A dogbreeds ONNX file (onnx_format.py) in an onnxruntime session; numpy in, numpy out."""
 
     def __init__(self, path: str | Path, threads: int | None = None, kind: str = FP32,
-                 checkpoint: Path | None = None, tuned: bool = True):
+                 checkpoint: Path | None = None, tuned: bool = True, spinning: bool | None = None):
+        """spinning: None = as `kind` says (SPIN spins, every other kind sleeps)."""
         import onnxruntime as ort
 
-        self.session = session(path, threads, tuned)
+        self.spinning = (kind == SPIN) if spinning is None else bool(spinning)
+        self.session = session(path, threads, tuned, spinning=self.spinning)
         self.contents = read_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         info = ModelInfo(self.contents.classes, self.contents.preprocessing, self.contents.name,
                          metadata=self.contents.record, checkpoint=checkpoint)
@@ -118,7 +129,8 @@ class OrtBackend(Backend):
         self.kind = kind
         self.threads = self.session.get_session_options().intra_op_num_threads or None
         self._input = self.session.get_inputs()[0].name
-        options = f"tuned, {self.threads} threads" if tuned else "default options"
+        options = (f"tuned, {self.threads} threads{', spinning' if self.spinning else ''}" if tuned
+                   else "default options")
         legacy = "" if self.contents.has_features else ", format 1: no features"
         self.quantised_ops = self._quantised_ops(path) if kind in (INT8, INT8_STATIC) else None
         honest = " (nothing quantised: the fp32 graph)" if self.quantised_ops == 0 else ""
@@ -159,7 +171,7 @@ class OrtBackend(Backend):
 def cache_path(cache_dir: str | Path, key: str, kind: str, photos: list[Path] | None = None) -> Path:
     """Where the export for `kind` ("onnxruntime", "int8", "int8-static") of the weights named `key`
     is kept; int8-static's name also names its calibration photos."""
-    if kind == FP32:
+    if kind in (FP32, SPIN):  # one fp32 export; SPIN differs in its session only
         return Path(cache_dir) / f"model-{key}.onnx"
     if kind == INT8_STATIC:
         return Path(cache_dir) / f"model-{key}-{STATIC_SCHEME}-{photo_set_key(photos or [])}-int8.onnx"
@@ -199,7 +211,7 @@ def _from_model(model, kind: str, info: ModelInfo, cache_dir: Path | None, threa
         raise DogbreedsError(f"engine {kind!r} needs onnxruntime (pip install onnxruntime); or {USE_TORCH}") from exc
     with tempfile.TemporaryDirectory(prefix="dogbreeds-export-") as scratch:
         folder = cache_dir if cache_dir is not None else Path(scratch)
-        path, exported = ensure_export(model, kind, info, folder)
+        path, exported = ensure_export(model, FP32 if kind == SPIN else kind, info, folder)
         backend = OrtBackend(path, threads=threads, kind=kind, checkpoint=info.checkpoint)  # the session holds the graph
     backend.exported = exported
     return backend
@@ -351,6 +363,8 @@ def quantize_static_int8(fp32_path: Path, int8_path: Path, photos: list[Path], i
 
 register(Runtime(
     engines={FP32: "onnxruntime (tuned session) on the ONNX export of the model, cached in RUN/export/ for a run",
+             SPIN: "onnxruntime fp32 as 'onnxruntime', with spinning worker threads: fewer wake-ups per operator, "
+                   "but they busy-wait on the cores decoding needs (docs/performance.md); never chosen for serve",
              INT8: "onnxruntime with dynamic int8 matrix products, classifier fp32: faster, but it changes the numbers "
                    "(docs/performance.md)",
              INT8_STATIC: "onnxruntime static int8 (QDQ) calibrated on the run's validation photos, classifier fp32: "

@@ -79,7 +79,7 @@ def _serve(args) -> int:
               "authentication. Put it behind a reverse proxy with TLS and auth, or use --host 127.0.0.1.",
               file=sys.stderr)
     bound_native_memory()  # big decodes' memory goes back to the OS (serve/app.py)
-    predictor = Predictor.from_path(args.model, engine=args.engine, threshold=args.threshold,
+    predictor = Predictor.from_path(args.model, engine=args.engine, spinning=False, threshold=args.threshold,
                                     ood_threshold=args.ood_threshold, coverage=args.coverage)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
