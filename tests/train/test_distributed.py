@@ -49,3 +49,30 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_data, t
     assert max((one[k].float() - initial[k].float()).abs().max().item() for k in one) > 1e-3
     diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     assert diff <= 1e-5, f"max abs difference {diff}"
+
+
+def test_outlier_exposure_under_two_processes(tiny_data, tmp_path):
+    """Each process draws its own outlier stream (seeded by rank) in the same forward as its breed
+    photos; --oe-batch-size is global like --batch-size (split over the processes), and the epoch's
+    outlier count and OE loss are summed over both."""
+    import json
+
+    from .conftest import BREEDS
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _train_args(tiny_data, tmp_path / "oe")
+    args[args.index("--breeds") + 1] = ",".join(BREEDS[:2])  # the third breed is the outlier breed
+    args += ["--outlier-exposure", "--oe-batch-size", "2", "--no-calibrate"]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dogbreeds.cli", *args],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "oe" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    steps = lines[0]["step"]
+    for line in lines:  # 2 outliers per optimizer step in all, one from each process
+        assert line["outlier_images"] == 2 * steps
+        assert 0.69 <= line["train_oe_loss"] < 10  # >= ln 2, the floor for 2 breeds
+    record = json.loads((tmp_path / "oe" / "split.json").read_text())["outliers"]
+    assert record["breeds"] == [BREEDS[2]]
