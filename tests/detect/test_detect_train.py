@@ -67,18 +67,28 @@ def test_train_writes_the_run_directory(tiny_detector_run, box_root):
     assert run.checkpoint_path("last").read_bytes() == before and len(run.read_metrics()) == 1
 
 
-@pytest.mark.slow  # three tiny trainings (~30 s on a loaded 2-core CPU)
-def test_resume_is_bit_identical(box_root, tmp_path):
+@pytest.mark.slow  # three tiny trainings each (~30 s on a loaded 2-core CPU)
+@pytest.mark.parametrize("mosaic", [0.0, 0.75], ids=["plain", "mosaic"])
+def test_resume_is_bit_identical(box_root, tmp_path, mosaic):
+    settings = dict(epochs=2, mosaic=mosaic)
+    if mosaic:  # the step resumed (epoch 1, its second batch) holds a mosaic: its partners and jitter are replayed
+        from dogbreeds.detect.data import load_detection_data
+        from dogbreeds.detect.train import epoch_plan, mosaic_plan
+
+        cfg = tiny_config(box_root, tmp_path / "unused", **settings)
+        n = len(load_detection_data(box_root, breeds="all").split("train"))
+        batches, _ = epoch_plan(cfg, n, 1)
+        assert mosaic_plan(cfg, n, 1).use[batches[1]].any()
     straight = tmp_path / "straight"
-    train_detector(tiny_config(box_root, straight, epochs=2), progress=False)
+    train_detector(tiny_config(box_root, straight, **settings), progress=False)
 
     broken = tmp_path / "broken"
     stop_at = DetectHooks(after_step=lambda epoch, step: (epoch, step) == (1, 1))
     with pytest.raises(TrainingStopped):
-        train_detector(tiny_config(box_root, broken, epochs=2), hooks=stop_at, progress=False)
+        train_detector(tiny_config(box_root, broken, **settings), hooks=stop_at, progress=False)
     assert len(RunDir(broken).read_metrics()) == 1
     assert not read_detector_meta(RunDir(broken).checkpoint_path("last"))["extra"]["epoch_completed"]
-    train_detector(tiny_config(box_root, broken, epochs=2), progress=False)
+    train_detector(tiny_config(box_root, broken, **settings), progress=False)
 
     a = load_file(str(RunDir(straight).checkpoint_path("last")))
     b = load_file(str(RunDir(broken).checkpoint_path("last")))
