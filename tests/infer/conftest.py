@@ -41,18 +41,26 @@ def predict_without_torch():
     return run
 
 
-def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128, num_classes: int = 20) -> Path:
+def make_run(root: Path, model_name: str, mini_root: Path, input_size: int = 128, num_classes: int = 20,
+             val_per_breed: int = 0) -> Path:
+    """A random-init run (seed 0) of the first `num_classes` mini breeds; with val_per_breed, a
+    split.json naming that many real validation photos per breed (what "auto" probes on)."""
     import torch
 
     from dogbreeds.data.records import ClassInfo
     from dogbreeds.models.checkpoint_format import save_model_checkpoint
-    from dogbreeds.models.factory import create_model
+    from dogbreeds.models.factory import create_model, set_preprocessing
 
     torch.manual_seed(0)
     breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:num_classes]
     model = create_model(model_name, num_classes=num_classes)
-    model.preprocessing = model.preprocessing.with_input_size(input_size)
+    set_preprocessing(model, model.preprocessing.with_input_size(input_size))
     save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
+    if val_per_breed:
+        val = [str(p.relative_to(mini_root)) for b in breeds
+               for p in sorted((mini_root / "Images" / b).glob("*.jpg"))[:val_per_breed]]
+        (root / "split.json").write_text(json.dumps({"root": str(mini_root),
+                                                     "files": {"train": [], "val": val, "test": []}}))
     return root
 
 

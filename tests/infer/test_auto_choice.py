@@ -15,6 +15,8 @@ from dogbreeds.errors import DogbreedsError
 from dogbreeds.infer import auto
 from dogbreeds.infer.backend import open_run
 
+from .conftest import make_run
+
 AMD = {"cpu": {"model": "AMD EPYC", "cores": 2, "flags": {"avx2": True, "fma": True}}, "gpu": []}
 XEON_AMX = {"cpu": {"model": "Intel Xeon", "cores": 2,
                     "flags": {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": True, "amx_int8": True}},
@@ -106,21 +108,8 @@ def probe_run(tmp_path_factory, mini_root) -> Path:
     """A random-init ConvNeXt-atto (64 px, 4 breeds) with a split.json naming 8 real validation photos.
     ConvNeXt, not MobileNetV2: its int8 export has matrix products to quantise (MobileNetV2's has
     none, and the probe skips it: test_an_int8_engine_that_quantised_nothing_is_skipped)."""
-    import torch
-
-    from dogbreeds.data.records import ClassInfo
-    from dogbreeds.models.checkpoint_format import save_model_checkpoint
-    from dogbreeds.models.factory import create_model, set_preprocessing
-
-    root = tmp_path_factory.mktemp("probe_run")
-    breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:4]
-    torch.manual_seed(0)
-    model = create_model("convnext_atto", num_classes=4)
-    set_preprocessing(model, model.preprocessing.with_input_size(64))
-    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
-    val = [str(p.relative_to(mini_root)) for b in breeds for p in sorted((mini_root / "Images" / b).glob("*.jpg"))[:2]]
-    (root / "split.json").write_text(json.dumps({"root": str(mini_root), "files": {"train": [], "val": val, "test": []}}))
-    return root
+    return make_run(tmp_path_factory.mktemp("probe_run"), "convnext_atto", mini_root, input_size=64, num_classes=4,
+                    val_per_breed=2)
 
 
 @pytest.fixture(scope="module")

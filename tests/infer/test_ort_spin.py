@@ -15,6 +15,8 @@ from dogbreeds.infer import auto
 from dogbreeds.infer.backend import open_run, run_key
 from dogbreeds.infer.runtime_onnxruntime import FP32, SPIN, SPINNING_KEY
 
+from .conftest import make_run
+
 AMD = {"cpu": {"model": "AMD EPYC", "cores": 2, "flags": {"avx2": True, "fma": True}}, "gpu": []}
 
 
@@ -26,20 +28,8 @@ def spinning_entry(backend) -> str:
 @pytest.fixture(scope="module")
 def spin_run(tmp_path_factory, mini_root) -> Path:
     """A random-init MobileNetV2-050 run (64 px, 4 breeds) with 8 real validation photos; its fp32 export cached."""
-    import torch
-
-    from dogbreeds.data.records import ClassInfo
-    from dogbreeds.models.checkpoint_format import save_model_checkpoint
-    from dogbreeds.models.factory import create_model, set_preprocessing
-
-    root = tmp_path_factory.mktemp("spin_run")
-    breeds = sorted(p.name for p in (mini_root / "Images").iterdir())[:4]
-    torch.manual_seed(0)
-    model = create_model("mobilenetv2_050", num_classes=4)
-    set_preprocessing(model, model.preprocessing.with_input_size(64))
-    save_model_checkpoint(model, root / "checkpoints" / "best.safetensors", ClassInfo(tuple(breeds)))
-    val = [str(p.relative_to(mini_root)) for b in breeds for p in sorted((mini_root / "Images" / b).glob("*.jpg"))[:2]]
-    (root / "split.json").write_text(json.dumps({"root": str(mini_root), "files": {"train": [], "val": val, "test": []}}))
+    root = make_run(tmp_path_factory.mktemp("spin_run"), "mobilenetv2_050", mini_root, input_size=64, num_classes=4,
+                    val_per_breed=2)
     open_run(root, engine=FP32)
     return root
 
