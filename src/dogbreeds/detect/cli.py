@@ -96,6 +96,11 @@ def register(subparsers) -> None:
                           help="with --split val and --breeds-run: choose the crop of each box for the breed run (its "
                                "margin, and the box's shape or a square around it; best breed accuracy) and save it "
                                "in the run's checkpoint")
+    evaluate.add_argument("--choose-size", action="store_true",
+                          help="with --split val (implies --choose-count): also choose the resize at inference (1, "
+                               "1.2, 1.4 or 1.6 times the training min/max size; the model NMS and count rule "
+                               "chosen for each; best exact count, then multi-dog count, then mAP, then the smaller "
+                               "size) and save it in the run's checkpoint (weights unchanged)")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:
@@ -138,9 +143,10 @@ def run_evaluate(args) -> int:
 
     result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
                                score_threshold=args.score_threshold, engine=args.engine,
-                               choose_count=args.choose_count, choose_margin=args.choose_margin)
+                               choose_count=args.choose_count, choose_margin=args.choose_margin,
+                               choose_size=args.choose_size)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
-            "count_nms_iou", "count_containment", "box_nms_thresh", "crop_margin", "crop_square",
+            "count_nms_iou", "count_containment", "box_nms_thresh", "inference_size", "crop_margin", "crop_square",
             "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
     print(json.dumps({k: result.get(k) for k in keys}, indent=1))
     print(f"wrote {result['figure']} and the full result to RUN/eval/{args.split}.json", file=sys.stderr)

@@ -16,6 +16,9 @@ saved in the checkpoint; --score-threshold overrides it. A detection "counts" as
 (class-agnostic NMS at count_nms_iou, and a box covering / covered by a better one by more than
 count_containment of the smaller), chosen with the threshold on the validation photos: by training
 after each epoch, or for an existing run by `detect evaluate RUN --split val --choose-count`.
+`--choose-size` also chooses the resize at inference (`SIZE_FACTOR_GRID` times the training
+min_size / max_size), with the model NMS and the count rule chosen for each size
+(`choose_inference_size`); the weights are unchanged.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ CONTAINMENT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)       # 1.0: off
 BOX_NMS_GRID = (0.5, 0.6, 0.7)                          # the model's own NMS IoU (box_nms_thresh), --choose-count
 MARGIN_GRID = (0.0, 0.1, 0.2, 0.3, 0.5)                 # crop margin before the breed run, --choose-margin ...
 SQUARE_GRID = (False, True)                             # ... and the crop's shape (the box's, or a square around it)
+SIZE_FACTOR_GRID = (1.0, 1.2, 1.4, 1.6)                 # inference resize, times the training min_size / max_size (--choose-size)
 MATCH_IOU = 0.5
 
 
@@ -288,17 +292,25 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
 
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
-                      figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False) -> dict:
+                      figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False,
+                      choose_size: bool = False) -> dict:
     """Evaluate a detector run on a split. choose_count (validation only): choose the model's NMS
     IoU (`BOX_NMS_GRID`), the score threshold and the count rule on these photos (`choose_counting`);
-    choose_margin (validation only, with a breed run): the crop margin with the best end-to-end
-    breed accuracy (`MARGIN_GRID`). Both are saved in the config of the run's checkpoint, so that
-    predict, the service and later evaluations use them."""
+    choose_size (validation only, implies choose_count): the same at each inference size of
+    `size_grid`, and the size too (`choose_inference_size`); choose_margin (validation only, with a
+    breed run): the crop margin with the best end-to-end breed accuracy (`MARGIN_GRID`). All are saved in the
+    config of the run's checkpoint, so that predict, the service, the export and later evaluations use them."""
     import time
 
     from ..rundir import RunDir
     from .model import load_detector, read_detector_meta
 
+    if choose_size and split != "val":
+        raise DogbreedsError(f"--choose-size chooses the inference size on the validation photos: use --split val "
+                             f"(not {split}), then evaluate --split test")
+    if choose_size and score_threshold is not None:
+        raise DogbreedsError("--choose-size chooses the score threshold for each size itself: leave out --score-threshold")
+    choose_count = choose_count or choose_size
     if choose_count and split != "val":
         raise DogbreedsError(f"--choose-count chooses the count threshold and rule on the validation photos: "
                              f"use --split val (not {split}), then evaluate --split test")
@@ -326,7 +338,15 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     started = time.perf_counter()
     predictions = predict_records(model, records)
     seconds = time.perf_counter() - started
-    if choose_count:
+    options = None
+    if choose_size:
+        size, box_nms, predictions, (chosen, nms_iou, containment), seconds, options = choose_inference_size(
+            model, records, predictions, cfg, seconds)
+        min_size, max_size = size
+        cfg = save_settings(run, infer_min_size=min_size, infer_max_size=max_size, box_nms_thresh=box_nms,
+                            score_threshold=chosen, count_nms_iou=nms_iou, count_containment=containment)
+        checkpoint = run.checkpoint()
+    elif choose_count:
         box_nms, predictions, (chosen, nms_iou, containment), seconds = choose_counting(model, records, predictions,
                                                                                        cfg.box_nms_thresh, seconds)
         cfg = save_settings(run, box_nms_thresh=box_nms, score_threshold=chosen, count_nms_iou=nms_iou,
@@ -335,13 +355,16 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     rule = (cfg.count_nms_iou, cfg.count_containment)
     result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
-              "min_size": cfg.min_size, "max_size": cfg.max_size, "box_nms_thresh": cfg.box_nms_thresh,
+              "min_size": cfg.min_size, "max_size": cfg.max_size, "inference_size": list(cfg.inference_size()),
+              "box_nms_thresh": cfg.box_nms_thresh,
               "records_from": origin,
               "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
               **score_detections(predictions, [r.boxes for r in records], threshold, rule),
               "detect_seconds_per_photo": seconds / len(records),
               "annotation_problems": data.problem_counts(),
               "annotation_problem_files": [p.to_dict() for p in data.problems][:200]}
+    if options is not None:
+        result["size_options"] = options  # every (size, model NMS) tried, each with its own count rule
     labels = None
     if breeds_run is not None:
         from ..infer.predictor import Predictor
@@ -365,30 +388,80 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     return result
 
 
-def choose_counting(model, records, predictions: list[dict], box_nms: float, seconds: float):
-    """(box_nms_thresh, its predictions, (score threshold, count_nms_iou, count_containment), seconds
-    per pass) with the best exact count on these photos over BOX_NMS_GRID (the model's own NMS, which
-    can suppress a dog's box under its neighbour's), ties: the multi-dog count, then mAP, then the
-    current setting, then the lower IoU. `predictions` are the model's at `box_nms`; the others are made here."""
+def _counting_options(model, records, predictions: list[dict] | None, box_nms: float, seconds: float) -> list[dict]:
+    """One option per model NMS IoU of BOX_NMS_GRID (and `box_nms`) at the model's current resize:
+    {"box_nms", "preds", "rule" (threshold, count_nms_iou, count_containment) chosen for it, "scores",
+    "seconds" (of its pass)}. `predictions` are the model's at `box_nms` (timed `seconds`), or None."""
     import time
 
     gts = [r.boxes for r in records]
     options = []
     for nms in sorted(set(BOX_NMS_GRID) | {float(box_nms)}):
-        if nms == float(box_nms):
-            preds = predictions
+        if nms == float(box_nms) and predictions is not None:
+            preds, took = predictions, seconds
         else:
             model.roi_heads.nms_thresh = nms
             started = time.perf_counter()
             preds = predict_records(model, records)
-            seconds = min(seconds, time.perf_counter() - started)
+            took = time.perf_counter() - started
         rule = best_counting(preds, gts)
-        scores = score_detections(preds, gts, rule[0], rule[1:])
-        options.append(((scores["exact_count"], scores["exact_count_multi"] or 0.0, scores["map"], nms == box_nms,
-                         -nms), nms, preds, rule))
-    _, nms, preds, rule = max(options, key=lambda o: o[0])
-    model.roi_heads.nms_thresh = nms
-    return float(nms), preds, rule, seconds
+        options.append({"box_nms": float(nms), "preds": preds, "rule": rule, "seconds": took,
+                        "scores": score_detections(preds, gts, rule[0], rule[1:])})
+    return options
+
+
+def _count_key(option: dict) -> tuple:
+    """The order every post-processing choice on val uses: exact count, then the multi-dog count, then mAP."""
+    scores = option["scores"]
+    return scores["exact_count"], scores["exact_count_multi"] or 0.0, scores["map"]
+
+
+def choose_counting(model, records, predictions: list[dict], box_nms: float, seconds: float):
+    """(box_nms_thresh, its predictions, (score threshold, count_nms_iou, count_containment), seconds
+    per pass) with the best exact count on these photos over BOX_NMS_GRID (the model's own NMS, which
+    can suppress a dog's box under its neighbour's), ties: the multi-dog count, then mAP, then the
+    current setting, then the lower IoU. `predictions` are the model's at `box_nms`; the others are made here."""
+    options = _counting_options(model, records, predictions, box_nms, seconds)
+    best = max(options, key=lambda o: (*_count_key(o), o["box_nms"] == float(box_nms), -o["box_nms"]))
+    model.roi_heads.nms_thresh = best["box_nms"]
+    return best["box_nms"], best["preds"], best["rule"], min(o["seconds"] for o in options)
+
+
+def size_grid(cfg, factors=SIZE_FACTOR_GRID) -> list[tuple[int, int]]:
+    """The inference sizes --choose-size tries: (min_size, max_size) of the training resize times each
+    factor (the same aspect logic as torchvision's: scale = min(min_size / short side, max_size / long
+    side)), and the run's current inference size; smallest first."""
+    sizes = {(int(round(cfg.min_size * f)), int(round(cfg.max_size * f))) for f in factors}
+    sizes.add(tuple(cfg.inference_size()))
+    return sorted(sizes)
+
+
+def choose_inference_size(model, records, predictions: list[dict], cfg, seconds: float,
+                          factors=SIZE_FACTOR_GRID):
+    """((min_size, max_size), box_nms_thresh, its predictions, (score threshold, count_nms_iou,
+    count_containment), seconds per pass at that size, the table of every option) with the best exact
+    count on these photos over `size_grid` x BOX_NMS_GRID, the count rule chosen for each pair. Ties:
+    the multi-dog count, then mAP (as `choose_counting`), then the smaller size (less detector time),
+    then the current model NMS, then the lower IoU. `predictions` are the model's at the run's current
+    inference size and NMS (timed `seconds`); the others are made here. The model is left at the choice."""
+    current = tuple(cfg.inference_size())
+    options = []
+    for size in size_grid(cfg, factors):
+        model.transform.min_size, model.transform.max_size = (size[0],), size[1]
+        for option in _counting_options(model, records, predictions if size == current else None,
+                                        cfg.box_nms_thresh, seconds):
+            options.append({**option, "size": size})
+    best = max(options, key=lambda o: (*_count_key(o), -o["size"][0], -o["size"][1],
+                                       o["box_nms"] == float(cfg.box_nms_thresh), -o["box_nms"]))
+    model.transform.min_size, model.transform.max_size = (best["size"][0],), best["size"][1]
+    model.roi_heads.nms_thresh = best["box_nms"]
+    took = min(o["seconds"] for o in options if o["size"] == best["size"])
+    table = [{"min_size": o["size"][0], "max_size": o["size"][1], "box_nms_thresh": o["box_nms"],
+              "count_threshold": o["rule"][0], "count_nms_iou": o["rule"][1], "count_containment": o["rule"][2],
+              **{k: o["scores"][k] for k in ("map", "ap50", "recall_at_10", "exact_count", "exact_count_multi")},
+              "seconds_per_photo": o["seconds"] / max(1, len(records)), "chosen": o is best} for o in options]
+    return best["size"], best["box_nms"], best["preds"], best["rule"], took, table
+
 
 
 def choose_crop(predictor, records, predictions: list[dict], threshold: float, rule: tuple[float, float],

@@ -1,8 +1,9 @@
 """The detector to ONNX: `dogbreeds detect export DETECTOR_RUN --out det.onnx`.
 
 The whole torchvision detection model goes into the graph (its transform: normalisation and
-the min_size/max_size resize; backbone, FPN, RPN, RoIAlign, box head, box decoding, NMS and
-the rescale of boxes to the input photo's pixels), so the torch-free path (detect/infer.py:
+the resize to the run's inference size, `DetectorConfig.inference_size()`: chosen on val by
+`detect evaluate --choose-size`, else the training min_size/max_size; backbone, FPN, RPN, RoIAlign,
+box head, box decoding, NMS and the rescale of boxes to the input photo's pixels), so the torch-free path (detect/infer.py:
 `Detector.from_onnx`) only hands it the photo as float32 (3, H, W) in [0, 1] with any H and W.
 
 Written with the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`), the one

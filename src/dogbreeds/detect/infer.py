@@ -116,6 +116,17 @@ def config_crop_margin(config: dict) -> float:
     return float(value) if isinstance(value, (int, float)) and 0 <= value <= MAX_MARGIN else DEFAULT_MARGIN
 
 
+def config_inference_size(config: dict) -> tuple[Any, Any]:
+    """(min_size, max_size) of a detector config's resize at inference: `infer_min_size` /
+    `infer_max_size` (chosen on the validation photos by `detect evaluate --choose-size`) where it
+    has them, else the training `min_size` / `max_size` (None where it has neither)."""
+    sizes = []
+    for key in ("min_size", "max_size"):
+        chosen = config.get(f"infer_{key}")
+        sizes.append(chosen if isinstance(chosen, (int, float)) and chosen > 0 else config.get(key))
+    return sizes[0], sizes[1]
+
+
 def count_keep(boxes: np.ndarray, scores: np.ndarray, threshold: float, nms_iou: float = 1.0,
                containment: float = 1.0) -> np.ndarray:
     """Indices (best first) of the detections that count as dogs: score >= threshold, then, going
@@ -298,7 +309,7 @@ class Detector:
         """A photo so thin that the model's resize would make its short side under one pixel
         (e.g. 3x900 at max_size 160) cannot be looked at: an ImageDecodeError that says so."""
         height, width = image.shape[:2]
-        min_size, max_size = self.config.get("min_size"), self.config.get("max_size")
+        min_size, max_size = config_inference_size(self.config)
         if isinstance(min_size, (int, float)) and isinstance(max_size, (int, float)) and min(height, width) > 0:
             scale = min(min_size / min(height, width), max_size / max(height, width))
             if min(height, width) * scale < 1:

@@ -50,6 +50,8 @@ class DetectorConfig:
     weights: str | None = None          # where the backbone's first weights came from (provenance)
     min_size: int = 480                 # GeneralizedRCNNTransform: shorter side resized to this ...
     max_size: int = 800                 # ... unless the longer side would pass this
+    infer_min_size: int | None = None   # at inference only (eval, predict, export): the resize's min_size / ...
+    infer_max_size: int | None = None   # ... max_size, chosen on val (--choose-size); None: the training size
     out_indices: tuple[int, ...] | None = None  # backbone feature levels; None = the last three
     fpn_channels: int = 128
     representation_size: int = 512      # the box head's MLP width
@@ -128,6 +130,21 @@ class DetectorConfig:
 
     def network_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.NETWORK_FIELDS}
+
+    def inference_size(self) -> tuple[int, int]:
+        """(min_size, max_size) of the resize at inference: the one chosen on the validation photos
+        (`detect evaluate --choose-size`), else the training size. Training always uses min_size / max_size."""
+        return (int(self.infer_min_size) if self.infer_min_size else int(self.min_size),
+                int(self.infer_max_size) if self.infer_max_size else int(self.max_size))
+
+    def apply_inference_size(self, model: nn.Module) -> nn.Module:
+        """Set the eval-time resize of a torchvision detection `model` (its GeneralizedRCNNTransform,
+        the same aspect logic: scale = min(min_size / short side, max_size / long side)) to
+        `inference_size()`; the weights are unchanged. Returns the model."""
+        min_size, max_size = self.inference_size()
+        model.transform.min_size = (min_size,)
+        model.transform.max_size = max_size
+        return model
 
 
 # --- the backbone ---
@@ -361,5 +378,6 @@ def load_detector(run_dir) -> tuple[nn.Module, DetectorConfig]:
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(f"{checkpoint}: does not fit the detector its config describes "
                            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+    cfg.apply_inference_size(model)  # the size chosen on val, if any (a run without one: its training size)
     model.eval()
     return model, cfg
