@@ -174,3 +174,14 @@ def test_the_cli_passes_choose_size(monkeypatch):
     monkeypatch.setattr(evaluate_module, "evaluate_detector", lambda *a, **k: seen.update(k) or {"figure": "f"})
     args = parser.parse_args(["detect", "evaluate", "r", "--data", "d", "--split", "val", "--choose-size"])
     assert args.func(args) == 0 and seen["choose_size"] is True and seen["choose_count"] is False
+
+
+@pytest.mark.parametrize("key, value", [("infer_min_size", 10**6), ("infer_max_size", 0), ("min_size", -5),
+                                        ("max_size", 1e9), ("infer_min_size", "224"), ("min_size", True)])
+def test_a_config_from_a_file_cannot_ask_for_any_resize(key, value):
+    """A checkpoint's config is read from a file: an absurd resize (memory and time without bound)
+    is an error naming the field, before any model is built."""
+    base = DetectorConfig(backbone="mobilenetv2_050", min_size=160, max_size=160).to_dict()
+    with pytest.raises(DogbreedsError, match=key):
+        DetectorConfig.from_dict({**base, key: value})
+    assert DetectorConfig.from_dict({**base, "infer_min_size": 192, "infer_max_size": 192}).inference_size() == (192, 192)

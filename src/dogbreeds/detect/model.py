@@ -38,6 +38,9 @@ CLASS_NAMES = ("background", "dog")  # torchvision detection: label 0 is the bac
 DOG_LABEL = 1
 
 
+MIN_RESIZE, MAX_RESIZE = 16, 4096  # the pixel range a config (read from a checkpoint or an export) may resize to
+
+
 @dataclass
 class DetectorConfig:
     """Everything that makes a detector run: the network (first block) and its training recipe.
@@ -126,6 +129,14 @@ class DetectorConfig:
             if isinstance(value, list):
                 value = tuple(value)
             values[key] = value
+        for key in ("min_size", "max_size", "infer_min_size", "infer_max_size"):  # read from files: bounded
+            value = values.get(key)
+            if value is None and key.startswith("infer_"):
+                continue
+            if key in values and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not MIN_RESIZE <= value <= MAX_RESIZE):
+                raise DogbreedsError(f"detector config: {key} must be a whole number of pixels in "
+                                     f"[{MIN_RESIZE}, {MAX_RESIZE}], got {value!r}; retrain, or restore the run")
         return cls(**values)
 
     def network_kwargs(self) -> dict:
