@@ -15,9 +15,10 @@ agreement of torch int8 against fp32 on the batch. The load average is printed b
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+from dogbreeds.machine import load_average
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     from dogbreeds.infer.backend import build_backend
 
     torch.set_num_threads(args.threads)
-    print("load average at start:", " ".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
+    print("load average at start:", load_average(), flush=True)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
     base = timm.create_model("convnext_tiny", num_classes=20).eval()
@@ -67,7 +68,7 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:48s} {args.batch / median:7.2f} images/s  {eager / median:5.2f}x timm eager")
-    print("load average at end:", " ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print("load average at end:", load_average())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ printed also: photos decoded per second during each variant's calls.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import threading
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from dogbreeds.machine import load_average
 
 VARIANTS = ("onnxruntime", "onnxruntime-spin")
 PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stanford-dogs-mini" / "Images"
@@ -149,13 +150,13 @@ def main() -> None:
     calls = {int(b): int(n) for b, n in (part.split(":") for part in args.calls.split(","))}
     batches = [int(b) for b in args.batches.split(",")]
     calls = {b: calls.get(b, 2) for b in batches}
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"load average before: {load_average()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-ort-spin-") as scratch:
         cache = args.cache_dir or Path(scratch)
         for name in args.models.split(","):
             measure(name, args.size, batches, args.rounds, calls, args.threads, cache, args.decode_beside,
                     args.window if args.decode_beside else 0.0)
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"load average after: {load_average()}", flush=True)
 
 
 if __name__ == "__main__":

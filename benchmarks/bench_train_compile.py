@@ -11,9 +11,10 @@ interleaved rounds (the order reversed every other round) and eager / compiled.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+from dogbreeds.machine import load_average
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print("load average at start:", " ".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
+    print("load average at start:", load_average(), flush=True)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 20, (args.batch,))
@@ -63,7 +64,7 @@ def main() -> None:
     e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
     print(f"{args.model} {args.size} px batch {args.batch}, {args.threads} thread(s): eager {e:.3f} s/step, "
           f"compiled {c:.3f} s/step: compiled {e / c:.2f}x eager")
-    print("load average at end:", " ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print("load average at end:", load_average())
 
 
 if __name__ == "__main__":

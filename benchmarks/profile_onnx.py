@@ -15,6 +15,8 @@ import json
 import os
 import tempfile
 
+from dogbreeds.machine import load_average
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +31,7 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
-    print("load average at start:", " ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print("load average at start:", load_average())
     with tempfile.TemporaryDirectory() as scratch:
         options = ort.SessionOptions()
         options.enable_profiling = True
@@ -61,7 +63,7 @@ def main() -> None:
             print(f"  {op:28s} {micros / args.runs / 1000:9.1f} ms/batch {micros / total:7.1%}")
         graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
         print("optimised graph:", dict(collections.Counter(n.op_type for n in graph.node).most_common()))
-    print("load average at end:", " ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print("load average at end:", load_average())
 
 
 if __name__ == "__main__":

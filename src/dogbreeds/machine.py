@@ -96,6 +96,12 @@ def _torch_capability_flags() -> dict[str, bool]:
     return flags
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages as "0.6 0.8 1.8": printed beside every measurement, since
+    on a shared machine they say how much other work the figures saw."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def physical_cores() -> int:
     """Cores this process may use, counting SMT siblings once (they share one core's FMA units)."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))

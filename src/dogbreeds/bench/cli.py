@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import DogbreedsError
 from .inference import BASELINE, ENGINE, INT8, OPENVINO_BF16, OPENVINO_FP32, PEERS, TIMM_BF16
+from ..machine import load_average
 
 DEFAULT_MODELS = "convnext_tiny,mobilenetv2_100"
 PHOTOS = Path("../shared/data/stanford-dogs-mini")
@@ -134,7 +135,7 @@ def run_bench(args) -> int:
                                             [160, 224] if args.quick else [160, 224, 288], 1 if args.quick else 2)
         ceiling.sample()
     report["ceiling"] = ceiling.to_dict()
-    report["machine"]["load_end"] = _load()
+    report["machine"]["load_end"] = load_average()
     report["minutes"] = (time.time() - started) / 60
     history = args.cache_dir / "history.jsonl"
     if not args.quick and {"inference", "training"} <= parts:
@@ -251,10 +252,6 @@ def headline(report: dict) -> dict:
             "training_ratio_bf16": report.get("training", {}).get("ratio_bf16")}
 
 
-def _load() -> str:
-    return " ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
 def machine(threads: int) -> dict:
     """The machine profile (dogbreeds.machine) and what this run adds: threads, load, peer versions."""
     from ..machine import describe, machine_profile, profile_key
@@ -269,7 +266,7 @@ def machine(threads: int) -> dict:
         except Exception as exc:  # reported in the table, not hidden
             versions[name] = f"unavailable ({type(exc).__name__})"
     return {"profile": profile, "profile_key": profile_key(profile), "describe": describe(profile),
-            "threads": threads, "versions": versions, "load_start": _load()}
+            "threads": threads, "versions": versions, "load_start": load_average()}
 
 
 def goal_set(profile: dict | None) -> tuple[str, str]:
