@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from dogbreeds.errors import WeightsError
+from dogbreeds.errors import DogbreedsError
 from dogbreeds.infer.export import ExportCheckError, export_onnx
 from dogbreeds.infer.predictor import Predictor
 
@@ -110,3 +111,8 @@ def test_check_images_says_what_it_leaves_out(photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(chosen) == MAX_CHECK_PHOTOS and chosen[0].name == "p00.jpg"
     assert "notes.txt" in err and f"first {MAX_CHECK_PHOTOS} of the {MAX_CHECK_PHOTOS + 2} photos" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a photo")
+    with pytest.raises(DogbreedsError, match=r"no images found in --check-images .*empty"):
+        _check_photos(RunDir(tmp_path), [str(empty)])

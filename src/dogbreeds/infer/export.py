@@ -22,11 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..data.listing import left_out_report
 from ..errors import DogbreedsError
 from .backend import USE_TORCH, ModelInfo, info_for_model
 from .onnx_format import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, metadata_props
-from .predictor import collect_images
+from .predictor import collect_images_or_fail
 
 OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
@@ -180,13 +179,8 @@ def export_onnx(run: str | Path, out: str | Path, opset: int = OPSET, check_imag
 
 def _check_photos(run, given: list[str] | None) -> list[Path]:
     """Real photos to compare on: the ones given, else the first test photos of the run (a RunDir)."""
-    if given:
-        left_out: list = []
-        photos = collect_images(given, left_out)
-        if left_out:  # files of the given folders or globs that are not photos: say which, and why
-            print(left_out_report(left_out), file=sys.stderr)
-        if not photos:
-            raise ExportCheckError(f"no images found in --check-images {given}; pass photo files or folders")
+    if given:  # the files of given folders that are not photos are listed with why; none at all is an error
+        photos = collect_images_or_fail(given, f"--check-images {given}")
         if len(photos) > MAX_CHECK_PHOTOS:
             print(f"export: checking on the first {MAX_CHECK_PHOTOS} of the {len(photos)} photos given to "
                   "--check-images", file=sys.stderr)
