@@ -101,6 +101,11 @@ def register(subparsers) -> None:
                                "1.2, 1.4 or 1.6 times the training min/max size; the model NMS and count rule "
                                "chosen for each; best exact count, then multi-dog count, then mAP, then the smaller "
                                "size) and save it in the run's checkpoint (weights unchanged)")
+    evaluate.add_argument("--with-other-breeds", action="store_true",
+                          help="with --split val: also evaluate and choose (count rule, model NMS, size) on every "
+                               "photo of DATA's breeds the detector was not trained on (one class, dog: they are "
+                               "unseen dogs; 600 photos, 39 with 2+ dogs, in the mini data); breed accuracy and "
+                               "--choose-margin use the run's val photos only")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:
@@ -144,10 +149,15 @@ def run_evaluate(args) -> int:
     result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
                                score_threshold=args.score_threshold, engine=args.engine,
                                choose_count=args.choose_count, choose_margin=args.choose_margin,
-                               choose_size=args.choose_size)
+                               choose_size=args.choose_size, other_breeds=args.with_other_breeds)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
             "count_nms_iou", "count_containment", "box_nms_thresh", "inference_size", "crop_margin", "crop_square",
             "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
-    print(json.dumps({k: result.get(k) for k in keys}, indent=1))
+    shown = {k: result.get(k) for k in keys}
+    if "parts" in result:  # --with-other-breeds: the run's val photos and the other breeds' photos apart
+        shown["parts"] = {part: {k: scores.get(k) for k in ("map", "ap50", "exact_count", "exact_count_multi",
+                                                             "n_photos", "n_multi")}
+                          for part, scores in result["parts"].items()}
+    print(json.dumps(shown, indent=1))
     print(f"wrote {result['figure']} and the full result to RUN/eval/{args.split}.json", file=sys.stderr)
     return 0

@@ -18,7 +18,10 @@ count_containment of the smaller), chosen with the threshold on the validation p
 after each epoch, or for an existing run by `detect evaluate RUN --split val --choose-count`.
 `--choose-size` also chooses the resize at inference (`SIZE_FACTOR_GRID` times the training
 min_size / max_size), with the model NMS and the count rule chosen for each size
-(`choose_inference_size`); the weights are unchanged.
+(`choose_inference_size`); the weights are unchanged. `--with-other-breeds` (with --split val) makes
+those choices on more photos: the run's val photos plus every photo of the data root's breeds the
+detector was not trained on (`other_breed_records`); breed accuracy and the crop stay on the run's
+val photos.
 """
 from __future__ import annotations
 
@@ -290,16 +293,46 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
     return data, data.split(split), f"every photo of {shown_path(data_root)} (it has no train/test lists)"
 
 
+def other_breed_records(run, data_root, data):
+    """(records, sentence): every photo with boxes (its train and test lists alike) of the breeds of
+    `data_root` that the detector run did not train on, as more validation photos for the choices that
+    need no breed (the count rule, the model NMS, the inference size). The detector has one class, dog,
+    and never saw these photos; in the mini data they are 600 photos of 100 breeds, 39 with 2+ dogs,
+    next to the 196 val photos (16). Only on the run's own data root, where "not trained on" is known."""
+    from ..data.sources import scan_source
+    from .data import load_detection_data
+
+    cfg = run.read_config()
+    root = Path(data_root).expanduser().resolve()
+    trained_on = Path(cfg["data"]).expanduser().resolve() if cfg.get("data") else None
+    if trained_on != root:
+        raise DogbreedsError(f"--with-other-breeds adds the photos of {shown_path(data_root)}'s breeds the detector "
+                             f"was not trained on: give the run's own --data ({shown_path(trained_on) if trained_on else 'not recorded in its config'})")
+    _, records = scan_source(root)
+    others = sorted({r.breed_id for r in records} - set(data.breeds))
+    if not others:
+        raise DogbreedsError(f"--with-other-breeds: the run was trained on every breed of {shown_path(data_root)} "
+                             f"({len(data.breeds)}), so there are no other breeds' photos to add; leave it out")
+    extra = load_detection_data(root, breeds=others, all_as="val")
+    photos = extra.split("val")
+    text = (f"{len(photos)} photos of the {len(others)} other breeds of {shown_path(data_root)} "
+            f"({sum(r.count >= 2 for r in photos)} with 2+ dogs)")
+    return photos, extra, text
+
+
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
                       figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False,
-                      choose_size: bool = False) -> dict:
+                      choose_size: bool = False, other_breeds: bool = False) -> dict:
     """Evaluate a detector run on a split. choose_count (validation only): choose the model's NMS
     IoU (`BOX_NMS_GRID`), the score threshold and the count rule on these photos (`choose_counting`);
     choose_size (validation only, implies choose_count): the same at each inference size of
     `size_grid`, and the size too (`choose_inference_size`); choose_margin (validation only, with a
     breed run): the crop margin with the best end-to-end breed accuracy (`MARGIN_GRID`). All are saved in the
-    config of the run's checkpoint, so that predict, the service, the export and later evaluations use them."""
+    config of the run's checkpoint, so that predict, the service, the export and later evaluations use them.
+    other_breeds (validation only): evaluate and choose on the val photos plus `other_breed_records`;
+    the result gives the figures of both parts too (`parts`), and breed accuracy, the crop choice and
+    the figure use the run's val photos alone."""
     import time
 
     from ..rundir import RunDir
@@ -319,6 +352,9 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if choose_margin and split != "val":
         raise DogbreedsError(f"--choose-margin chooses the crop margin on the validation photos: use --split val "
                              f"(not {split}), then evaluate --split test")
+    if other_breeds and split != "val":
+        raise DogbreedsError(f"--with-other-breeds adds photos to the validation split for choosing: use --split val "
+                             f"(not {split}); the test split stays the run's own")
     if choose_margin and breeds_run is None:
         raise DogbreedsError("--choose-margin measures breed accuracy: give the breed run with --breeds-run")
     progress = sys.stderr.isatty() if progress is None else progress
@@ -333,24 +369,33 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if not records:
         raise DogbreedsError(f"{shown_path(data_root)}: no {split} photos with dog boxes to evaluate ({origin})")
     report = data.problem_report()
+    own = len(records)  # the run's own photos come first; other breeds' photos (no breed to score) after them
+    if other_breeds:
+        extra_records, extra, extra_origin = other_breed_records(run, data_root, data)
+        records = records + extra_records
+        origin = f"{origin} + {extra_origin}"
+        report = "\n".join(r for r in (report, extra.problem_report()) if r)
+        print(f"evaluating on {origin}", file=sys.stderr, flush=True)
     if report:
         print("annotation problems:\n  " + report.replace("\n", "\n  "), file=sys.stderr, flush=True)
     started = time.perf_counter()
     predictions = predict_records(model, records)
     seconds = time.perf_counter() - started
     options = None
+    chosen_on = "val+other_breeds" if other_breeds else "val"
     if choose_size:
         size, box_nms, predictions, (chosen, nms_iou, containment), seconds, options = choose_inference_size(
             model, records, predictions, cfg, seconds)
         min_size, max_size = size
         cfg = save_settings(run, infer_min_size=min_size, infer_max_size=max_size, box_nms_thresh=box_nms,
-                            score_threshold=chosen, count_nms_iou=nms_iou, count_containment=containment)
+                            score_threshold=chosen, count_nms_iou=nms_iou, count_containment=containment,
+                            chosen_on=chosen_on)
         checkpoint = run.checkpoint()
     elif choose_count:
         box_nms, predictions, (chosen, nms_iou, containment), seconds = choose_counting(model, records, predictions,
                                                                                        cfg.box_nms_thresh, seconds)
         cfg = save_settings(run, box_nms_thresh=box_nms, score_threshold=chosen, count_nms_iou=nms_iou,
-                            count_containment=containment)
+                            count_containment=containment, chosen_on=chosen_on)
         checkpoint = run.checkpoint()
     threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     rule = (cfg.count_nms_iou, cfg.count_containment)
@@ -365,6 +410,10 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
               "annotation_problem_files": [p.to_dict() for p in data.problems][:200]}
     if options is not None:
         result["size_options"] = options  # every (size, model NMS) tried, each with its own count rule
+    if other_breeds:
+        result["parts"] = {part: score_detections(predictions[lo:hi], [r.boxes for r in records[lo:hi]], threshold, rule)
+                           for part, lo, hi in (("val", 0, own), ("other_breeds", own, len(records)))}
+        records, predictions = records[:own], predictions[:own]  # breeds, the crop and the figure: the run's photos
     labels = None
     if breeds_run is not None:
         from ..infer.predictor import Predictor
@@ -480,10 +529,11 @@ def save_count_rule(run, threshold: float, nms_iou: float, containment: float):
                          count_containment=float(containment))
 
 
-def save_settings(run, **settings):
+def save_settings(run, chosen_on: str = "val", **settings):
     """Write settings chosen on the validation photos (count rule, model NMS, crop margin) into the
     config of the checkpoint that evaluation and predict load (its weights unchanged; the other
-    checkpoint is another epoch's, left as it is) and return that config."""
+    checkpoint is another epoch's, left as it is) and return that config. `chosen_on` says on which
+    photos the count rule was chosen ("val", or "val+other_breeds" with --with-other-breeds)."""
     from safetensors.torch import load_file
 
     from .model import DetectorConfig, read_detector_meta, save_detector
@@ -494,7 +544,7 @@ def save_settings(run, **settings):
     chosen = sorted(set(meta.get("extra", {}).get("chosen_on_val", [])) | set(settings))
     extra = {**meta.get("extra", {}), "chosen_on_val": chosen}
     if "score_threshold" in settings:
-        extra["count_rule_chosen_on"] = "val"
+        extra["count_rule_chosen_on"] = chosen_on
 
     class _Tensors:  # save_detector takes a module; the tensors are written back unchanged
         def __init__(self, tensors):
