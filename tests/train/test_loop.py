@@ -228,3 +228,17 @@ def test_damaged_feature_cache_and_resume_state_are_named_with_what_to_do(tmp_pa
     with pytest.raises(DogbreedsError, match="not a dogbreeds resume state") as info:
         load_resume_state(foreign)
     assert str(foreign) in str(info.value) and "--out" in str(info.value)
+
+
+def test_fine_tuning_from_a_run_trains_with_this_recipes_drop_path_not_the_runs(tiny_data, tiny_recipe, tmp_path):
+    """A run's checkpoint remembers its drop_path_rate (0.1 here); a run started from it with
+    drop_path 0 must train and save 0, as its config.yaml says (it silently kept 0.1 before)."""
+    first = train(tiny_recipe(tiny_data, tmp_path / "first", epochs=1, drop_path=0.1, ema_decay=None))
+    assert load_run(first).model.dogbreeds_kwargs["drop_path_rate"] == 0.1
+    second = train(tiny_recipe(tiny_data, tmp_path / "second", epochs=1, drop_path=0.0, ema_decay=None,
+                               weights=str(first)))
+    model = load_run(second).model
+    assert model.dogbreeds_kwargs["drop_path_rate"] == 0.0
+    assert Recipe.from_yaml(second / "config.yaml").drop_path == 0.0
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert all(rate == 0.0 for rate in rates)  # timm builds no DropPath (Identity) at 0: none, or all at 0

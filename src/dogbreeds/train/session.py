@@ -164,7 +164,9 @@ class Session:
             from .outliers import outlier_records
 
             self.outliers, self.outlier_summary = outlier_records(recipe, self.dataset)
-        model_kwargs = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+        # always passed, 0.0 included: weights from a run carry that run's drop_path_rate, which would
+        # otherwise train this run with it while its config.yaml says recipe.drop_path
+        model_kwargs = {"drop_path_rate": recipe.drop_path}
         self.layout = None  # fast_layout: the MLP layout timed faster on this machine (train/layout_probe.py)
         if recipe.fast_layout:
             from .layout_probe import layout_for_run
