@@ -44,7 +44,7 @@ def test_choices_use_the_other_breeds_photos_and_parts_are_reported(one_breed_ru
     assert result["n_dogs"] == own["n_dogs"] + other["n_dogs"]
     # the count rule was chosen on both parts, the other breed's photos after the run's own
     assert len(seen) == 1 and seen[0][-6:] == [BREEDS[1]] * 6 and set(seen[0][:-6]) == {BREEDS[0]}
-    assert "other breeds" in result["records_from"]
+    assert "other breeds" in result["records_from"] and result["other_breeds_annotation_problems"] == {}
     extra = read_detector_meta(RunDir.locate(run_path).checkpoint())["extra"]
     assert extra["count_rule_chosen_on"] == "val+other_breeds"
 

@@ -413,6 +413,7 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if other_breeds:
         result["parts"] = {part: score_detections(predictions[lo:hi], [r.boxes for r in records[lo:hi]], threshold, rule)
                            for part, lo, hi in (("val", 0, own), ("other_breeds", own, len(records)))}
+        result["other_breeds_annotation_problems"] = extra.problem_counts()
         records, predictions = records[:own], predictions[:own]  # breeds, the crop and the figure: the run's photos
     labels = None
     if breeds_run is not None:

@@ -54,6 +54,8 @@ def quick_config(**overrides) -> DetectorConfig:
                 # they gave on val, against this recipe at the same NMS, mAP 0.607 vs 0.606, the same multi-dog
                 # count (11/16), exact count 0.939 vs 0.954, for 31 % more CPU (1107 s vs 846 s). Smaller anchors
                 # (16-128, runs/detect_mnv2_quick_rep3a16) were worse still: val mAP 0.574.
+                # 4 epochs, not 6: --epochs 6 (runs/detect_mnv2_quick_e6, 18.8 min with 2 threads) chosen on val + other
+                # breeds gave mAP 0.600 vs 0.607, multi-dog count 25 vs 25 of 55 (docs/detection.md).
                 multi_dog_repeat=1,
                 # No mosaics (mosaic=0): --mosaic 0.5 --close-mosaic 1 (runs/detect_mnv2_quick_mosaic) gave on val, after
                 # --choose-count --choose-margin, mAP 0.610 vs 0.606 but a multi-dog count of 9/16 vs 11/16 and exact
