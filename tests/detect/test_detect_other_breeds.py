@@ -68,16 +68,3 @@ def test_refused_off_validation_on_another_root_and_without_other_breeds(one_bre
         evaluate_detector(trained, elsewhere, "val", other_breeds=True)
     with pytest.raises(DogbreedsError, match="every breed"):  # tiny_detector_run was trained on breeds="all"
         evaluate_detector(tiny_detector_run, box_root, "val", other_breeds=True)
-
-
-def test_the_cli_passes_with_other_breeds(monkeypatch):
-    import argparse
-
-    from dogbreeds.detect import cli
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    seen = {}
-    monkeypatch.setattr(evaluate_module, "evaluate_detector", lambda *a, **k: seen.update(k) or {"figure": "f"})
-    args = parser.parse_args(["detect", "evaluate", "r", "--data", "d", "--split", "val", "--with-other-breeds"])
-    assert args.func(args) == 0 and seen["other_breeds"] is True

@@ -163,7 +163,8 @@ def test_choose_size_only_on_validation(split, tmp_path):
         evaluate_detector(tmp_path, tmp_path, "val", choose_size=True, score_threshold=0.5)
 
 
-def test_the_cli_passes_choose_size(monkeypatch):
+@pytest.mark.parametrize("flag, key", [("--choose-size", "choose_size"), ("--with-other-breeds", "other_breeds")])
+def test_the_cli_passes_the_validation_choices(monkeypatch, flag, key):
     import argparse
 
     from dogbreeds.detect import cli
@@ -172,8 +173,8 @@ def test_the_cli_passes_choose_size(monkeypatch):
     cli.register(parser.add_subparsers())
     seen = {}
     monkeypatch.setattr(evaluate_module, "evaluate_detector", lambda *a, **k: seen.update(k) or {"figure": "f"})
-    args = parser.parse_args(["detect", "evaluate", "r", "--data", "d", "--split", "val", "--choose-size"])
-    assert args.func(args) == 0 and seen["choose_size"] is True and seen["choose_count"] is False
+    args = parser.parse_args(["detect", "evaluate", "r", "--data", "d", "--split", "val", flag])
+    assert args.func(args) == 0 and seen[key] is True and seen["choose_count"] is False
 
 
 @pytest.mark.parametrize("key, value", [("infer_min_size", 10**6), ("infer_max_size", 0), ("min_size", -5),
