@@ -54,7 +54,7 @@ def test_without_the_option_only_the_runs_val_photos_are_used(one_breed_run, tmp
     run_path = tmp_path / "run"
     shutil.copytree(trained, run_path)
     result = evaluate_detector(run_path, root, "val", choose_count=True, progress=False)
-    assert "parts" not in result and result["n_photos"] < 6
+    assert "parts" not in result and "other breeds" not in result["records_from"] and result["n_photos"] < 6
     assert read_detector_meta(RunDir.locate(run_path).checkpoint())["extra"]["count_rule_chosen_on"] == "val"
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dogbreeds.errors import WeightsError
-from dogbreeds.errors import DogbreedsError
+from dogbreeds.errors import DogbreedsError, WeightsError
 from dogbreeds.infer.export import ExportCheckError, export_onnx
 from dogbreeds.infer.predictor import Predictor
 

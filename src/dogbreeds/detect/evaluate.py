@@ -263,6 +263,11 @@ def detection_figure(path: Path, records, predictions: list[dict], threshold: fl
 
 # --- the command ---
 
+def trained_root(cfg: dict) -> Path | None:
+    """The data root a detector run was trained on (its config's `data`), resolved; None if not recorded."""
+    return Path(cfg["data"]).expanduser().resolve() if cfg.get("data") else None
+
+
 def evaluation_records(run, data_root, split: str, breeds: str | None = None):
     """The photos to evaluate, and a sentence saying where they came from.
 
@@ -274,8 +279,7 @@ def evaluation_records(run, data_root, split: str, breeds: str | None = None):
 
     cfg = run.read_config()
     root = Path(data_root).expanduser().resolve()
-    trained_on = Path(cfg["data"]).expanduser().resolve() if cfg.get("data") else None
-    if trained_on == root and breeds is None:
+    if trained_root(cfg) == root and breeds is None:
         data = load_detection_data(root, breeds=cfg.get("breeds", "top20"), seed=cfg.get("seed", 0),
                                    val_fraction=cfg.get("val_fraction", 0.1), test_fraction=cfg.get("test_fraction", 0.2))
         return data, data.split(split), f"the run's own {split} split of {shown_path(data_root)}"
@@ -302,9 +306,8 @@ def other_breed_records(run, data_root, data):
     from ..data.sources import scan_source
     from .data import load_detection_data
 
-    cfg = run.read_config()
     root = Path(data_root).expanduser().resolve()
-    trained_on = Path(cfg["data"]).expanduser().resolve() if cfg.get("data") else None
+    trained_on = trained_root(run.read_config())
     if trained_on != root:
         raise DogbreedsError(f"--with-other-breeds adds the photos of {shown_path(data_root)}'s breeds the detector "
                              f"was not trained on: give the run's own --data ({shown_path(trained_on) if trained_on else 'not recorded in its config'})")
