@@ -39,6 +39,9 @@ the median over rounds of each path's per-round ratio against the int8 engine, t
 engine of the two project fp32 engines (by median) and timm eager. The CPU model (lscpu), the load
 average (start, before each timing, end) and the library versions are printed and written with --out.
 
+Needs OpenVINO and NNCF, which the project does not install for this (no openvino-int8 engine: see
+docs/performance.md): pip install -e ".[openvino]" nncf
+
     nice -n 5 python benchmarks/bench_openvino_int8.py --threads 2 --rounds 8 --out bench-openvino-int8.json
 """
 from __future__ import annotations
@@ -310,6 +313,12 @@ def main() -> None:
         p.error(f"--presets: choose from {', '.join(PRESETS)}")
     if any(m not in ("convnext_tiny", "mobilenetv2_100") for m in args.models):
         p.error("--models: convnext_tiny and/or mobilenetv2_100")
+
+    import importlib.util
+
+    missing = [m for m in ("openvino", "nncf") if importlib.util.find_spec(m) is None]
+    if missing:
+        p.error(f"needs {' and '.join(missing)}: pip install -e \".[openvino]\" nncf")
 
     import timm
     import torch
