@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the JSON summary here too")
     parser.add_argument("--explore", action="store_true", help="also print every candidate score's AUROCs")
+    parser.add_argument("--coverage", type=float, default=None,
+                        help="target coverage of the breed sets (default: calibrate's, 0.9)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     cache = run / "trust_measure.npz"
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     from dogbreeds.trust.cli import run_outlier_record
 
     try:
-        summary = report(arrays, explore=args.explore, outliers=run_outlier_record(run))
+        coverage = {} if args.coverage is None else {"coverage": args.coverage}
+        summary = report(arrays, explore=args.explore, outliers=run_outlier_record(run), **coverage)
     except LeakingSplit as exc:
         print(f"measure_trust.py: {exc}", file=sys.stderr)
         return 2
@@ -192,7 +195,7 @@ def candidate_scores(arrays: dict, bank_x: np.ndarray, bank_y: np.ndarray, num_c
     return out
 
 
-def report(arrays: dict, explore: bool = False, outliers: dict | None = None) -> dict:
+def report(arrays: dict, explore: bool = False, outliers: dict | None = None, **fit_kwargs) -> dict:
     from dogbreeds.trust.scores import auroc, fpr_at_tpr
 
     masks = splits(arrays, outliers=outliers)
@@ -224,9 +227,10 @@ def report(arrays: dict, explore: bool = False, outliers: dict | None = None) ->
             }
         summary["explore"] = table
         summary["calibrators"] = calibrator_table(arrays)
-    summary["shipped_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True)
-    summary["shipped_without_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=False)
-    summary["knn_alone_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True, ood_head=False)
+    summary["shipped_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True, **fit_kwargs)
+    summary["shipped_without_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=False, **fit_kwargs)
+    summary["knn_alone_with_not_dogs"] = chosen_method(arrays, data, masks, with_not_dogs=True, ood_head=False,
+                                                       **fit_kwargs)
     return summary
 
 
