@@ -61,6 +61,7 @@ from bench_int8_static_matmul import interleaved, softmax, spread  # noqa: E402 
 from dogbreeds.machine import load_average
 
 BASELINE, INT8, ORT, OV = "timm eager NCHW (fp32)", "int8 (onnxruntime dynamic)", "onnxruntime (fp32)", "openvino (fp32)"
+OV_STATIC = "openvino (fp32), static H/W"
 PRESETS = ("mixed", "performance")
 VARIANTS = ("plain", "fp32-depthwise", "accuracy-control")
 MAX_DROP = 0.005  # accuracy-control: top-1 agreement with fp32 may drop this much (auto's rule: >= 99.5%)
@@ -112,7 +113,33 @@ def torch_eager(model):
     return Call(forward)
 
 
-class NncfInt8:
+class CompiledOpenVino:
+    """An OpenVINO model compiled for the CPU as the "openvino" engine compiles its export (f32 hint, LATENCY)."""
+
+    def _compile(self, core, model, threads: int, logits_output: str) -> None:
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self._compiled = core.compile_model(model, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._output = next(o for o in self._compiled.outputs if logits_output in o.get_names())
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return np.array(self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[self._output])
+
+
+class OpenVinoStaticShape(CompiledOpenVino):
+    """The "openvino" engine's fp32 export reshaped to [?, 3, S, S] before compiling (the engine compiles it with
+    dynamic height and width): --static-fp32."""
+
+    def __init__(self, onnx_path: Path, size: int, threads: int, logits_output: str):
+        from dogbreeds.infer.runtime_openvino import openvino_core
+
+        core = openvino_core()
+        model = core.read_model(str(onnx_path))
+        model.reshape({0: [-1, 3, size, size]})
+        self._compile(core, model, threads, logits_output)
+
+
+class NncfInt8(CompiledOpenVino):
     """nncf.quantize of the fp32 export read by OpenVINO, compiled for the CPU like the "openvino" engine."""
 
     def __init__(self, onnx_path: Path, calibration: np.ndarray, preset: str, threads: int, logits_output: str,
@@ -150,16 +177,10 @@ class NncfInt8:
             quantized = nncf.quantize(model, dataset, **common)
         self.quantize_s = time.perf_counter() - started
         self.int8_ops = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        self._compiled = core.compile_model(quantized, "CPU", config)
+        self._compile(core, quantized, threads, logits_output)
         runtime = self._compiled.get_runtime_model()
         self.runtime_int8 = sum(1 for op in runtime.get_ops() if runtime_precision(op) in ("i8", "u8")
                                 and runtime_layer(op) in ("Convolution", "FullyConnected", "MatMul"))
-        self._request = self._compiled.create_infer_request()
-        self._output = next(o for o in self._compiled.outputs if logits_output in o.get_names())
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        return np.array(self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[self._output])
 
 
 def classifier_node(model, logits_output: str) -> str:
@@ -204,6 +225,9 @@ def build(model, info, calibration: np.ndarray, validation: np.ndarray, args, fo
         print(f"  {label}: {paths[label].description} ({notes[label]['build_s']} s)", flush=True)
     notes[INT8]["int8_ops"] = paths[INT8].quantised_ops
     fp32_onnx = cache_path(folder, info.key, FP32)  # what the onnxruntime and openvino engines read
+    if args.static_fp32:
+        paths[OV_STATIC] = OpenVinoStaticShape(fp32_onnx, calibration.shape[-1], args.threads,
+                                               paths[ORT].contents.logits_output)
     wanted = logits_of(paths[ORT], validation).argmax(1) if "accuracy-control" in args.variants else None
     for variant, preset in ((v, s) for v in args.variants for s in args.presets):
         label = nncf_label(preset, variant)
@@ -301,6 +325,8 @@ def main() -> None:
                    help="accuracy-control: train photos (none of the calibration ones) it validates on (default 128)")
     p.add_argument("--dynamic-size", action="store_true", help="quantise the export with its dynamic H and W "
                                                                "(default: reshaped to the input size first)")
+    p.add_argument("--static-fp32", action="store_true", help="also time the openvino engine's fp32 export compiled "
+                                                               "with a static input size (--variants '' times no NNCF path)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -316,7 +342,8 @@ def main() -> None:
 
     import importlib.util
 
-    missing = [m for m in ("openvino", "nncf") if importlib.util.find_spec(m) is None]
+    needed = ("openvino", "nncf") if args.variants else ("openvino",)
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         p.error(f"needs {' and '.join(missing)}: pip install -e \".[openvino]\" nncf")
 
@@ -328,7 +355,7 @@ def main() -> None:
     from dogbreeds.models.factory import create_model, set_preprocessing
 
     torch.set_num_threads(args.threads)
-    versions = {**library_versions(), **{name: __import__(name).__version__ for name in ("nncf", "openvino")}}
+    versions = {**library_versions(), **{name: __import__(name).__version__ for name in needed}}
     header = {"cpu": lscpu_model(), "machine": describe(), "uptime_start": uptime(), "versions": versions,
               "threads": args.threads, "rounds": args.rounds, "batches": args.batches, "presets": args.presets, "variants": args.variants,
               "command": " ".join(sys.argv)}
