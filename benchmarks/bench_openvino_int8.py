@@ -36,7 +36,7 @@ photos at batch 16: top-1 agreement and max |probability difference| (auto's rul
 Timing: per model and batch, one warm-up call per path, then --rounds rounds that call every path
 once on the same random batch, the order reversed every other round; median seconds per path, and
 the median over rounds of each path's per-round ratio against the int8 engine, the fastest fp32
-engine of the two project fp32 engines (by median) and timm eager. The CPU model (lscpu), the load
+engine of the two project fp32 engines (by median) and timm eager. The CPU model (/proc/cpuinfo), the load
 average (start, before each timing, end) and the library versions are printed and written with --out.
 
 Needs OpenVINO and NNCF, which the project does not install for this (no openvino-int8 engine: see
@@ -70,14 +70,6 @@ FP32_ENGINES = (ORT, OV)
 
 def nncf_label(preset: str, variant: str = "plain") -> str:
     return f"openvino NNCF int8 ({preset})" if variant == "plain" else f"openvino NNCF int8 ({preset}, {variant})"
-
-
-def lscpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def uptime() -> str:
@@ -212,7 +204,8 @@ def logits_of(path, batch: np.ndarray, size: int = 16) -> np.ndarray:
     return np.concatenate([path.forward(batch[i:i + size]) for i in range(0, len(batch), size)])
 
 
-def build(model, info, calibration: np.ndarray, validation: np.ndarray, args, folder: Path) -> tuple[dict, dict]:
+def build(model, info, calibration: np.ndarray | None, validation: np.ndarray | None, size: int, args,
+          folder: Path) -> tuple[dict, dict]:
     """The paths of one model, and notes (build times, operator counts)."""
     from dogbreeds.infer.backend import build_backend
     from dogbreeds.infer.runtime_onnxruntime import FP32, cache_path
@@ -226,8 +219,7 @@ def build(model, info, calibration: np.ndarray, validation: np.ndarray, args, fo
     notes[INT8]["int8_ops"] = paths[INT8].quantised_ops
     fp32_onnx = cache_path(folder, info.key, FP32)  # what the onnxruntime and openvino engines read
     if args.static_fp32:
-        paths[OV_STATIC] = OpenVinoStaticShape(fp32_onnx, calibration.shape[-1], args.threads,
-                                               paths[ORT].contents.logits_output)
+        paths[OV_STATIC] = OpenVinoStaticShape(fp32_onnx, size, args.threads, paths[ORT].contents.logits_output)
     wanted = logits_of(paths[ORT], validation).argmax(1) if "accuracy-control" in args.variants else None
     for variant, preset in ((v, s) for v in args.variants for s in args.presets):
         label = nncf_label(preset, variant)
@@ -272,8 +264,8 @@ def measure(title: str, model, info, train: list[Path], test: list[Path], args, 
     from dogbreeds.infer.auto import load_batch
 
     print(f"\n== {title}: load average {load_average()}", flush=True)
-    calibration_photos = spread(train, args.calibration_photos)
-    calibration, used_calibration = load_batch(calibration_photos, info)
+    calibration_photos = spread(train, args.calibration_photos) if args.variants else []  # only NNCF calibrates
+    calibration, used_calibration = load_batch(calibration_photos, info) if calibration_photos else (None, [])
     inputs, used = load_batch(spread(test, args.eval_photos, set(calibration_photos)), info)
     assert not set(used) & set(used_calibration)
     print(f"  {len(used_calibration)} calibration photos (train split), {len(used)} comparison photos (test split), "
@@ -282,7 +274,7 @@ def measure(title: str, model, info, train: list[Path], test: list[Path], args, 
     if "accuracy-control" in args.variants:  # train photos again, none of the calibration ones
         validation, used_validation = load_batch(spread(train, args.validation_photos, set(calibration_photos)), info)
         print(f"  {len(used_validation)} validation photos for accuracy control (train split)", flush=True)
-    paths, notes = build(model, info, calibration, validation, args, folder)
+    paths, notes = build(model, info, calibration, validation, int(inputs.shape[-1]), args, folder)
     agreement = quality(paths, inputs)
     result = {"title": title, "size": int(inputs.shape[-1]), "calibration_photos": len(used_calibration),
               "comparison_photos": len(used), "notes": notes, "agreement": agreement, "timings": {}}
@@ -351,15 +343,15 @@ def main() -> None:
     import torch
 
     from dogbreeds.infer.backend import info_for_model, model_key
-    from dogbreeds.machine import describe, library_versions
+    from dogbreeds.machine import cpu_profile, describe, library_versions
     from dogbreeds.models.factory import create_model, set_preprocessing
 
     torch.set_num_threads(args.threads)
     versions = {**library_versions(), **{name: __import__(name).__version__ for name in needed}}
-    header = {"cpu": lscpu_model(), "machine": describe(), "uptime_start": uptime(), "versions": versions,
+    header = {"cpu": cpu_profile()["model"], "machine": describe(), "uptime_start": uptime(), "versions": versions,
               "threads": args.threads, "rounds": args.rounds, "batches": args.batches, "presets": args.presets, "variants": args.variants,
               "command": " ".join(sys.argv)}
-    print(f"lscpu: {header['cpu']}\nmachine: {header['machine']}\nuptime: {header['uptime_start']}\n"
+    print(f"cpu: {header['cpu']}\nmachine: {header['machine']}\nuptime: {header['uptime_start']}\n"
           f"versions: {versions}", flush=True)
     train, test = official_split(args.data)
     results = []

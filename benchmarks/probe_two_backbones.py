@@ -33,8 +33,8 @@ def concatenated(first: dict, second: dict) -> dict:
     out = dict(first)
     for group in GROUPS:
         if not np.array_equal(first[f"{group}_paths"], second[f"{group}_paths"]):
-            raise SystemExit(f"probe_two_backbones.py: the two runs' {group} photos differ; measure two runs of the "
-                             "same data root, seed and breeds")
+            raise ValueError(f"the two runs' {group} photos differ; measure two runs of the same data root, seed "
+                             "and breeds")
         joined = np.concatenate([normalise(first[f"{group}_x"]), normalise(second[f"{group}_x"])], axis=1)
         out[f"{group}_x"] = (joined / np.sqrt(2.0)).astype(np.float32)
     return out
@@ -53,8 +53,19 @@ def main(argv=None) -> int:
     parser.add_argument("reference", help="the run whose features are added (e.g. a --freeze backbone run)")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
-    first, second = (dict(np.load(Path(r) / "trust_measure.npz", allow_pickle=False)) for r in (args.run, args.reference))
-    result = {"alone": summary(report(first)), "two_backbones": summary(report(concatenated(first, second)))}
+    caches = [Path(r) / "trust_measure.npz" for r in (args.run, args.reference)]
+    for cache in caches:
+        if not cache.is_file():
+            print(f"probe_two_backbones.py: {cache}: no such file; run `python benchmarks/measure_trust.py "
+                  f"{cache.parent}` first", file=sys.stderr)
+            return 2
+    first, second = (dict(np.load(cache, allow_pickle=False)) for cache in caches)
+    try:
+        joined = concatenated(first, second)
+    except ValueError as exc:
+        print(f"probe_two_backbones.py: {caches[0]} and {caches[1]}: {exc}", file=sys.stderr)
+        return 2
+    result = {"alone": summary(report(first)), "two_backbones": summary(report(joined))}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

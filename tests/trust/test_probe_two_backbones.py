@@ -43,5 +43,11 @@ def test_runs_over_different_photos_are_refused_naming_the_group():
     first = _arrays(rng, 4, ["a.jpg", "b.jpg"])
     second = _arrays(rng, 4, ["a.jpg", "b.jpg"])
     second["unknown_paths"] = np.array(["a.jpg", "c.jpg"])
-    with pytest.raises(SystemExit, match="unknown photos differ"):
+    with pytest.raises(ValueError, match="unknown photos differ"):
         probe.concatenated(first, second)
+
+
+def test_a_run_without_cached_features_is_an_error_naming_its_file(tmp_path, capsys):
+    probe = _probe()
+    assert probe.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "a/trust_measure.npz: no such file" in capsys.readouterr().err
