@@ -355,9 +355,29 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
         "coverage_target": cal.coverage,
         "coverage": float(np.mean([y in s for y, s in zip(test_y, sets)])),
         "mean_set_size": float(np.mean([len(s) for s in sets])),
+        "set_method": cal.set_method, "set_choice": cal.info.get("breed_set"),
+        "empty_sets": float(np.mean([not s for s in sets])),
+        "sets_by_method": _sets_by_method(cal, arrays, after),  # both methods on test, for the record
         "fit_seconds": fit_seconds,
         "assess_ms_per_photo": {g: round(1000 * t, 4) for g, t in timing.items()},
     }
+
+
+def _sets_by_method(cal, arrays, test_probs) -> dict:
+    """Test coverage, mean size and empty share of RAPS and LAC sets, each fitted on the validation split
+    (the run's calibrated probabilities): what the validation-only choice between them would have given."""
+    from dogbreeds.trust.scores import conformal_quantile, conformal_scores, prediction_sets
+
+    val_probs = cal.calibrated_probs(arrays["val_logits"])
+    out = {}
+    for method in ("raps", "lac"):
+        scores = conformal_scores(val_probs, arrays["val_y"], cal.raps_lambda, cal.raps_k_reg, method)
+        sets = prediction_sets(test_probs, conformal_quantile(scores, cal.coverage), cal.raps_lambda, cal.raps_k_reg,
+                               method)
+        out[method] = {"coverage": float(np.mean([y in s for y, s in zip(arrays["test_y"], sets)])),
+                       "mean_set_size": float(np.mean([len(s) for s in sets])),
+                       "empty_sets": float(np.mean([not s for s in sets]))}
+    return out
 
 
 if __name__ == "__main__":

@@ -346,7 +346,7 @@ def test_isotonic_is_chosen_by_cross_validation_and_stored(tmp_path):
     run = RunDir(tmp_path / "run")
     cal.save(run)
     stored = json.loads(run.calibration_file.read_text())
-    assert stored["version"] == VERSION == 3 and stored["probabilities"]["method"] == ISOTONIC
+    assert stored["version"] == VERSION == 4 and stored["probabilities"]["method"] == ISOTONIC
     assert stored["probabilities"]["choice"]["cv_ece_isotonic"] == choice["cv_ece_isotonic"]
     again = Calibration.load(run)
     np.testing.assert_array_equal(again.calibrated_probs(test_logits), after)
@@ -414,3 +414,80 @@ def test_calibrate_and_evaluate_say_which_probabilities_they_use(tmp_path):
     forced.save(run)
     result["trust"] = trust_metrics(run, softmax(logits[1500:]), labels[1500:])
     assert "isotonic" not in format_summary(result)
+
+
+# --- the breed-set method: RAPS (never empty) or LAC (may be empty), chosen on the validation split ---
+
+def _accurate_model(seed, n, classes=8, sharpness=10.0):
+    """Calibrated logits whose top-1 is right about 90% of the time (sharpness 10) or less (lower)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * sharpness
+    from dogbreeds.trust.scores import softmax
+
+    probs = softmax(logits).astype(np.float64)
+    labels = np.array([rng.choice(classes, p=p / p.sum()) for p in probs])
+    return logits, labels, rng.normal(size=(n, 8))
+
+
+@pytest.mark.parametrize("sharpness,coverage,expected", [(10.0, 0.8, "lac"), (1.5, 0.9, "raps")])
+def test_lac_is_chosen_only_when_never_empty_sets_over_cover(sharpness, coverage, expected, tmp_path):
+    from dogbreeds.trust.cli import _set_method
+    from dogbreeds.trust.evaluation import trust_metrics
+    from dogbreeds.trust.scores import softmax
+
+    logits, labels, features = _accurate_model(0, 4000, sharpness=sharpness)
+    cal = fit_calibration(features[:300], features[300:1500], logits[300:1500], labels[300:1500], coverage=coverage,
+                          raps=(0.0, 0), top_label="temperature")
+    choice = cal.info["breed_set"]
+    assert cal.set_method == expected == choice["method"]
+    assert (choice["raps"]["cv_coverage"] > coverage + 0.02) == (expected == "lac")
+    words = _set_method(cal)
+    assert words.startswith("LAC (may be empty)" if expected == "lac" else "RAPS lambda 0.0, k_reg 0 (never empty)")
+    assert f"{choice['raps']['cv_coverage']:.3f}" in words
+    run = RunDir(tmp_path / "run")
+    cal.save(run)
+    loaded = Calibration.load(run)
+    assert loaded.set_method == expected
+    trust = trust_metrics(run, softmax(logits[1500:]), labels[1500:])
+    assert trust["set_method"] == expected
+    accuracy = np.mean(logits[1500:].argmax(1) == labels[1500:])
+    if expected == "lac":  # held-out coverage near the target although top-1 alone is above it
+        assert accuracy > coverage + 0.04
+        assert abs(trust["coverage"] - coverage) <= 0.03 and trust["empty_sets"] > 0
+        answers = loaded.assess(logits[1500:1600], features[1500:1600])
+        assert any(a.breed_set == [] for a in answers)
+    else:
+        assert trust["empty_sets"] == 0 and trust["coverage"] >= coverage - 0.03
+
+
+def test_set_method_given_stored_and_a_bad_one_in_a_file_is_an_error_naming_it(world, calibration):
+    import json
+
+    logits = world["logits"](world["val_x"])
+    lac = fit_calibration(world["train_x"], world["val_x"], logits, world["val_y"], world["other_x"],
+                          set_method="lac")
+    assert lac.set_method == "lac" and lac.info["breed_set"] == {"method": "lac", "given": True}
+    from dogbreeds.trust.scores import conformal_scores
+
+    np.testing.assert_allclose(lac.conformal_scores, conformal_scores(lac.calibrated_probs(logits), world["val_y"],
+                                                                      method="lac"))
+    meta = json.loads(json.dumps(lac.to_json()))
+    assert meta["conformal"]["method"] == "lac"
+    assert Calibration.from_parts(meta, lac.banks_npz(), "x.json").set_method == "lac"
+    old = json.loads(json.dumps(calibration.to_json()))
+    old["version"] = 3
+    del old["conformal"]["method"]
+    assert Calibration.from_parts(old, calibration.banks_npz(), "v3.json").set_method == "raps"
+    meta["conformal"]["method"] = "aps"
+    with pytest.raises(DogbreedsError, match="bad.json.*'aps'"):
+        Calibration.from_parts(meta, lac.banks_npz(), "bad.json")
+    with pytest.raises(DogbreedsError, match="'aps'"):
+        fit_calibration(world["train_x"], world["val_x"], logits, world["val_y"], set_method="aps")
+
+
+def test_an_empty_set_is_said_in_words():
+    from dogbreeds.trust.present import verdict_text
+
+    assert "not sure" in verdict_text("breed", 20, "Beagle", [])
+    assert verdict_text("breed", 20, "Beagle", ["Beagle"]) == "Beagle"
+    assert verdict_text("breed", 20, "Beagle", None) == "Beagle"

@@ -109,3 +109,42 @@ def test_cli_refuses_values_outside_zero_one_naming_them(argv, text, capsys):
         build_parser().parse_args(argv)
     err = capsys.readouterr().err
     assert "strictly between 0 and 1" in err and repr(text) in err
+
+
+# --- LAC sets (may be empty): coverage near the target even when top-1 alone beats it ---
+
+def _accurate(rng, n, classes=10):
+    """Calibrated probabilities of a model whose top-1 is right about 90% of the time."""
+    probs = softmax(rng.normal(size=(n, classes)) * 10.0).astype(np.float64)
+    labels = np.array([rng.choice(classes, p=p / p.sum()) for p in probs])
+    return probs, labels
+
+
+def test_lac_sets_cover_near_the_target_where_never_empty_sets_cannot():
+    rng = np.random.default_rng(5)
+    lac, raps, empty = [], [], []
+    for _ in range(5):
+        cal_probs, cal_labels = _accurate(rng, 500)
+        test_probs, test_labels = _accurate(rng, 2000)
+        for method, out in (("lac", lac), ("raps", raps)):
+            qhat = conformal_quantile(conformal_scores(cal_probs, cal_labels, method=method), 0.8)
+            sets = prediction_sets(test_probs, qhat, method=method)
+            out.append(np.mean([label in s for label, s in zip(test_labels, sets)]))
+            if method == "lac":
+                empty.append(np.mean([not s for s in sets]))
+                threshold = 1.0 - qhat
+                for row, s in zip(test_probs, sets):  # exactly the breeds at least that likely, most probable first
+                    assert s == [int(i) for i in np.argsort(-row, kind="stable") if row[i] >= threshold - 1e-12]
+    accuracy = np.mean(test_probs.argmax(1) == test_labels)
+    assert np.mean(raps) >= accuracy - 0.02 > 0.82  # never empty: at least the top-1 accuracy, far over 80%
+    assert 0.78 <= np.mean(lac) <= 0.83
+    assert np.mean(empty) > 0.05
+
+
+def test_lac_takes_every_breed_when_the_quantile_is_infinite_and_bad_methods_are_errors():
+    probs = softmax(np.random.default_rng(6).normal(size=(4, 7)))
+    assert all(sorted(s) == list(range(7)) for s in prediction_sets(probs, float("inf"), method="lac"))
+    with pytest.raises(DogbreedsError, match="'aps'"):
+        prediction_sets(probs, 0.5, method="aps")
+    with pytest.raises(DogbreedsError, match="'aps'"):
+        conformal_scores(probs, np.zeros(4, int), method="aps")

@@ -359,7 +359,9 @@ def format_summary(result: dict) -> str:
     trust = result.get("trust")
     lines.append(f"calibrated (T={trust['temperature']:.2f}{' + top-label isotonic' if trust.get('method', '').endswith('isotonic') else ''}): ECE {trust['ece_before']:.3f} -> {trust['ece_after']:.3f}; "
                  f"breed sets: coverage {100 * trust['coverage']:.1f}% (target {100 * trust['coverage_target']:.0f}%), "
-                 f"mean size {trust['mean_set_size']:.2f}" if trust else
+                 f"mean size {trust['mean_set_size']:.2f}"
+                 + (f", LAC sets, {100 * trust['empty_sets']:.1f}% empty" if trust.get("set_method") == "lac" else "")
+                 if trust else
                  "no calibration in this run (ECE after scaling, breed sets): run `dogbreeds calibrate RUN --data DATA`")
     return "\n".join(lines + [f"wrote {result.get('eval_path', '')}"])
 

@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DogbreedsError
-from .scores import (check_fraction, conformal_quantile, conformal_scores, fit_logistic, fit_temperature, knn_distance,
-                     logistic_score, nll, normalise, prediction_sets, softmax)
+from .scores import (check_fraction, check_set_method, conformal_quantile, conformal_scores, fit_logistic,
+                     fit_temperature, knn_distance, logistic_score, nll, normalise, prediction_sets, softmax)
 
 FORMAT = "dogbreeds-calibration"
-VERSION = 3                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
+VERSION = 4                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
 #                            3: the optional top-label isotonic step (older files: temperature alone)
+#                            4: the breed-set method, RAPS or LAC (older files: RAPS)
 TEMPERATURE, ISOTONIC = "temperature", "temperature + isotonic"
 # the isotonic step is used only when its out-of-fold ECE on the validation split (TOP_LABEL_FOLDS
 # folds, seeded, TOP_LABEL_BINS bins, pooled) beats the temperature alone by TOP_LABEL_MARGIN;
@@ -61,6 +62,10 @@ DEFAULT_RAPS_LAMBDA = 0.0  # APS, when there are too few validation photos to ch
 DEFAULT_RAPS_K_REG = 0
 # RAPS (lambda, k_reg) candidates, chosen by 2-fold cross-validation on the validation split
 RAPS_GRID = ((0.0, 0), (0.01, 1), (0.01, 3), (0.05, 1), (0.05, 3), (0.2, 1))
+# "auto" uses LAC sets (may be empty) instead of RAPS (never empty) when RAPS's out-of-fold coverage on
+# the validation split exceeds the target by more than this (rule fixed before its test figures: docs/trust.md)
+SET_OVERCOVER_MARGIN = 0.02
+SET_MIN_VAL = 40           # fewer validation photos: RAPS with the default penalty, no cross-validation
 DOG_HEAD_L2 = 1e-3         # used when there are too few not-dog photos to choose one
 # dog / not-dog head regularisation candidates, chosen by 2-fold cross-validation (docs/trust.md)
 DOG_HEAD_L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
@@ -92,12 +97,13 @@ class Calibration:
     ood_threshold: float
     dog_k: int
     not_a_dog_threshold: float | None
-    conformal_scores: np.ndarray          # validation photos' true-breed RAPS scores
+    conformal_scores: np.ndarray          # validation photos' true-breed scores (RAPS or LAC: set_method)
     bank: np.ndarray                      # float16 [N, D], L2-normalised training features
     dog_bank: np.ndarray                  # float16 [M, D], L2-normalised other-dog features (M may be 0)
     coverage: float = DEFAULT_COVERAGE
     raps_lambda: float = DEFAULT_RAPS_LAMBDA
     raps_k_reg: int = DEFAULT_RAPS_K_REG
+    set_method: str = "raps"              # "raps": never empty; "lac": may be empty, smallest on average
     info: dict = field(default_factory=dict)  # what it was fitted on, and what that measured
     dog_head_w: np.ndarray | None = None  # float32 [D]: the dog / not-dog head (None: kNN dog score)
     dog_head_b: float | None = None
@@ -128,7 +134,7 @@ class Calibration:
         probs = self.calibrated_probs(logits)
         ood = self.ood_scores(features)
         dog = self.dog_scores(features)
-        sets = prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg)
+        sets = self.breed_sets(probs, coverage)
         out = []
         for i in range(len(logits)):
             not_a_dog = self.not_a_dog_threshold is not None and dog[i] > self.not_a_dog_threshold
@@ -142,6 +148,10 @@ class Calibration:
                 verdict = "unknown_breed"
             out.append(Assessment(verdict, float(ood[i]), float(dog[i]), probs[i], sets[i]))
         return out
+
+    def breed_sets(self, probs: np.ndarray, coverage: float | None = None) -> list[list[int]]:
+        """The conformal breed set of each row of calibrated probabilities (label indices, most probable first)."""
+        return prediction_sets(probs, self.qhat(coverage), self.raps_lambda, self.raps_k_reg, self.set_method)
 
     @property
     def method(self) -> str:
@@ -185,8 +195,8 @@ class Calibration:
                           "logistic head on normalised features", "k": self.dog_k,
                           "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold,
                           "applies_to": "all" if self.head_on_all else "ood"},
-            "conformal": {"method": "raps", "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
-                          "scores": [float(s) for s in self.conformal_scores]},
+            "conformal": {"method": self.set_method, "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
+                          "scores": [float(s) for s in self.conformal_scores], "choice": self.info.get("breed_set")},
             "bank": {"train": int(len(self.bank)), "other_dogs": int(len(self.dog_bank)),
                      "dim": int(self.bank.shape[1]), "dtype": "float16"},
             "info": self.info,
@@ -226,6 +236,7 @@ class Calibration:
                                      else float(meta["not_a_dog"]["threshold"])),
                 conformal_scores=np.asarray(meta["conformal"]["scores"], dtype=np.float64),
                 raps_lambda=float(meta["conformal"]["lambda"]), raps_k_reg=int(meta["conformal"]["k_reg"]),
+                set_method=check_set_method(meta["conformal"].get("method", "raps")),  # version <= 3: RAPS
                 bank=bank, dog_bank=dog_bank.reshape(-1, bank.shape[1]), info=dict(meta.get("info", {})),
                 dog_head_w=head if bias is not None else None, dog_head_b=None if bias is None else float(bias),
                 head_on_all=meta["not_a_dog"].get("applies_to", "ood") == "all",  # older files: "ood"
@@ -236,7 +247,7 @@ class Calibration:
                 top_label_x=None if iso_x is None else np.asarray(iso_x, dtype=np.float64),
                 top_label_y=None if iso_y is None else np.asarray(iso_y, dtype=np.float64),
             )
-        except (KeyError, TypeError, ValueError, OSError) as exc:
+        except (KeyError, TypeError, ValueError, OSError, DogbreedsError) as exc:
             raise DogbreedsError(f"{origin}: unreadable calibration ({exc}); rerun `dogbreeds calibrate RUN --data DATA`"
                                  ) from None
 
@@ -287,7 +298,8 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
                     coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
                     dog_k: int = DEFAULT_DOG_K, raps: tuple[float, int] | None = None,
                     info: dict | None = None, seed: int = 0, other_dog_groups: np.ndarray | None = None,
-                    ood_head: bool | tuple[float, float] = True, top_label: str = "auto") -> Calibration:
+                    ood_head: bool | tuple[float, float] = True, top_label: str = "auto",
+                    set_method: str = "auto") -> Calibration:
     """Fit temperature, thresholds and conformal scores on the validation split.
 
     - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
@@ -316,7 +328,9 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       the out-of-fold ECE on the validation split) prefers it; "temperature" / "isotonic" force
       the choice. The conformal scores and the RAPS choice use these final probabilities;
     - RAPS penalty `raps` = (lambda, k_reg): given, or the grid entry with the smallest sets in
-      2-fold cross-validation on the validation split (APS when it has under 40 photos).
+      2-fold cross-validation on the validation split (APS when it has under 40 photos);
+    - breed-set method: `set_method` "raps" or "lac", or "auto": `choose_set_method` (LAC when
+      RAPS's never-empty sets over-cover the target by more than SET_OVERCOVER_MARGIN out of fold).
     """
     coverage, keep = check_fraction("coverage", coverage), check_fraction("keep", keep)
     val_labels = np.asarray(val_labels)
@@ -368,18 +382,23 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         others = _knn_leave_one_out(other, full, len(bank), dog_k)
         not_a_dog_threshold = min(conformal_quantile(np.concatenate([val_dog, others]), keep), 1.0 - 1e-6)
     raps_lambda, raps_k_reg = raps if raps is not None else choose_raps(probs, val_labels, coverage, seed)
+    if set_method == "auto":
+        set_choice = choose_set_method(probs, val_labels, coverage, raps_lambda, raps_k_reg, seed)
+    else:
+        set_choice = {"method": check_set_method(set_method), "given": True}
     calibration = Calibration(
         temperature=temperature, ood_k=ood_k, ood_threshold=float(ood_threshold), dog_k=dog_k,
         not_a_dog_threshold=None if not_a_dog_threshold is None else float(not_a_dog_threshold),
-        conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg), bank=bank, dog_bank=dog_bank,
-        coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg, dog_head_w=head_w, dog_head_b=head_b,
+        conformal_scores=conformal_scores(probs, val_labels, raps_lambda, raps_k_reg, set_choice["method"]),
+        bank=bank, dog_bank=dog_bank, coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg,
+        set_method=set_choice["method"], dog_head_w=head_w, dog_head_b=head_b,
         head_on_all=head_w is not None, ood_head_w=ood_head_w, ood_head_b=ood_head_b, ood_mix=ood_mix,
         ood_stats=ood_stats, top_label_x=iso_x, top_label_y=iso_y,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
         "not_dogs": 0 if not_dog_features is None else int(len(not_dog_features)), "dog_head_l2": head_l2,
-        "ood_head": ood_choice, "top_label": top_choice,
+        "ood_head": ood_choice, "top_label": top_choice, "breed_set": set_choice,
         "keep": keep, "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels,
                                                                                            temperature),
         **(info or {}),
@@ -552,20 +571,51 @@ def choose_head_l2(dogs: np.ndarray, not_dogs: np.ndarray, val_features: np.ndar
     return best
 
 
+def _set_folds(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: n // 2], order[n // 2:]
+
+
+def _out_of_fold_sets(probs: np.ndarray, labels: np.ndarray, coverage: float, lam: float, k_reg: int, method: str,
+                      seed: int) -> tuple[float, float]:
+    """(coverage, mean set size) of 2-fold cross-validation: the quantile fitted on one half of the
+    validation photos, the sets measured on the other, both ways, pooled."""
+    covered, sizes = [], []
+    folds = _set_folds(len(labels), seed)
+    for fit, held in (folds, folds[::-1]):
+        qhat = conformal_quantile(conformal_scores(probs[fit], labels[fit], lam, k_reg, method), coverage)
+        sets = prediction_sets(probs[held], qhat, lam, k_reg, method)
+        covered += [int(label) in s for label, s in zip(labels[held], sets)]
+        sizes += [len(s) for s in sets]
+    return float(np.mean(covered)), float(np.mean(sizes))
+
+
 def choose_raps(probs: np.ndarray, labels: np.ndarray, coverage: float, seed: int = 0) -> tuple[float, int]:
     """The RAPS_GRID entry whose sets are smallest at `coverage`, by 2-fold cross-validation on
     the validation photos (fit the quantile on one half, measure set sizes on the other)."""
     labels = np.asarray(labels)
-    if len(labels) < 40:
+    if len(labels) < SET_MIN_VAL:
         return DEFAULT_RAPS_LAMBDA, DEFAULT_RAPS_K_REG
-    order = np.random.default_rng(seed).permutation(len(labels))
-    folds = (order[: len(order) // 2], order[len(order) // 2:])
     best, best_size = RAPS_GRID[0], float("inf")
     for lam, k_reg in RAPS_GRID:
-        sizes = []
-        for fit, held in (folds, folds[::-1]):
-            qhat = conformal_quantile(conformal_scores(probs[fit], labels[fit], lam, k_reg), coverage)
-            sizes += [len(s) for s in prediction_sets(probs[held], qhat, lam, k_reg)]
-        if np.mean(sizes) < best_size - 1e-9:
-            best, best_size = (lam, k_reg), float(np.mean(sizes))
+        size = _out_of_fold_sets(probs, labels, coverage, lam, k_reg, "raps", seed)[1]
+        if size < best_size - 1e-9:
+            best, best_size = (lam, k_reg), size
     return best
+
+
+def choose_set_method(probs: np.ndarray, labels: np.ndarray, coverage: float, lam: float, k_reg: int,
+                      seed: int = 0) -> dict:
+    """RAPS, unless its never-empty sets over-cover: when the out-of-fold coverage of the RAPS
+    sets (the same 2 folds as `choose_raps`) exceeds `coverage` by more than SET_OVERCOVER_MARGIN,
+    which happens when the model's top-1 alone is right more often than that, LAC sets (which may
+    be empty) are used. Under SET_MIN_VAL validation photos: RAPS. Both methods' figures are kept."""
+    labels = np.asarray(labels)
+    if len(labels) < SET_MIN_VAL:
+        return {"method": "raps", "val_photos": int(len(labels))}
+    figures = {}
+    for method in ("raps", "lac"):
+        cv_coverage, cv_size = _out_of_fold_sets(probs, labels, coverage, lam, k_reg, method, seed)
+        figures[method] = {"cv_coverage": cv_coverage, "cv_mean_size": cv_size}
+    method = "lac" if figures["raps"]["cv_coverage"] > coverage + SET_OVERCOVER_MARGIN else "raps"
+    return {"method": method, "coverage": coverage, "margin": SET_OVERCOVER_MARGIN, **figures}

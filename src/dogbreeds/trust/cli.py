@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, help="dataset root the run was trained on")
     parser.add_argument("--coverage", type=fraction_type("coverage"), default=DEFAULT_COVERAGE,
                         help=f"default coverage of the breed sets, in (0, 1) (default {DEFAULT_COVERAGE})")
+    parser.add_argument("--set-method", choices=("auto", "raps", "lac"), default="auto",
+                        help="breed sets: 'raps' (never empty), 'lac' (smallest on average, empty when no breed is "
+                             "likely enough) or 'auto' (default: LAC when never-empty sets would over-cover the "
+                             "coverage by more than 2 points in cross-validation on the validation split)")
     parser.add_argument("--keep", type=fraction_type("keep"), default=DEFAULT_KEEP,
                         help=f"share of in-breed validation dogs the thresholds keep, in (0, 1) (default {DEFAULT_KEEP})")
     parser.add_argument("--other-dogs", nargs="*", default=[], metavar="PATH",
@@ -45,7 +49,7 @@ def run_calibrate(args) -> int:
                                 other_dogs=args.other_dogs, not_dogs=args.not_dogs,
                                 other_breeds=not args.no_other_breeds,
                                 ood_k=args.ood_k, dog_k=args.dog_k, batch_size=args.batch_size,
-                                workers=args.workers, progress=True)
+                                workers=args.workers, progress=True, set_method=args.set_method)
     info = calibration.info
     print(f"temperature {calibration.temperature:.3f} (validation NLL {info['val_nll_before']:.3f} -> "
           f"{info['val_nll_after']:.3f}); OOD score: {_ood_method(calibration)}, threshold {calibration.ood_threshold:.4f}; "
@@ -53,8 +57,9 @@ def run_calibrate(args) -> int:
           f"{'none (no other dogs)' if calibration.not_a_dog_threshold is None else f'{calibration.not_a_dog_threshold:.4f}'}; "
           f"{info['train_photos']} training + {info['other_dogs']} other-dog photos in the bank; "
           f"dog / not-dog head: {'on ' + str(info['not_dogs']) + ' photos of non-dogs' if info['not_dogs'] else 'none (pass --not-dogs)'}; "
-          f"breed sets: RAPS lambda {calibration.raps_lambda}, k_reg {calibration.raps_k_reg}, coverage {calibration.coverage}")
+          f"breed-set coverage {calibration.coverage}")
     print(f"probabilities: {_probability_method(calibration)}")
+    print(f"breed sets: {_set_method(calibration)}")
     return 0
 
 
@@ -70,6 +75,19 @@ def _probability_method(calibration) -> str:
             f"only if lower by {choice['margin']})")
 
 
+def _set_method(calibration) -> str:
+    choice = calibration.info.get("breed_set") or {}
+    words = ("LAC (may be empty)" if calibration.set_method == "lac" else
+             f"RAPS lambda {calibration.raps_lambda}, k_reg {calibration.raps_k_reg} (never empty)")
+    if choice.get("given") or "raps" not in choice:
+        return words + (" (given)" if choice.get("given") else "")
+    raps, lac = choice["raps"], choice["lac"]
+    return (f"{words}, chosen by 2-fold cross-validation on the validation photos at coverage {choice['coverage']}: "
+            f"out-of-fold coverage RAPS {raps['cv_coverage']:.3f} (mean set {raps['cv_mean_size']:.2f}), LAC "
+            f"{lac['cv_coverage']:.3f} ({lac['cv_mean_size']:.2f}); LAC only when RAPS over-covers by more than "
+            f"{choice['margin']}")
+
+
 def _ood_method(calibration) -> str:
     choice = calibration.info.get("ood_head") or {}
     if calibration.ood_head_w is None:
@@ -80,7 +98,7 @@ def _ood_method(calibration) -> str:
 
 def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP,
                   other_dogs=(), not_dogs=(), other_breeds: bool = True, ood_k: int = DEFAULT_OOD_K, dog_k: int = DEFAULT_DOG_K,
-                  batch_size: int = 32, workers: int = 0, progress: bool = False):
+                  batch_size: int = 32, workers: int = 0, progress: bool = False, set_method: str = "auto"):
     """Fit and store the calibration of `run` on its own train / val split under `data`."""
     import numpy as np
     import torch
@@ -161,7 +179,7 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
                                   ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name},
-                                  other_dog_groups=other_groups)
+                                  other_dog_groups=other_groups, set_method=set_method)
     calibration.save(run)
     if calibration.ood_threshold >= 1.0 - 1e-5:
         print(f"note: {len(val_y)} validation photos are too few for a {keep:.0%} threshold (it needs "

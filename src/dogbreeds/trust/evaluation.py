@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from .calibration import Calibration
-from .scores import prediction_sets
 
 ECE_BINS = 15
 
@@ -29,7 +28,7 @@ def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=N
         return None
     labels = np.asarray(labels)
     after = calibrated(calibration, probs)
-    sets = prediction_sets(after, calibration.qhat(), calibration.raps_lambda, calibration.raps_k_reg)
+    sets = calibration.breed_sets(after)
     result = {
         "temperature": calibration.temperature, "method": calibration.method,
         "choice": calibration.info.get("top_label"),
@@ -39,6 +38,8 @@ def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=N
         "coverage_target": calibration.coverage,
         "coverage": float(np.mean([label in s for label, s in zip(labels, sets)])) if len(labels) else float("nan"),
         "mean_set_size": float(np.mean([len(s) for s in sets])) if len(labels) else float("nan"),
+        "set_method": calibration.set_method,
+        "empty_sets": float(np.mean([not s for s in sets])) if len(labels) else float("nan"),
     }
     if reliability_path is not None:
         from ..evaluate import figures

@@ -7,6 +7,8 @@ def verdict_text(verdict: str, num_breeds: int, closest: str, breed_set: list[st
         return "This does not look like a dog"
     if verdict == "unknown_breed":
         return f"A dog, but not one of the {num_breeds} breeds this model knows — closest: {closest}"
+    if breed_set is not None and not breed_set:  # a LAC set: no breed likely enough for the coverage
+        return f"{closest}? (not sure: no breed is likely enough to be named with confidence)"
     if breed_set and len(breed_set) > 1:
         return f"{closest} (or one of: {', '.join(breed_set[1:])})"
     return closest

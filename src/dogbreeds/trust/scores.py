@@ -9,7 +9,10 @@
 - split conformal prediction sets with the RAPS score (Angelopoulos et al. 2021; lam=0 is
   APS): a photo's set holds the breeds whose score is within the quantile of the validation
   photos' true-breed scores, so it holds the true breed with the chosen coverage on photos
-  exchangeable with the validation split.
+  exchangeable with the validation split. RAPS sets are never empty; the LAC score (Sadinle et
+  al. 2019: 1 - the true breed's probability) gives the smallest sets on average and may give
+  an empty one (no breed likely enough), which keeps coverage near the target on a model that
+  is right more often than the target.
 """
 from __future__ import annotations
 
@@ -134,10 +137,16 @@ def _penalised_cumulative(probs: np.ndarray, lam: float, k_reg: int) -> tuple[np
     return order, score
 
 
-def conformal_scores(probs: np.ndarray, labels: np.ndarray, lam: float = 0.0, k_reg: int = 0) -> np.ndarray:
-    """The RAPS score of each photo's true breed (lower = the model ranks it more confidently)."""
+def conformal_scores(probs: np.ndarray, labels: np.ndarray, lam: float = 0.0, k_reg: int = 0,
+                     method: str = "raps") -> np.ndarray:
+    """The conformal score of each photo's true breed (lower = the model ranks it more confidently):
+    RAPS (the mass ranked above it plus its own, + the rank penalty) or LAC (1 - its probability)."""
+    labels = np.asarray(labels)
+    if check_set_method(method) == "lac":
+        probs = np.asarray(probs, dtype=np.float64)
+        return 1.0 - probs[np.arange(len(labels)), labels]
     order, score = _penalised_cumulative(probs, lam, k_reg)
-    position = np.argmax(order == np.asarray(labels)[:, None], axis=1)
+    position = np.argmax(order == labels[:, None], axis=1)
     return score[np.arange(len(position)), position]
 
 
@@ -150,14 +159,32 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     return float("inf") if rank > len(scores) else float(scores[rank - 1])
 
 
-def prediction_sets(probs: np.ndarray, qhat: float, lam: float = 0.0, k_reg: int = 0) -> list[list[int]]:
+def prediction_sets(probs: np.ndarray, qhat: float, lam: float = 0.0, k_reg: int = 0,
+                    method: str = "raps") -> list[list[int]]:
     """Per row, the breeds (label indices, most probable first) whose score is <= qhat, so a
-    true breed with score <= qhat is in. Breeds that add nothing to the score (probability 0
-    in float32, no penalty) stay out, and the top breed is always in (never an empty set)."""
+    true breed with score <= qhat is in.
+    RAPS: breeds that add nothing to the score (probability 0 in float32, no penalty) stay out,
+    and the top breed is always in (never an empty set; so coverage >= the top-1 accuracy).
+    LAC (Sadinle et al. 2019, the smallest sets on average): the breeds with probability
+    >= 1 - qhat; empty when no breed is that likely (coverage close to the target at any accuracy)."""
+    if check_set_method(method) == "lac":
+        probs = np.asarray(probs, dtype=np.float64)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sizes = (np.take_along_axis(probs, order, axis=1) >= 1.0 - qhat - 1e-12).sum(axis=1)
+        return [order[i, :sizes[i]].tolist() for i in range(len(order))]
     order, score = _penalised_cumulative(probs, lam, k_reg)
     adds = np.diff(score, axis=1, prepend=0.0) > 0
     sizes = np.maximum(1, ((score <= qhat + 1e-12) & adds).sum(axis=1))
     return [order[i, :sizes[i]].tolist() for i in range(len(order))]
+
+
+SET_METHODS = ("raps", "lac")
+
+
+def check_set_method(method: str) -> str:
+    if method not in SET_METHODS:
+        raise DogbreedsError(f"breed-set method {method!r}: use one of {', '.join(SET_METHODS)}")
+    return method
 
 
 # --- evaluation helpers (used by calibrate, evaluate and the benchmark) ---
