@@ -34,7 +34,19 @@ def _numbered(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.jpg"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
 
 
-def extract(run: Path, data: Path, wild: Path, batch_size: int, workers: int) -> dict:
+class _Mirrored:
+    """The eval transform, then a left-right mirror of the tensor (for --flip)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, *boxes):
+        import torch
+
+        return torch.flip(self.transform(image, *boxes), dims=[-1])
+
+
+def extract(run: Path, data: Path, wild: Path, batch_size: int, workers: int, flip: bool = False) -> dict:
     import torch
 
     from dogbreeds.data.records import ImageRecord
@@ -47,6 +59,8 @@ def extract(run: Path, data: Path, wild: Path, batch_size: int, workers: int) ->
     loaded = load_run(run)
     model, classes = loaded.model.eval(), loaded.classes
     transform = build_eval_transform(loaded.preprocessing)
+    if flip:
+        transform = _Mirrored(transform)
     groups: dict[str, list] = {}
     for split in ("train", "val", "test"):
         groups[split] = records_for_split(run, data, split, classes).records
@@ -84,17 +98,17 @@ def main(argv=None) -> int:
     parser.add_argument("--explore", action="store_true", help="also print every candidate score's AUROCs")
     parser.add_argument("--coverage", type=float, default=None,
                         help="target coverage of the breed sets (default: calibrate's, 0.9)")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="features (and logits) averaged over each photo and its mirror image; the mirrored "
+                             "photos' are cached in RUN/trust_measure_flip.npz")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    cache = run / "trust_measure.npz"
-    if cache.is_file():
-        arrays = dict(np.load(cache, allow_pickle=False))
-    else:
-        arrays = extract(run, Path(args.data), Path(args.wild), args.batch_size, args.workers)
-        np.savez(cache, **arrays)
+    arrays = _cached(run / "trust_measure.npz", run, args, flip=False)
     from dogbreeds.trust.cli import run_outlier_record
 
     try:
+        if args.flip_average:
+            arrays = flip_average(arrays, _cached(run / "trust_measure_flip.npz", run, args, flip=True))
         coverage = {} if args.coverage is None else {"coverage": args.coverage}
         summary = report(arrays, explore=args.explore, outliers=run_outlier_record(run), **coverage)
     except LeakingSplit as exc:
@@ -107,6 +121,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cached(cache: Path, run: Path, args, flip: bool) -> dict:
+    if cache.is_file():
+        return dict(np.load(cache, allow_pickle=False))
+    arrays = extract(run, Path(args.data), Path(args.wild), args.batch_size, args.workers, flip=flip)
+    np.savez(cache, **arrays)
+    return arrays
+
+
+def flip_average(arrays: dict, mirrored: dict) -> dict:
+    """The mean of each photo's features and logits and its mirror image's (the classifier is linear, so the
+    mean logits are the classifier of the mean features). Refused when the two caches hold other photos."""
+    out = dict(arrays)
+    for key, value in arrays.items():
+        if key.endswith("_paths") or key.endswith("_y") or key == "other_breed_ids":
+            if not np.array_equal(value, mirrored[key]):
+                raise LeakingSplit(f"trust_measure.npz and trust_measure_flip.npz hold different photos ({key}); "
+                                   "delete both and rerun")
+        elif key.endswith("_x") or key.endswith("_logits"):
+            out[key] = ((value.astype(np.float64) + mirrored[key]) / 2.0).astype(value.dtype)
+    return out
 
 
 # --- step 2: fit on fitting photos, report on held-out photos ---

@@ -135,6 +135,24 @@ def test_benchmark_split_follows_the_record_and_refuses_a_leak():
         bench.splits(arrays, outliers={**record, "breeds": list(arrays["other_breed_ids"])})
 
 
+def test_benchmark_flip_average_means_features_and_logits_of_the_same_photos():
+    bench = _measure_trust()
+    arrays = _arrays()
+    rng = np.random.default_rng(0)
+    arrays.update(unknown_x=rng.normal(size=(12, 4)).astype(np.float32),
+                  unknown_logits=rng.normal(size=(12, 3)).astype(np.float32))
+    mirrored = dict(arrays, unknown_x=rng.normal(size=(12, 4)).astype(np.float32),
+                    unknown_logits=rng.normal(size=(12, 3)).astype(np.float32))
+    both = bench.flip_average(arrays, mirrored)
+    np.testing.assert_allclose(both["unknown_x"], (arrays["unknown_x"] + mirrored["unknown_x"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(both["unknown_logits"], (arrays["unknown_logits"] + mirrored["unknown_logits"]) / 2,
+                               rtol=1e-6)
+    assert both["unknown_x"].dtype == np.float32 and (both["unknown_y"] == arrays["unknown_y"]).all()
+    other = dict(mirrored, unknown_paths=np.array([f"u/{i + 1}.jpg" for i in range(12)]))
+    with pytest.raises(bench.LeakingSplit, match="unknown_paths"):
+        bench.flip_average(arrays, other)
+
+
 def test_resume_with_outlier_exposure_is_bit_identical(tiny_data, tmp_path, tiny_recipe, wild_dogs):
     pattern = str(wild_dogs / "dog.*.jpg")
     reference = train(_recipe(tiny_recipe, tiny_data, tmp_path / "ref", outliers=pattern))
