@@ -488,6 +488,6 @@ def test_set_method_given_stored_and_a_bad_one_in_a_file_is_an_error_naming_it(w
 def test_an_empty_set_is_said_in_words():
     from dogbreeds.trust.present import verdict_text
 
-    assert "not sure" in verdict_text("breed", 20, "Beagle", [])
+    assert verdict_text("breed", 20, "Beagle", []) == "Probably Beagle, but not sure enough to name a breed"
     assert verdict_text("breed", 20, "Beagle", ["Beagle"]) == "Beagle"
     assert verdict_text("breed", 20, "Beagle", None) == "Beagle"

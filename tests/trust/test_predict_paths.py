@@ -62,11 +62,12 @@ def calibrated_run(tmp_path_factory, tiny_run, photos, cats) -> Path:
     _, other_x = embed(photos[:4])
     _, cat_x = embed(cats[:4])
     labels = np.arange(len(val_x)) % 5
-    # the outlier-exposure head and the top-label isotonic step given (too few photos here to choose
-    # them): every part of ood_score and of the calibrated probabilities travels
+    # the outlier-exposure head, the top-label isotonic step and LAC sets given (too few photos here to
+    # choose them): every part of ood_score, of the calibrated probabilities and of the sets travels
     calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4),
-                                  top_label="isotonic")
+                                  top_label="isotonic", set_method="lac")
     assert calibration.ood_head_w is not None and calibration.top_label_x is not None
+    assert calibration.set_method == "lac"
     from dogbreeds.trust.scores import softmax
 
     assert np.abs(calibration.calibrated_probs(val_logits) - softmax(val_logits, calibration.temperature)).max() > 1e-3
@@ -94,6 +95,7 @@ def test_torch_onnxruntime_and_exported_file_agree(calibrated_run, photos, cats,
     exported = Predictor.from_onnx(alone)
     assert exported.calibration is not None and exported.calibration.ood_head_w is not None
     np.testing.assert_array_equal(exported.calibration.top_label_y, Predictor.from_run(calibrated_run).calibration.top_label_y)
+    assert exported.calibration.set_method == "lac"
     from_file = _answers(exported, images)
     assert {p.verdict for p in reference} <= {"breed", "unknown_breed", "not_a_dog"}
     for a, b, c in zip(reference, cached, from_file):

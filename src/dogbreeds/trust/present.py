@@ -8,7 +8,7 @@ def verdict_text(verdict: str, num_breeds: int, closest: str, breed_set: list[st
     if verdict == "unknown_breed":
         return f"A dog, but not one of the {num_breeds} breeds this model knows — closest: {closest}"
     if breed_set is not None and not breed_set:  # a LAC set: no breed likely enough for the coverage
-        return f"{closest}? (not sure: no breed is likely enough to be named with confidence)"
+        return f"Probably {closest}, but not sure enough to name a breed"
     if breed_set and len(breed_set) > 1:
         return f"{closest} (or one of: {', '.join(breed_set[1:])})"
     return closest
