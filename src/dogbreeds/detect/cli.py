@@ -106,6 +106,10 @@ def register(subparsers) -> None:
                                "photo of DATA's breeds the detector was not trained on (one class, dog: they are "
                                "unseen dogs; 600 photos, 39 with 2+ dogs, in the mini data); breed accuracy and "
                                "--choose-margin use the run's val photos only")
+    evaluate.add_argument("--count-objective", choices=("exact", "multi"), default="exact",
+                          help="how --choose-count / --choose-size rank the count rules: 'exact' (default: the most "
+                               "photos counted right) or 'multi' (the most photos with 2+ dogs counted right among "
+                               "the rules that keep 88%% of all photos counted right)")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:
@@ -149,9 +153,10 @@ def run_evaluate(args) -> int:
     result = evaluate_detector(args.run, args.data, args.split, breeds_run=args.breeds_run, breeds=args.breeds,
                                score_threshold=args.score_threshold, engine=args.engine,
                                choose_count=args.choose_count, choose_margin=args.choose_margin,
-                               choose_size=args.choose_size, other_breeds=args.with_other_breeds)
+                               choose_size=args.choose_size, other_breeds=args.with_other_breeds,
+                               count_objective=args.count_objective)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
-            "count_nms_iou", "count_containment", "box_nms_thresh", "inference_size", "crop_margin", "crop_square",
+            "count_nms_iou", "count_containment", "count_objective", "box_nms_thresh", "inference_size", "crop_margin", "crop_square",
             "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
     shown = {k: result.get(k) for k in keys}
     if "parts" in result:  # --with-other-breeds: the run's val photos and the other breeds' photos apart

@@ -83,13 +83,33 @@ def best_count_threshold(predictions: list[dict], gt_boxes: list[np.ndarray], gr
     return float(best)
 
 
+COUNT_OBJECTIVES = ("exact", "multi")
+MULTI_COUNT_FLOOR = 0.88   # --count-objective multi: the overall exact count a choice must keep (issue 14's goal + 3)
+
+
+def count_objective_key(scores: dict, objective: str = "exact") -> tuple:
+    """How a count choice ranks (higher is better). "exact": the overall exact count, then the
+    multi-dog one. "multi": the choices whose overall exact count is at least MULTI_COUNT_FLOOR
+    first, ranked by their multi-dog exact count, then the overall one; when none reaches the
+    floor, "exact"'s order."""
+    exact, multi = scores["exact_count"], scores["exact_count_multi"] or 0.0
+    if objective == "exact":
+        return exact, multi
+    if objective == "multi":
+        feasible = exact >= MULTI_COUNT_FLOOR - 1e-12
+        return (feasible, multi, exact) if feasible else (feasible, exact, multi)
+    raise DogbreedsError(f"count objective {objective!r}: use one of {', '.join(COUNT_OBJECTIVES)}")
+
+
 def best_counting(predictions: list[dict], gt_boxes: list[np.ndarray], grid=THRESHOLD_GRID,
-                  nms_grid=NMS_IOU_GRID, containment_grid=CONTAINMENT_GRID) -> tuple[float, float, float]:
+                  nms_grid=NMS_IOU_GRID, containment_grid=CONTAINMENT_GRID,
+                  objective: str = "exact") -> tuple[float, float, float]:
     """(score threshold, count_nms_iou, count_containment) with the best exact count; ties: the
-    better count on multi-dog photos, then the threshold nearest 0.5, then the milder rule."""
+    better count on multi-dog photos, then the threshold nearest 0.5, then the milder rule
+    (`objective` "multi": `count_objective_key`'s order instead of the first two)."""
     def key(choice):
         scores = count_scores(predictions, gt_boxes, *choice)
-        return (scores["exact_count"], scores["exact_count_multi"] or 0.0, -abs(choice[0] - 0.5), choice[1], choice[2])
+        return (*count_objective_key(scores, objective), -abs(choice[0] - 0.5), choice[1], choice[2])
 
     best = max(((float(t), float(n), float(c)) for t in grid for n in nms_grid for c in containment_grid), key=key)
     return best
@@ -326,7 +346,7 @@ def other_breed_records(run, data_root, data):
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
                       figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False,
-                      choose_size: bool = False, other_breeds: bool = False) -> dict:
+                      choose_size: bool = False, other_breeds: bool = False, count_objective: str = "exact") -> dict:
     """Evaluate a detector run on a split. choose_count (validation only): choose the model's NMS
     IoU (`BOX_NMS_GRID`), the score threshold and the count rule on these photos (`choose_counting`);
     choose_size (validation only, implies choose_count): the same at each inference size of
@@ -335,7 +355,9 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     config of the run's checkpoint, so that predict, the service, the export and later evaluations use them.
     other_breeds (validation only): evaluate and choose on the val photos plus `other_breed_records`;
     the result gives the figures of both parts too (`parts`), and breed accuracy, the crop choice and
-    the figure use the run's val photos alone."""
+    the figure use the run's val photos alone. count_objective: how choose_count / choose_size rank
+    the choices (`count_objective_key`: "exact", or "multi" for the most multi-dog photos counted
+    right among the choices that keep MULTI_COUNT_FLOOR of all photos counted right)."""
     import time
 
     from ..rundir import RunDir
@@ -347,6 +369,10 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if choose_size and score_threshold is not None:
         raise DogbreedsError("--choose-size chooses the score threshold for each size itself: leave out --score-threshold")
     choose_count = choose_count or choose_size
+    count_objective_key({"exact_count": 0.0, "exact_count_multi": 0.0}, count_objective)  # a bad name: an error now
+    if count_objective != "exact" and not choose_count:
+        raise DogbreedsError(f"--count-objective {count_objective} ranks the choices of --choose-count / --choose-size: "
+                             "add one of them (with --split val)")
     if choose_count and split != "val":
         raise DogbreedsError(f"--choose-count chooses the count threshold and rule on the validation photos: "
                              f"use --split val (not {split}), then evaluate --split test")
@@ -388,23 +414,24 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     chosen_on = "val+other_breeds" if other_breeds else "val"
     if choose_size:
         size, box_nms, predictions, (chosen, nms_iou, containment), seconds, options = choose_inference_size(
-            model, records, predictions, cfg, seconds)
+            model, records, predictions, cfg, seconds, objective=count_objective)
         min_size, max_size = size
         cfg = save_settings(run, infer_min_size=min_size, infer_max_size=max_size, box_nms_thresh=box_nms,
                             score_threshold=chosen, count_nms_iou=nms_iou, count_containment=containment,
-                            chosen_on=chosen_on)
+                            chosen_on=chosen_on, count_objective=count_objective)
         checkpoint = run.checkpoint()
     elif choose_count:
-        box_nms, predictions, (chosen, nms_iou, containment), seconds = choose_counting(model, records, predictions,
-                                                                                       cfg.box_nms_thresh, seconds)
+        box_nms, predictions, (chosen, nms_iou, containment), seconds = choose_counting(
+            model, records, predictions, cfg.box_nms_thresh, seconds, objective=count_objective)
         cfg = save_settings(run, box_nms_thresh=box_nms, score_threshold=chosen, count_nms_iou=nms_iou,
-                            count_containment=containment, chosen_on=chosen_on)
+                            count_containment=containment, chosen_on=chosen_on, count_objective=count_objective)
         checkpoint = run.checkpoint()
     threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     rule = (cfg.count_nms_iou, cfg.count_containment)
     result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
               "min_size": cfg.min_size, "max_size": cfg.max_size, "inference_size": list(cfg.inference_size()),
               "box_nms_thresh": cfg.box_nms_thresh,
+              "count_objective": read_detector_meta(checkpoint).get("extra", {}).get("count_objective", "exact"),
               "records_from": origin,
               "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
               **score_detections(predictions, [r.boxes for r in records], threshold, rule),
@@ -441,7 +468,8 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     return result
 
 
-def _counting_options(model, records, predictions: list[dict] | None, box_nms: float, seconds: float) -> list[dict]:
+def _counting_options(model, records, predictions: list[dict] | None, box_nms: float, seconds: float,
+                      objective: str = "exact") -> list[dict]:
     """One option per model NMS IoU of BOX_NMS_GRID (and `box_nms`) at the model's current resize:
     {"box_nms", "preds", "rule" (threshold, count_nms_iou, count_containment) chosen for it, "scores",
     "seconds" (of its pass)}. `predictions` are the model's at `box_nms` (timed `seconds`), or None."""
@@ -457,25 +485,27 @@ def _counting_options(model, records, predictions: list[dict] | None, box_nms: f
             started = time.perf_counter()
             preds = predict_records(model, records)
             took = time.perf_counter() - started
-        rule = best_counting(preds, gts)
+        rule = best_counting(preds, gts, objective=objective)
         options.append({"box_nms": float(nms), "preds": preds, "rule": rule, "seconds": took,
                         "scores": score_detections(preds, gts, rule[0], rule[1:])})
     return options
 
 
-def _count_key(option: dict) -> tuple:
-    """The order every post-processing choice on val uses: exact count, then the multi-dog count, then mAP."""
+def _count_key(option: dict, objective: str = "exact") -> tuple:
+    """The order every post-processing choice on val uses: exact count, then the multi-dog count (or
+    `count_objective_key`'s order for `objective`), then mAP."""
     scores = option["scores"]
-    return scores["exact_count"], scores["exact_count_multi"] or 0.0, scores["map"]
+    return *count_objective_key(scores, objective), scores["map"]
 
 
-def choose_counting(model, records, predictions: list[dict], box_nms: float, seconds: float):
+def choose_counting(model, records, predictions: list[dict], box_nms: float, seconds: float,
+                    objective: str = "exact"):
     """(box_nms_thresh, its predictions, (score threshold, count_nms_iou, count_containment), seconds
     per pass) with the best exact count on these photos over BOX_NMS_GRID (the model's own NMS, which
     can suppress a dog's box under its neighbour's), ties: the multi-dog count, then mAP, then the
     current setting, then the lower IoU. `predictions` are the model's at `box_nms`; the others are made here."""
-    options = _counting_options(model, records, predictions, box_nms, seconds)
-    best = max(options, key=lambda o: (*_count_key(o), o["box_nms"] == float(box_nms), -o["box_nms"]))
+    options = _counting_options(model, records, predictions, box_nms, seconds, objective)
+    best = max(options, key=lambda o: (*_count_key(o, objective), o["box_nms"] == float(box_nms), -o["box_nms"]))
     model.roi_heads.nms_thresh = best["box_nms"]
     return best["box_nms"], best["preds"], best["rule"], min(o["seconds"] for o in options)
 
@@ -490,7 +520,7 @@ def size_grid(cfg, factors=SIZE_FACTOR_GRID) -> list[tuple[int, int]]:
 
 
 def choose_inference_size(model, records, predictions: list[dict], cfg, seconds: float,
-                          factors=SIZE_FACTOR_GRID):
+                          factors=SIZE_FACTOR_GRID, objective: str = "exact"):
     """((min_size, max_size), box_nms_thresh, its predictions, (score threshold, count_nms_iou,
     count_containment), seconds per pass at that size, the table of every option) with the best exact
     count on these photos over `size_grid` x BOX_NMS_GRID, the count rule chosen for each pair. Ties:
@@ -502,9 +532,9 @@ def choose_inference_size(model, records, predictions: list[dict], cfg, seconds:
     for size in size_grid(cfg, factors):
         model.transform.min_size, model.transform.max_size = (size[0],), size[1]
         for option in _counting_options(model, records, predictions if size == current else None,
-                                        cfg.box_nms_thresh, seconds):
+                                        cfg.box_nms_thresh, seconds, objective):
             options.append({**option, "size": size})
-    best = max(options, key=lambda o: (*_count_key(o), -o["size"][0], -o["size"][1],
+    best = max(options, key=lambda o: (*_count_key(o, objective), -o["size"][0], -o["size"][1],
                                        o["box_nms"] == float(cfg.box_nms_thresh), -o["box_nms"]))
     model.transform.min_size, model.transform.max_size = (best["size"][0],), best["size"][1]
     model.roi_heads.nms_thresh = best["box_nms"]
@@ -533,7 +563,7 @@ def save_count_rule(run, threshold: float, nms_iou: float, containment: float):
                          count_containment=float(containment))
 
 
-def save_settings(run, chosen_on: str = "val", **settings):
+def save_settings(run, chosen_on: str = "val", count_objective: str = "exact", **settings):
     """Write settings chosen on the validation photos (count rule, model NMS, crop margin) into the
     config of the checkpoint that evaluation and predict load (its weights unchanged; the other
     checkpoint is another epoch's, left as it is) and return that config. `chosen_on` says on which
@@ -549,6 +579,7 @@ def save_settings(run, chosen_on: str = "val", **settings):
     extra = {**meta.get("extra", {}), "chosen_on_val": chosen}
     if "score_threshold" in settings:
         extra["count_rule_chosen_on"] = chosen_on
+        extra["count_objective"] = count_objective
 
     class _Tensors:  # save_detector takes a module; the tensors are written back unchanged
         def __init__(self, tensors):
