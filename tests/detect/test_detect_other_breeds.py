@@ -56,15 +56,15 @@ def test_without_the_option_only_the_runs_val_photos_are_used(one_breed_run, tmp
     result = evaluate_detector(run_path, root, "val", choose_count=True, progress=False)
     assert "parts" not in result and "other breeds" not in result["records_from"] and result["n_photos"] < 6
     assert read_detector_meta(RunDir.locate(run_path).checkpoint())["extra"]["count_rule_chosen_on"] == "val"
-    assert result["count_objective"] == "exact"
-    # --count-objective multi: passed to the choice, stored with the rule, reported
+    assert result["count_objective"] == "multi"  # the default
+    # --count-objective exact: passed to the choice, stored with the rule, reported
     seen = []
     choose = evaluate_module.choose_counting
     monkeypatch.setattr(evaluate_module, "choose_counting",
                         lambda *a, **k: seen.append(k.get("objective")) or choose(*a, **k))
-    result = evaluate_detector(run_path, root, "val", choose_count=True, progress=False, count_objective="multi")
-    assert seen == ["multi"] and result["count_objective"] == "multi"
-    assert read_detector_meta(RunDir.locate(run_path).checkpoint())["extra"]["count_objective"] == "multi"
+    result = evaluate_detector(run_path, root, "val", choose_count=True, progress=False, count_objective="exact")
+    assert seen == ["exact"] and result["count_objective"] == "exact"
+    assert read_detector_meta(RunDir.locate(run_path).checkpoint())["extra"]["count_objective"] == "exact"
 
 
 def test_refused_off_validation_on_another_root_and_without_other_breeds(one_breed_run, tiny_detector_run, box_root,

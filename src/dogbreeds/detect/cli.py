@@ -106,10 +106,10 @@ def register(subparsers) -> None:
                                "photo of DATA's breeds the detector was not trained on (one class, dog: they are "
                                "unseen dogs; 600 photos, 39 with 2+ dogs, in the mini data); breed accuracy and "
                                "--choose-margin use the run's val photos only")
-    evaluate.add_argument("--count-objective", choices=("exact", "multi"), default="exact",
-                          help="how --choose-count / --choose-size rank the count rules: 'exact' (default: the most "
-                               "photos counted right) or 'multi' (the most photos with 2+ dogs counted right among "
-                               "the rules that keep 88%% of all photos counted right)")
+    evaluate.add_argument("--count-objective", choices=("exact", "multi"), default=None,
+                          help="how --choose-count / --choose-size rank the count rules: 'multi' (default: the most "
+                               "photos with 2+ dogs counted right among the rules that keep 88%% of all photos "
+                               "counted right, else as 'exact') or 'exact' (the most photos counted right)")
     evaluate.set_defaults(func=run_evaluate)
 
     for name in DETECT_COMMAND_MODULES:

@@ -85,6 +85,9 @@ def best_count_threshold(predictions: list[dict], gt_boxes: list[np.ndarray], gr
 
 COUNT_OBJECTIVES = ("exact", "multi")
 MULTI_COUNT_FLOOR = 0.88   # --count-objective multi: the overall exact count a choice must keep (issue 14's goal + 3)
+# what `detect evaluate --choose-count` ranks by unless told: "multi", chosen on val + other breeds by a rule
+# written before its figures (docs/detection.md); the per-epoch choice during training keeps "exact"
+DEFAULT_COUNT_OBJECTIVE = "multi"
 
 
 def count_objective_key(scores: dict, objective: str = "exact") -> tuple:
@@ -346,7 +349,8 @@ def other_breed_records(run, data_root, data):
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
                       figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False,
-                      choose_size: bool = False, other_breeds: bool = False, count_objective: str = "exact") -> dict:
+                      choose_size: bool = False, other_breeds: bool = False,
+                      count_objective: str | None = None) -> dict:
     """Evaluate a detector run on a split. choose_count (validation only): choose the model's NMS
     IoU (`BOX_NMS_GRID`), the score threshold and the count rule on these photos (`choose_counting`);
     choose_size (validation only, implies choose_count): the same at each inference size of
@@ -357,7 +361,8 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     the result gives the figures of both parts too (`parts`), and breed accuracy, the crop choice and
     the figure use the run's val photos alone. count_objective: how choose_count / choose_size rank
     the choices (`count_objective_key`: "exact", or "multi" for the most multi-dog photos counted
-    right among the choices that keep MULTI_COUNT_FLOOR of all photos counted right)."""
+    right among the choices that keep MULTI_COUNT_FLOOR of all photos counted right; None:
+    DEFAULT_COUNT_OBJECTIVE)."""
     import time
 
     from ..rundir import RunDir
@@ -369,10 +374,11 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if choose_size and score_threshold is not None:
         raise DogbreedsError("--choose-size chooses the score threshold for each size itself: leave out --score-threshold")
     choose_count = choose_count or choose_size
-    count_objective_key({"exact_count": 0.0, "exact_count_multi": 0.0}, count_objective)  # a bad name: an error now
-    if count_objective != "exact" and not choose_count:
+    if count_objective is not None and not choose_count:
         raise DogbreedsError(f"--count-objective {count_objective} ranks the choices of --choose-count / --choose-size: "
                              "add one of them (with --split val)")
+    count_objective = DEFAULT_COUNT_OBJECTIVE if count_objective is None else count_objective
+    count_objective_key({"exact_count": 0.0, "exact_count_multi": 0.0}, count_objective)  # a bad name: an error now
     if choose_count and split != "val":
         raise DogbreedsError(f"--choose-count chooses the count threshold and rule on the validation photos: "
                              f"use --split val (not {split}), then evaluate --split test")
