@@ -35,7 +35,7 @@ def _numbered(folder: Path) -> list[Path]:
 
 
 class _Mirrored:
-    """The eval transform, then a left-right mirror of the tensor (for --flip)."""
+    """The eval transform, then a left-right mirror of the tensor (for --flip-average)."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             arrays = flip_average(arrays, _cached(run / "trust_measure_flip.npz", run, args, flip=True))
         coverage = {} if args.coverage is None else {"coverage": args.coverage}
         summary = report(arrays, explore=args.explore, outliers=run_outlier_record(run), **coverage)
-    except LeakingSplit as exc:
+    except (LeakingSplit, CacheMismatch) as exc:
         print(f"measure_trust.py: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(summary, indent=1)
@@ -136,7 +136,7 @@ def flip_average(arrays: dict, mirrored: dict) -> dict:
     for key, value in arrays.items():
         if key.endswith("_paths") or key.endswith("_y") or key == "other_breed_ids":
             if not np.array_equal(value, mirrored[key]):
-                raise LeakingSplit(f"trust_measure.npz and trust_measure_flip.npz hold different photos ({key}); "
+                raise CacheMismatch(f"trust_measure.npz and trust_measure_flip.npz hold different photos ({key}); "
                                    "delete both and rerun")
         elif key.endswith("_x") or key.endswith("_logits"):
             out[key] = ((value.astype(np.float64) + mirrored[key]) / 2.0).astype(value.dtype)
@@ -147,6 +147,10 @@ def flip_average(arrays: dict, mirrored: dict) -> dict:
 
 class LeakingSplit(ValueError):
     """The fitting / report split would report on photos or breeds the run trained with."""
+
+
+class CacheMismatch(ValueError):
+    """The run's two feature caches (--flip-average) were made from different photos."""
 
 
 def splits(arrays: dict, seed: int = 0, outliers: dict | None = None) -> dict:
@@ -328,7 +332,7 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
     the fitting half of the unknown breeds + the even-numbered wild dogs. Reported on the rest."""
     from dogbreeds.evaluate.metrics import expected_calibration_error
     from dogbreeds.trust import fit_calibration
-    from dogbreeds.trust.scores import auroc, fpr_at_tpr, softmax
+    from dogbreeds.trust.scores import auroc, fpr_at_tpr, set_metrics, softmax
 
     other = np.concatenate([data["unknown_fit"][0], data["dogs_fit"][0]])
     start = time.perf_counter()
@@ -386,11 +390,8 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
         "test_ece_temperature_alone": expected_calibration_error(t_test, test_y, 15),
         "test_ece_temperature_isotonic": expected_calibration_error(iso_test, test_y, 15),
         "top1_changed_photos_isotonic": int((iso_test.argmax(1) != before.argmax(1)).sum()),
-        "coverage_target": cal.coverage,
-        "coverage": float(np.mean([y in s for y, s in zip(test_y, sets)])),
-        "mean_set_size": float(np.mean([len(s) for s in sets])),
+        "coverage_target": cal.coverage, **set_metrics(sets, test_y),
         "set_method": cal.set_method, "set_choice": cal.info.get("breed_set"),
-        "empty_sets": float(np.mean([not s for s in sets])),
         "sets_by_method": _sets_by_method(cal, arrays, after),  # both methods on test, for the record
         "fit_seconds": fit_seconds,
         "assess_ms_per_photo": {g: round(1000 * t, 4) for g, t in timing.items()},
@@ -400,17 +401,15 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
 def _sets_by_method(cal, arrays, test_probs) -> dict:
     """Test coverage, mean size and empty share of RAPS and LAC sets, each fitted on the validation split
     (the run's calibrated probabilities): what the validation-only choice between them would have given."""
-    from dogbreeds.trust.scores import conformal_quantile, conformal_scores, prediction_sets
+    from dogbreeds.trust.scores import SET_METHODS, conformal_quantile, conformal_scores, prediction_sets, set_metrics
 
     val_probs = cal.calibrated_probs(arrays["val_logits"])
     out = {}
-    for method in ("raps", "lac"):
+    for method in SET_METHODS:
         scores = conformal_scores(val_probs, arrays["val_y"], cal.raps_lambda, cal.raps_k_reg, method)
         sets = prediction_sets(test_probs, conformal_quantile(scores, cal.coverage), cal.raps_lambda, cal.raps_k_reg,
                                method)
-        out[method] = {"coverage": float(np.mean([y in s for y, s in zip(arrays["test_y"], sets)])),
-                       "mean_set_size": float(np.mean([len(s) for s in sets])),
-                       "empty_sets": float(np.mean([not s for s in sets]))}
+        out[method] = set_metrics(sets, arrays["test_y"])
     return out
 
 

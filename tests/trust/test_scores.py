@@ -148,3 +148,11 @@ def test_lac_takes_every_breed_when_the_quantile_is_infinite_and_bad_methods_are
         prediction_sets(probs, 0.5, method="aps")
     with pytest.raises(DogbreedsError, match="'aps'"):
         conformal_scores(probs, np.zeros(4, int), method="aps")
+
+
+def test_set_metrics_count_coverage_size_and_empty_sets():
+    from dogbreeds.trust.scores import set_metrics
+
+    got = set_metrics([[1, 2], [], [0]], np.array([2, 1, 3]))
+    assert got == {"coverage": pytest.approx(1 / 3), "mean_set_size": 1.0, "empty_sets": pytest.approx(1 / 3)}
+    assert all(np.isnan(v) for v in set_metrics([], np.array([])).values())

@@ -90,18 +90,22 @@ MULTI_COUNT_FLOOR = 0.88   # --count-objective multi: the overall exact count a 
 DEFAULT_COUNT_OBJECTIVE = "multi"
 
 
+def check_count_objective(objective: str) -> str:
+    if objective not in COUNT_OBJECTIVES:
+        raise DogbreedsError(f"count objective {objective!r}: use one of {', '.join(COUNT_OBJECTIVES)}")
+    return objective
+
+
 def count_objective_key(scores: dict, objective: str = "exact") -> tuple:
     """How a count choice ranks (higher is better). "exact": the overall exact count, then the
     multi-dog one. "multi": the choices whose overall exact count is at least MULTI_COUNT_FLOOR
     first, ranked by their multi-dog exact count, then the overall one; when none reaches the
     floor, "exact"'s order."""
     exact, multi = scores["exact_count"], scores["exact_count_multi"] or 0.0
-    if objective == "exact":
+    if check_count_objective(objective) == "exact":
         return exact, multi
-    if objective == "multi":
-        feasible = exact >= MULTI_COUNT_FLOOR - 1e-12
-        return (feasible, multi, exact) if feasible else (feasible, exact, multi)
-    raise DogbreedsError(f"count objective {objective!r}: use one of {', '.join(COUNT_OBJECTIVES)}")
+    feasible = exact >= MULTI_COUNT_FLOOR - 1e-12
+    return (feasible, multi, exact) if feasible else (feasible, exact, multi)
 
 
 def best_counting(predictions: list[dict], gt_boxes: list[np.ndarray], grid=THRESHOLD_GRID,
@@ -377,8 +381,7 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
     if count_objective is not None and not choose_count:
         raise DogbreedsError(f"--count-objective {count_objective} ranks the choices of --choose-count / --choose-size: "
                              "add one of them (with --split val)")
-    count_objective = DEFAULT_COUNT_OBJECTIVE if count_objective is None else count_objective
-    count_objective_key({"exact_count": 0.0, "exact_count_multi": 0.0}, count_objective)  # a bad name: an error now
+    count_objective = check_count_objective(DEFAULT_COUNT_OBJECTIVE if count_objective is None else count_objective)
     if choose_count and split != "val":
         raise DogbreedsError(f"--choose-count chooses the count threshold and rule on the validation photos: "
                              f"use --split val (not {split}), then evaluate --split test")
@@ -434,12 +437,13 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
         checkpoint = run.checkpoint()
     threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
     rule = (cfg.count_nms_iou, cfg.count_containment)
+    saved = read_detector_meta(checkpoint).get("extra", {})
     result = {"split": split, "run": str(run.path), "checkpoint": str(checkpoint), "backbone": cfg.backbone,
               "min_size": cfg.min_size, "max_size": cfg.max_size, "inference_size": list(cfg.inference_size()),
               "box_nms_thresh": cfg.box_nms_thresh,
-              "count_objective": read_detector_meta(checkpoint).get("extra", {}).get("count_objective", "exact"),
+              "count_objective": saved.get("count_objective", "exact"),  # training's per-epoch choice: "exact"
               "records_from": origin,
-              "epoch": read_detector_meta(checkpoint).get("extra", {}).get("epoch"),
+              "epoch": saved.get("epoch"),
               **score_detections(predictions, [r.boxes for r in records], threshold, rule),
               "detect_seconds_per_photo": seconds / len(records),
               "annotation_problems": data.problem_counts(),

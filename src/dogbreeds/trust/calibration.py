@@ -196,7 +196,7 @@ class Calibration:
                           "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold,
                           "applies_to": "all" if self.head_on_all else "ood"},
             "conformal": {"method": self.set_method, "lambda": self.raps_lambda, "k_reg": self.raps_k_reg,
-                          "scores": [float(s) for s in self.conformal_scores], "choice": self.info.get("breed_set")},
+                          "scores": [float(s) for s in self.conformal_scores]},  # the choice: info.breed_set
             "bank": {"train": int(len(self.bank)), "other_dogs": int(len(self.dog_bank)),
                      "dim": int(self.bank.shape[1]), "dtype": "float16"},
             "info": self.info,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .calibration import Calibration
+from .scores import set_metrics
 
 ECE_BINS = 15
 
@@ -35,11 +36,8 @@ def trust_metrics(run, probs: np.ndarray, labels: np.ndarray, reliability_path=N
         "ece_before": metrics.expected_calibration_error(probs, labels, ECE_BINS),
         "ece_after": metrics.expected_calibration_error(after, labels, ECE_BINS),
         "top1_unchanged": bool((after.argmax(1) == np.asarray(probs).argmax(1)).all()),
-        "coverage_target": calibration.coverage,
-        "coverage": float(np.mean([label in s for label, s in zip(labels, sets)])) if len(labels) else float("nan"),
-        "mean_set_size": float(np.mean([len(s) for s in sets])) if len(labels) else float("nan"),
-        "set_method": calibration.set_method,
-        "empty_sets": float(np.mean([not s for s in sets])) if len(labels) else float("nan"),
+        "coverage_target": calibration.coverage, "set_method": calibration.set_method,
+        **set_metrics(sets, labels),
     }
     if reliability_path is not None:
         from ..evaluate import figures

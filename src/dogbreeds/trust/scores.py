@@ -178,6 +178,16 @@ def prediction_sets(probs: np.ndarray, qhat: float, lam: float = 0.0, k_reg: int
     return [order[i, :sizes[i]].tolist() for i in range(len(order))]
 
 
+def set_metrics(sets: list[list[int]], labels) -> dict:
+    """Empirical coverage (share of photos whose set holds their label), mean set size and share of
+    empty sets; NaN for no photos."""
+    if not len(sets):
+        return {"coverage": float("nan"), "mean_set_size": float("nan"), "empty_sets": float("nan")}
+    return {"coverage": float(np.mean([int(label) in s for label, s in zip(labels, sets)])),
+            "mean_set_size": float(np.mean([len(s) for s in sets])),
+            "empty_sets": float(np.mean([not s for s in sets]))}
+
+
 SET_METHODS = ("raps", "lac")
 
 
