@@ -335,10 +335,12 @@ def chosen_method(arrays: dict, data: dict, masks: dict, with_not_dogs: bool = T
     from dogbreeds.trust.scores import auroc, fpr_at_tpr, set_metrics, softmax
 
     other = np.concatenate([data["unknown_fit"][0], data["dogs_fit"][0]])
+    other_logits = np.concatenate([data["unknown_fit"][1], data["dogs_fit"][1]])
     start = time.perf_counter()
     groups = np.r_[arrays["unknown_y"][masks["unknown_fit"]], np.full(len(data["dogs_fit"][0]), -1)]  # breed; -1: wild
     cal = fit_calibration(arrays["train_x"], arrays["val_x"], arrays["val_logits"], arrays["val_y"], other,
-                          data["cats_fit"][0] if with_not_dogs else None, other_dog_groups=groups, **fit_kwargs)
+                          data["cats_fit"][0] if with_not_dogs else None, other_dog_groups=groups,
+                          other_dog_logits=other_logits, **fit_kwargs)
     fit_seconds = time.perf_counter() - start
     answers = {}
     timing = {}

@@ -346,7 +346,7 @@ def test_isotonic_is_chosen_by_cross_validation_and_stored(tmp_path):
     run = RunDir(tmp_path / "run")
     cal.save(run)
     stored = json.loads(run.calibration_file.read_text())
-    assert stored["version"] == VERSION == 4 and stored["probabilities"]["method"] == ISOTONIC
+    assert stored["version"] == VERSION == 5 and stored["probabilities"]["method"] == ISOTONIC
     assert stored["probabilities"]["choice"]["cv_ece_isotonic"] == choice["cv_ece_isotonic"]
     again = Calibration.load(run)
     np.testing.assert_array_equal(again.calibrated_probs(test_logits), after)

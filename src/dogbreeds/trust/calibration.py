@@ -14,7 +14,9 @@ A photo's answer (`assess`):
   (the data root's breeds the run does not know, `--other-dogs`): sigmoid of a weighted sum of
   two z-scores (standardised on the validation photos), the kNN distance to the training photos
   and the logit of an outlier-exposure head (logistic regression: training photos vs other
-  dogs), weight and head penalty chosen by 2-fold cross-validation over the other dogs' breeds.
+  dogs), weight and head penalty chosen by 2-fold cross-validation over the other dogs' breeds;
+  the same cross-validation may add a third z-score, 1 - the model's own top-1 softmax
+  probability (`ood_msp`, raw logits), with a weight from OOD_MSP_WEIGHT_GRID.
   Without other dogs (or when cross-validation prefers it): the kNN distance alone;
 - `dog_score`: how little it looks like a dog. With photos of non-dogs at calibration
   (`--not-dogs`), P(not a dog) from a logistic-regression head on the pooled features (dogs:
@@ -42,9 +44,10 @@ from .scores import (check_fraction, check_set_method, conformal_quantile, confo
                      fit_temperature, knn_distance, logistic_score, nll, normalise, prediction_sets, softmax)
 
 FORMAT = "dogbreeds-calibration"
-VERSION = 4                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
+VERSION = 5                # 2: the outlier-exposure part of ood_score (version-1 files: kNN alone)
 #                            3: the optional top-label isotonic step (older files: temperature alone)
 #                            4: the breed-set method, RAPS or LAC (older files: RAPS)
+#                            5: the max-softmax part of ood_score (older files: weight 0)
 TEMPERATURE, ISOTONIC = "temperature", "temperature + isotonic"
 # the isotonic step is used only when its out-of-fold ECE on the validation split (TOP_LABEL_FOLDS
 # folds, seeded, TOP_LABEL_BINS bins, pooled) beats the temperature alone by TOP_LABEL_MARGIN;
@@ -73,6 +76,9 @@ DOG_HEAD_L2_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 # cross-validation over the other dogs (mix 1.0 = the kNN distance alone; ties keep it)
 OOD_MIX_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
 OOD_HEAD_L2_GRID = (1e-4, 1e-5, 1e-6)
+# weight of a third z-score in ood_score, 1 - max softmax of the raw logits: (1 - it) scales the two above.
+# Chosen by the same cross-validation; 0 (no such part) wins ties (docs/trust.md: measured on fitting photos)
+OOD_MSP_WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5)
 OOD_HEAD_MIN_OTHER_DOGS = 20
 VERDICTS = ("breed", "unknown_breed", "not_a_dog")
 UNCALIBRATED_NOTE = ("this run has no calibration: the verdict comes from the top-1 probability alone and cannot "
@@ -111,7 +117,8 @@ class Calibration:
     ood_head_w: np.ndarray | None = None  # float32 [D]: the outlier-exposure head (None: ood_score = kNN alone)
     ood_head_b: float = 0.0
     ood_mix: float = 1.0                  # weight of the kNN z-score (1 - it: the head's)
-    ood_stats: tuple = (0.0, 1.0, 0.0, 1.0)  # validation mean / std of the kNN distance and of the head logit
+    ood_stats: tuple = (0.0, 1.0, 0.0, 1.0, 0.0, 1.0)  # validation mean / std: kNN distance, head logit, ood_msp
+    ood_msp_weight: float = 0.0           # weight of the ood_msp z-score (0: ood_score from the features alone)
     top_label_x: np.ndarray | None = None  # float64 breakpoints of the top-label isotonic step (None: temperature alone)
     top_label_y: np.ndarray | None = None
 
@@ -132,7 +139,7 @@ class Calibration:
         coverage = self.coverage if coverage is None else check_fraction("coverage", coverage)
         logits = np.asarray(logits, dtype=np.float32)
         probs = self.calibrated_probs(logits)
-        ood = self.ood_scores(features)
+        ood = self.ood_scores(features, logits)
         dog = self.dog_scores(features)
         sets = self.breed_sets(probs, coverage)
         out = []
@@ -164,12 +171,16 @@ class Calibration:
             return probs
         return apply_top_label(probs, self.top_label_x, self.top_label_y)
 
-    def ood_scores(self, features: np.ndarray) -> np.ndarray:
+    def ood_scores(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """ood_score per photo; `logits` (the raw ones) are needed when the score has a max-softmax part."""
         knn = knn_distance(features, self._bank, self.ood_k)
-        if self.ood_head_w is None:
+        if self.ood_head_w is None and self.ood_msp_weight == 0.0:
             return knn
-        return mixed_ood_score(knn, ood_head_logit(features, self.ood_head_w, self.ood_head_b), self.ood_mix,
-                               self.ood_stats)
+        if self.ood_msp_weight and logits is None:
+            raise DogbreedsError("this calibration's ood_score has a max-softmax part: pass the logits too")
+        head = None if self.ood_head_w is None else ood_head_logit(features, self.ood_head_w, self.ood_head_b)
+        return mixed_ood_score(knn, head, self.ood_mix, self.ood_stats,
+                               None if logits is None else ood_msp(logits), self.ood_msp_weight)
 
     def dog_scores(self, features: np.ndarray) -> np.ndarray:
         if self.dog_head_w is not None:
@@ -186,11 +197,12 @@ class Calibration:
                               "isotonic_x": None if self.top_label_x is None else [float(v) for v in self.top_label_x],
                               "isotonic_y": None if self.top_label_y is None else [float(v) for v in self.top_label_y],
                               "choice": self.info.get("top_label")},
-            "ood": {"method": "knn-cosine" if self.ood_head_w is None else "knn-cosine + outlier-exposure head",
+            "ood": {"method": " + ".join(["knn-cosine"] + ["outlier-exposure head"] * (self.ood_head_w is not None)
+                                          + ["max-softmax"] * (self.ood_msp_weight > 0)),
                     "k": self.ood_k, "threshold": self.ood_threshold, "mix": self.ood_mix,
+                    "msp_weight": self.ood_msp_weight,
                     "head_bias": None if self.ood_head_w is None else self.ood_head_b,
-                    "stats": {"knn_mean": self.ood_stats[0], "knn_std": self.ood_stats[1],
-                              "head_mean": self.ood_stats[2], "head_std": self.ood_stats[3]}},
+                    "stats": dict(zip(OOD_STAT_KEYS, _full_stats(self.ood_stats)))},
             "not_a_dog": {"method": "knn-cosine to training + other dogs" if self.dog_head_w is None else
                           "logistic head on normalised features", "k": self.dog_k,
                           "bias": self.dog_head_b, "threshold": self.not_a_dog_threshold,
@@ -226,6 +238,8 @@ class Calibration:
             if (iso_x is None) != (iso_y is None) or (iso_x is not None and (
                     len(iso_x) != len(iso_y) or len(iso_x) < 1 or np.any(np.diff(np.asarray(iso_x, float)) < 0))):
                 raise ValueError("isotonic breakpoints must be two lists of the same length, x increasing")
+            if float(meta["ood"].get("mix", 1.0)) < 1.0 and ood_bias is None:
+                raise ValueError("a mix below 1 needs the outlier-exposure head")
             if ood_bias is not None and ood_head.shape != (bank.shape[1],):
                 raise ValueError(f"outlier-exposure head of shape {ood_head.shape} for {bank.shape[1]}-d features")
             return cls(
@@ -242,8 +256,9 @@ class Calibration:
                 head_on_all=meta["not_a_dog"].get("applies_to", "ood") == "all",  # older files: "ood"
                 ood_head_w=ood_head if ood_bias is not None else None, ood_head_b=float(ood_bias or 0.0),
                 ood_mix=float(meta["ood"].get("mix", 1.0)),
-                ood_stats=tuple(float(stats.get(key, default)) for key, default in (
-                    ("knn_mean", 0.0), ("knn_std", 1.0), ("head_mean", 0.0), ("head_std", 1.0))),
+                ood_msp_weight=check_msp_weight(float(meta["ood"].get("msp_weight", 0.0))),  # version <= 4: 0
+                ood_stats=tuple(float(stats.get(key, default)) for key, default in
+                                zip(OOD_STAT_KEYS, _full_stats(()))),
                 top_label_x=None if iso_x is None else np.asarray(iso_x, dtype=np.float64),
                 top_label_y=None if iso_y is None else np.asarray(iso_y, dtype=np.float64),
             )
@@ -298,8 +313,8 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
                     coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP, ood_k: int = DEFAULT_OOD_K,
                     dog_k: int = DEFAULT_DOG_K, raps: tuple[float, int] | None = None,
                     info: dict | None = None, seed: int = 0, other_dog_groups: np.ndarray | None = None,
-                    ood_head: bool | tuple[float, float] = True, top_label: str = "auto",
-                    set_method: str = "auto") -> Calibration:
+                    ood_head: bool | tuple = True, top_label: str = "auto",
+                    set_method: str = "auto", other_dog_logits: np.ndarray | None = None) -> Calibration:
     """Fit temperature, thresholds and conformal scores on the validation split.
 
     - ood_threshold: the conformal (n+1)-quantile at `keep` of the validation photos' kNN
@@ -321,8 +336,10 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
       the head's L2 penalty are the OOD_MIX_GRID x OOD_HEAD_L2_GRID entry with the best mean
       AUROC of validation dogs vs held-out other dogs in 2-fold cross-validation, the folds
       splitting `other_dog_groups` (breed per other dog; -1 = none known, split at random);
-      the thresholds below then use that score. `ood_head` = (mix, l2) gives the choice instead
-      (any number of other dogs); False: the kNN distance alone;
+      the thresholds below then use that score. With `other_dog_logits` (the other dogs' raw
+      logits) the grid also holds OOD_MSP_WEIGHT_GRID, the weight of a third z-score, `ood_msp`
+      (1 - the top-1 softmax probability; 0 wins ties). `ood_head` = (mix, l2[, msp_weight]) gives
+      the choice instead (any number of other dogs); False: the kNN distance alone;
     - probabilities: softmax(logits / T), T minimising the validation NLL; then, with `top_label`
       "auto", the top-label isotonic step when `choose_top_label` (K-fold cross-validation of
       the out-of-fold ECE on the validation split) prefers it; "temperature" / "isotonic" force
@@ -353,17 +370,21 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         iso_x, iso_y = fit_top_label_isotonic(probs, val_labels)
         probs = apply_top_label(probs, iso_x, iso_y)
     val_ood = knn_distance(val_features, bank, ood_k)
-    ood_head_w, ood_head_b, ood_mix, ood_stats, ood_choice = None, 0.0, 1.0, (0.0, 1.0, 0.0, 1.0), None
+    ood_head_w, ood_head_b, ood_mix, ood_stats, ood_choice = None, 0.0, 1.0, _full_stats(()), None
     if isinstance(ood_head, tuple) and len(other):
-        ood_choice = {"mix": float(ood_head[0]), "l2": float(ood_head[1]), "given": True}
+        ood_choice = {"mix": float(ood_head[0]), "l2": float(ood_head[1]),
+                      "msp_weight": check_msp_weight(float(ood_head[2]) if len(ood_head) > 2 else 0.0), "given": True}
     elif ood_head is True and len(other) >= OOD_HEAD_MIN_OTHER_DOGS:
-        ood_choice = choose_ood_head(train_features, other, val_features, val_ood, other_dog_groups, seed, ood_k)
-    if ood_choice is not None and ood_choice["mix"] < 1.0:
-        ood_mix = ood_choice["mix"]
-        ood_head_w, ood_head_b = fit_logistic(train_features, other, ood_choice["l2"])
-        val_head = ood_head_logit(val_features, ood_head_w, ood_head_b)
-        ood_stats = _ood_stats(val_ood, val_head)
-        val_ood = mixed_ood_score(val_ood, val_head, ood_mix, ood_stats)
+        ood_choice = choose_ood_head(train_features, other, val_features, val_ood, other_dog_groups, seed, ood_k,
+                                     val_logits=val_logits, other_logits=other_dog_logits)
+    msp_weight = 0.0 if ood_choice is None else ood_choice.get("msp_weight", 0.0)
+    if ood_choice is not None and (ood_choice["mix"] < 1.0 or msp_weight > 0):
+        ood_mix, val_head, val_msp = ood_choice["mix"], None, ood_msp(val_logits) if msp_weight > 0 else None
+        if ood_mix < 1.0:
+            ood_head_w, ood_head_b = fit_logistic(train_features, other, ood_choice["l2"])
+            val_head = ood_head_logit(val_features, ood_head_w, ood_head_b)
+        ood_stats = _ood_stats(val_ood, val_head, val_msp)
+        val_ood = mixed_ood_score(val_ood, val_head, ood_mix, ood_stats, val_msp, msp_weight)
     ood_threshold = min(conformal_quantile(val_ood, keep), 1.0 - 1e-6)
     not_a_dog_threshold = None
     head_w = head_b = None
@@ -393,7 +414,7 @@ def fit_calibration(train_features: np.ndarray, val_features: np.ndarray, val_lo
         bank=bank, dog_bank=dog_bank, coverage=coverage, raps_lambda=raps_lambda, raps_k_reg=raps_k_reg,
         set_method=set_choice["method"], dog_head_w=head_w, dog_head_b=head_b,
         head_on_all=head_w is not None, ood_head_w=ood_head_w, ood_head_b=ood_head_b, ood_mix=ood_mix,
-        ood_stats=ood_stats, top_label_x=iso_x, top_label_y=iso_y,
+        ood_stats=ood_stats, ood_msp_weight=msp_weight, top_label_x=iso_x, top_label_y=iso_y,
     )
     calibration.info = {
         "val_photos": int(len(val_labels)), "train_photos": int(len(bank)), "other_dogs": int(len(dog_bank)),
@@ -487,23 +508,54 @@ def ood_head_logit(features: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
     return -(normalise(features) @ np.asarray(w, dtype=np.float32) + np.float32(b))
 
 
-def _ood_stats(knn: np.ndarray, head: np.ndarray) -> tuple:
-    return (float(np.mean(knn)), float(max(np.std(knn), 1e-6)), float(np.mean(head)), float(max(np.std(head), 1e-6)))
+OOD_STAT_KEYS = ("knn_mean", "knn_std", "head_mean", "head_std", "msp_mean", "msp_std")
 
 
-def mixed_ood_score(knn: np.ndarray, head: np.ndarray, mix: float, stats: tuple) -> np.ndarray:
-    """sigmoid(mix * z(kNN) + (1 - mix) * z(head logit)), z standardised with `stats`: in (0, 1)."""
-    z = (mix * (np.asarray(knn, np.float64) - stats[0]) / stats[1]
-         + (1.0 - mix) * (np.asarray(head, np.float64) - stats[2]) / stats[3])
+def _full_stats(stats: tuple) -> tuple:
+    """The six validation statistics of ood_score, missing ones (older files, absent parts) as mean 0, std 1."""
+    return tuple(stats) + (0.0, 1.0, 0.0, 1.0, 0.0, 1.0)[len(stats):]
+
+
+def _mean_std(values: np.ndarray | None) -> tuple:
+    return (0.0, 1.0) if values is None else (float(np.mean(values)), float(max(np.std(values), 1e-6)))
+
+
+def _ood_stats(knn: np.ndarray, head: np.ndarray | None, msp: np.ndarray | None = None) -> tuple:
+    return _mean_std(knn) + _mean_std(head) + _mean_std(msp)
+
+
+def ood_msp(logits: np.ndarray) -> np.ndarray:
+    """1 - the top-1 softmax probability of the raw logits (no temperature): the max-softmax part of ood_score."""
+    return 1.0 - softmax(np.asarray(logits, dtype=np.float32)).max(1)
+
+
+def check_msp_weight(weight: float) -> float:
+    if not 0.0 <= weight < 1.0:
+        raise DogbreedsError(f"max-softmax weight {weight!r} of ood_score must lie in [0, 1)")
+    return weight
+
+
+def mixed_ood_score(knn: np.ndarray, head: np.ndarray | None, mix: float, stats: tuple,
+                    msp: np.ndarray | None = None, msp_weight: float = 0.0) -> np.ndarray:
+    """sigmoid((1 - m) * (mix * z(kNN) + (1 - mix) * z(head logit)) + m * z(ood_msp)), m = msp_weight, each z
+    standardised with `stats` (a missing head needs mix 1, a missing msp weight 0): in (0, 1)."""
+    stats = _full_stats(stats)
+    z = mix * (np.asarray(knn, np.float64) - stats[0]) / stats[1]
+    if mix < 1.0:
+        z = z + (1.0 - mix) * (np.asarray(head, np.float64) - stats[2]) / stats[3]
+    if msp_weight > 0:
+        z = (1.0 - msp_weight) * z + msp_weight * (np.asarray(msp, np.float64) - stats[4]) / stats[5]
     return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
 
 def choose_ood_head(train_features: np.ndarray, other: np.ndarray, val_features: np.ndarray, val_knn: np.ndarray,
-                    groups: np.ndarray | None = None, seed: int = 0, k: int = DEFAULT_OOD_K) -> dict:
-    """{'mix', 'l2', 'cv_auroc', 'knn_cv_auroc'}: the OOD_MIX_GRID x OOD_HEAD_L2_GRID entry with the
-    best mean AUROC of validation dogs vs the held-out other dogs, in 2-fold cross-validation over
-    the other dogs (by breed where `groups` gives one: a held-out breed was never seen by the
-    head; -1: at random). mix 1.0 (kNN alone) wins ties, and so does the stronger penalty."""
+                    groups: np.ndarray | None = None, seed: int = 0, k: int = DEFAULT_OOD_K,
+                    val_logits: np.ndarray | None = None, other_logits: np.ndarray | None = None) -> dict:
+    """{'mix', 'l2', 'msp_weight', 'cv_auroc', 'knn_cv_auroc', 'cv_auroc_without_msp'}: the OOD_MIX_GRID x
+    OOD_HEAD_L2_GRID (x OOD_MSP_WEIGHT_GRID, given both logits) entry with the best mean AUROC of validation
+    dogs vs the held-out other dogs, in 2-fold cross-validation over the other dogs (by breed where `groups`
+    gives one: a held-out breed was never seen by the head; -1: at random). mix 1.0 (kNN alone) wins ties,
+    and so does the stronger penalty; a max-softmax weight above 0 must beat the best without it by 1e-3."""
     from .scores import auroc
 
     rng = np.random.default_rng(seed)
@@ -517,23 +569,33 @@ def choose_ood_head(train_features: np.ndarray, other: np.ndarray, val_features:
         fold = np.arange(len(other)) % 2
     bank = normalise(train_features).astype(np.float16)
     other_knn = knn_distance(other, bank, k)
+    with_msp = val_logits is not None and other_logits is not None
+    val_msp, other_msp = (ood_msp(val_logits), ood_msp(other_logits)) if with_msp else (None, None)
     results: dict = {}
     for l2 in OOD_HEAD_L2_GRID:
         for f in (0, 1):
             w, b = fit_logistic(train_features, other[fold != f], l2)
             held = fold == f
             val_head, other_head = ood_head_logit(val_features, w, b), ood_head_logit(other[held], w, b)
-            stats = _ood_stats(val_knn, val_head)
-            for mix in OOD_MIX_GRID:
-                results.setdefault((mix, l2), []).append(auroc(mixed_ood_score(val_knn, val_head, mix, stats),
-                                                               mixed_ood_score(other_knn[held], other_head, mix, stats)))
+            stats = _ood_stats(val_knn, val_head, val_msp)
+            for weight in OOD_MSP_WEIGHT_GRID if with_msp else (0.0,):
+                for mix in OOD_MIX_GRID:
+                    held_msp = None if other_msp is None else other_msp[held]
+                    results.setdefault((mix, l2, weight), []).append(auroc(
+                        mixed_ood_score(val_knn, val_head, mix, stats, val_msp, weight),
+                        mixed_ood_score(other_knn[held], other_head, mix, stats, held_msp, weight)))
     means = {key: float(np.mean(v)) for key, v in results.items()}
-    best = (1.0, OOD_HEAD_L2_GRID[0])
-    for key in results:  # in grid order: kNN alone, then stronger penalties first
-        if means[key] > means[best] + 1e-3:
+    best = (1.0, OOD_HEAD_L2_GRID[0], 0.0)
+    for key in results:  # in grid order: kNN alone, then stronger penalties first; no max-softmax part first
+        if key[2] == 0.0 and means[key] > means[best] + 1e-3:
             best = key
-    return {"mix": best[0], "l2": best[1], "cv_auroc": round(means[best], 4),
-            "knn_cv_auroc": round(means[(1.0, OOD_HEAD_L2_GRID[0])], 4)}
+    without_msp = best
+    for key in results:
+        if key[2] > 0.0 and means[key] > means[best] + 1e-3:
+            best = key
+    return {"mix": best[0], "l2": best[1], "msp_weight": best[2], "cv_auroc": round(means[best], 4),
+            "knn_cv_auroc": round(means[(1.0, OOD_HEAD_L2_GRID[0], 0.0)], 4),
+            "cv_auroc_without_msp": round(means[without_msp], 4)}
 
 
 def _knn_leave_one_out(features: np.ndarray, full_bank: np.ndarray, offset: int, k: int) -> np.ndarray:

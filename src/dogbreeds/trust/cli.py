@@ -90,10 +90,17 @@ def _set_method(calibration) -> str:
 
 def _ood_method(calibration) -> str:
     choice = calibration.info.get("ood_head") or {}
-    if calibration.ood_head_w is None:
-        return "kNN distance" + (f" (cross-validated AUROC {choice['knn_cv_auroc']} on other dogs)" if choice else "")
-    return (f"kNN distance + outlier-exposure head (weight {calibration.ood_mix} on the kNN, head L2 {choice['l2']}; "
-            f"cross-validated AUROC on other dogs {choice['cv_auroc']}, kNN alone {choice['knn_cv_auroc']})")
+    parts = ["kNN distance"]
+    if calibration.ood_head_w is not None:
+        parts.append(f"outlier-exposure head (weight {calibration.ood_mix} on the kNN, head L2 {choice.get('l2')})")
+    if calibration.ood_msp_weight > 0:
+        parts.append(f"1 - max softmax (weight {calibration.ood_msp_weight})")
+    words = " + ".join(parts)
+    if "cv_auroc" not in choice:
+        return words + (" (given)" if choice else "")
+    return (f"{words}; cross-validated AUROC on other dogs {choice['cv_auroc']}, kNN alone {choice['knn_cv_auroc']}"
+            + (f", without the max-softmax part {choice['cv_auroc_without_msp']}" if "cv_auroc_without_msp" in choice
+               else ""))
 
 
 def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = DEFAULT_KEEP,
@@ -174,12 +181,12 @@ def calibrate_run(run, data, coverage: float = DEFAULT_COVERAGE, keep: float = D
     parts = [embed(group, what, cache) for group, what, cache in (
         (others, "other breeds under DATA", lookup.cache), (wild, "other dogs (--other-dogs)", None)) if group]
     parts = [part for part in parts if len(part[0])]  # a group whose every photo was unreadable
-    other_x, other_groups = ((np.concatenate([part[0] for part in parts]), np.concatenate([part[2] for part in parts]))
-                             if parts else (None, None))
+    other_x, other_logits, other_groups = (tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
+                                           if parts else (None, None, None))
     not_dog_x = embed(not_dog_records, "photos of non-dogs")[0] if not_dog_records else None
     calibration = fit_calibration(train_x, val_x, val_logits, val_y, other_x, not_dog_x, coverage=coverage, keep=keep,
                                   ood_k=ood_k, dog_k=dog_k, info={"data": str(data), "model": loaded.name},
-                                  other_dog_groups=other_groups, set_method=set_method)
+                                  other_dog_groups=other_groups, set_method=set_method, other_dog_logits=other_logits)
     calibration.save(run)
     if calibration.ood_threshold >= 1.0 - 1e-5:
         print(f"note: {len(val_y)} validation photos are too few for a {keep:.0%} threshold (it needs "
