@@ -251,6 +251,66 @@ def test_outlier_exposure_head_catches_unseen_breeds_the_knn_misses(tmp_path):
         np.testing.assert_array_equal(again.ood_scores(w["fresh_unknown"]), scores)
 
 
+def test_max_softmax_part_joins_ood_score_when_cross_validation_prefers_it(tmp_path):
+    """Other dogs whose logits are flat while the features barely tell them apart: the third z-score (1 - max
+    softmax of the raw logits) is chosen, is stored, travels, and needs the logits at prediction time."""
+    from dogbreeds.trust.calibration import ood_msp
+    from dogbreeds.trust.scores import auroc
+
+    w = _shared_offset_world(1)
+    rng = np.random.default_rng(1)
+
+    def logits(labels, peaked):  # peaked on the breed for known dogs, flat (no breed) for other ones
+        z = rng.normal(size=(len(labels), CLASSES))
+        if peaked:
+            z[np.arange(len(labels)), labels % CLASSES] += 6.0
+        return z
+
+    args = (w["train_x"], w["val_x"], logits(w["val_y"], True), w["val_y"], w["other_x"])
+    with_msp = fit_calibration(*args, other_dog_groups=w["other_breeds"],
+                               other_dog_logits=logits(w["other_breeds"], False))
+    without = fit_calibration(*args, other_dog_groups=w["other_breeds"])  # no other-dog logits: as before
+    choice = with_msp.info["ood_head"]
+    assert with_msp.ood_msp_weight > 0 and choice["msp_weight"] == with_msp.ood_msp_weight
+    assert choice["cv_auroc"] > choice["cv_auroc_without_msp"] + 1e-3
+    assert without.ood_msp_weight == 0 and without.info["ood_head"]["msp_weight"] == 0
+    assert without.info["ood_head"]["cv_auroc"] == choice["cv_auroc_without_msp"]
+    fresh_known, fresh_unknown = logits(np.arange(300), True), logits(np.arange(200), False)
+    scores = [auroc(c.ood_scores(w["fresh_known"], fresh_known), c.ood_scores(w["fresh_unknown"], fresh_unknown))
+              for c in (with_msp, without)]
+    assert scores[0] > scores[1] + 0.02, scores
+    val = with_msp.assess(args[2], w["val_x"])
+    assert np.mean([a.verdict == "breed" for a in val]) >= 0.95  # the threshold is on the score with the part
+    with pytest.raises(DogbreedsError, match="pass the logits"):
+        with_msp.ood_scores(w["fresh_unknown"])
+    assert "max-softmax" in with_msp.to_json()["ood"]["method"]
+    run = RunDir(tmp_path / "run")
+    with_msp.save(run)
+    expected = with_msp.ood_scores(w["fresh_unknown"], fresh_unknown)
+    for again in (Calibration.load(run), Calibration.from_metadata(with_msp.to_metadata())):
+        assert again.ood_msp_weight == with_msp.ood_msp_weight
+        np.testing.assert_array_equal(again.ood_scores(w["fresh_unknown"], fresh_unknown), expected)
+    # a version-4 file (no max-softmax part, four statistics) reads as weight 0 and scores as it did
+    meta = without.to_json()
+    meta["version"] = 4
+    del meta["ood"]["msp_weight"], meta["ood"]["stats"]["msp_mean"], meta["ood"]["stats"]["msp_std"]
+    old = Calibration.from_parts(meta, without.banks_npz(), "v4.json")
+    assert old.ood_msp_weight == 0
+    np.testing.assert_array_equal(old.ood_scores(w["fresh_unknown"]), without.ood_scores(w["fresh_unknown"]))
+    assert ood_msp(np.zeros((1, CLASSES)))[0] == pytest.approx(1 - 1 / CLASSES)
+    # hostile metadata: a weight outside [0, 1), or a mix that needs a head the file does not have
+    for key, value in (("msp_weight", 1.5), ("msp_weight", -0.1)):
+        bad = with_msp.to_json()
+        bad["ood"][key] = value
+        with pytest.raises(DogbreedsError, match="run.json"):
+            Calibration.from_parts(bad, with_msp.banks_npz(), "run.json")
+    bad = without.to_json()
+    bad["ood"]["head_bias"] = None
+    assert without.ood_mix < 1.0
+    with pytest.raises(DogbreedsError, match="needs the outlier-exposure head"):
+        Calibration.from_parts(bad, without.banks_npz(), "run.json")
+
+
 def test_knn_alone_when_other_dogs_teach_nothing_more(world, calibration):
     # the kNN already separates this world's other breeds: cross-validation keeps it (ties go to it)
     assert calibration.ood_head_w is None and calibration.info["ood_head"]["mix"] == 1.0

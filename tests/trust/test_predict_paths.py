@@ -62,11 +62,12 @@ def calibrated_run(tmp_path_factory, tiny_run, photos, cats) -> Path:
     _, other_x = embed(photos[:4])
     _, cat_x = embed(cats[:4])
     labels = np.arange(len(val_x)) % 5
-    # the outlier-exposure head, the top-label isotonic step and LAC sets given (too few photos here to
-    # choose them): every part of ood_score, of the calibrated probabilities and of the sets travels
-    calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4),
+    # the outlier-exposure head with the max-softmax part, the top-label isotonic step and LAC sets given (too
+    # few photos here to choose them): every part of ood_score, of the calibrated probabilities and of the sets travels
+    calibration = fit_calibration(train_x, val_x, val_logits, labels, other_x, cat_x, ood_head=(0.5, 1e-4, 0.3),
                                   top_label="isotonic", set_method="lac")
     assert calibration.ood_head_w is not None and calibration.top_label_x is not None
+    assert calibration.ood_msp_weight == 0.3
     assert calibration.set_method == "lac"
     from dogbreeds.trust.scores import softmax
 
@@ -94,6 +95,7 @@ def test_torch_onnxruntime_and_exported_file_agree(calibrated_run, photos, cats,
     onnx_file.rename(alone)
     exported = Predictor.from_onnx(alone)
     assert exported.calibration is not None and exported.calibration.ood_head_w is not None
+    assert exported.calibration.ood_msp_weight == 0.3
     np.testing.assert_array_equal(exported.calibration.top_label_y, Predictor.from_run(calibrated_run).calibration.top_label_y)
     assert exported.calibration.set_method == "lac"
     from_file = _answers(exported, images)
