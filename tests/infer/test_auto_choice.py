@@ -302,3 +302,30 @@ def test_a_stored_choice_of_an_int8_that_quantised_nothing_is_probed_again(tmp_p
     assert backend.kind in ("torch", "onnxruntime") and backend.auto_choice["probed"]
     assert "no operator" in backend.auto_choice["skipped"]["int8"]
     assert auto.read_choice(auto.choice_file(cache, info.key, profile_key()))["engine"] == backend.kind
+
+
+def test_the_probe_pauses_between_engines_so_spinning_threads_settle():
+    """Each timed call comes at least RUNTIME_SETTLE_S after the previous engine's call ended: a runtime whose
+    worker threads still spin (onnxruntime's default) must not slow the engine timed after it."""
+    import time
+
+    from dogbreeds.infer.backend import RUNTIME_SETTLE_S
+
+    events = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def forward(self, batch):
+            events.append(("start", self.name, time.perf_counter()))
+            events.append(("end", self.name, time.perf_counter()))
+            return np.zeros((len(batch), 2), np.float32)
+
+    speeds = auto._speeds({"a": Fake("a"), "b": Fake("b")}, np.zeros((2, 3, 8, 8), np.float32))
+    assert set(speeds) == {"a", "b"} and all(v > 0 for v in speeds.values())
+    starts = [t for kind, _, t in events if kind == "start"]
+    ends = [t for kind, _, t in events if kind == "end"]
+    assert len(starts) >= 4 and [name for kind, name, _ in events if kind == "start"][:2] == ["a", "b"]
+    gaps = [start - end for end, start in zip(ends, starts[1:])]
+    assert min(gaps) >= 0.9 * RUNTIME_SETTLE_S, gaps

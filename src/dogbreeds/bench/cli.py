@@ -77,7 +77,7 @@ def run_bench(args) -> int:
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from ..infer.backend import physical_cores
+    from ..infer.backend import RUNTIME_SETTLE_S, physical_cores
     from . import ceiling as ceiling_mod
     from . import inference, scaling, training
 
@@ -93,7 +93,7 @@ def run_bench(args) -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     report = {"machine": machine(threads), "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "rounds": rounds}
+              "quick": args.quick, "rounds": rounds, "settle_s": RUNTIME_SETTLE_S}
     profile = report["machine"]["profile"]
     print(f"machine: {report['machine']['describe']} (profile {report['machine']['profile_key']}), {threads} threads, "
           f"load {report['machine']['load_start']}; goal set: {goal_set(profile)[0]}")
@@ -472,8 +472,10 @@ def render(report: dict, out: Path | None) -> str:
         f"- Load average (1/5/15 min) at start {m['load_start']}, at end {m.get('load_end', '?')}: the machine is shared, "
         "so absolute numbers are noisy; ratios come from paths timed side by side.",
         f"- Method: every path runs the same random fp32 batch; after one warm-up call each, {report['rounds']} rounds "
-        f"({3 * report['rounds']} at batch 1) run all paths in turn (the order reversed every other round), and each path's "
-        "median is kept. Ratios are against timm eager NCHW (what `timm.create_model(...)` gives) from the same rounds. "
+        f"({3 * report['rounds']} at batch 1) run all paths in turn (the order reversed every other round"
+        + (f"; each timed call after an untimed {1000 * report['settle_s']:.0f} ms pause, so that the previous "
+           "runtime's spinning worker threads have settled" if report.get("settle_s") else "")
+        + "), and each path's median is kept. Ratios are against timm eager NCHW (what `timm.create_model(...)` gives) from the same rounds. "
         "A path in a precision this CPU emulates is bounded: timed once after its warm-up, and skipped at a batch "
         "its smaller batch says would take too long (the note says what was measured).",
         "- Ceilings: matrix products per precision with every library that computes in it, sampled once per round "

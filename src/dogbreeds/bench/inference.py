@@ -296,7 +296,9 @@ def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path,
     once per round; return one Result per (model, batch, path), each against the ceiling of the
     precision it computes in. A bounded path (an emulated precision) is timed once after its
     warm-up, outside the rounds, and skipped at a batch its smaller batches say would take over
-    `bound_s` per call."""
+    `bound_s` per call. Every timed call comes after an untimed RUNTIME_SETTLE_S pause."""
+    from ..infer.backend import RUNTIME_SETTLE_S
+
     results = []
     rng = np.random.default_rng(0)
     for name in models:
@@ -334,6 +336,7 @@ def measure(models: list[str], batches: list[int], rounds: int, cache_dir: Path,
             for r in range(rounds * 3 if batch == 1 else rounds):  # batch 1 is cheap: more rounds
                 order = group if r % 2 == 0 else group[::-1]  # alternate the order: no path always runs first
                 for p in order:
+                    time.sleep(RUNTIME_SETTLE_S)  # untimed: the previous path's spinning threads settle
                     start = time.perf_counter()
                     p.run(x)
                     p.times.setdefault(batch, []).append(time.perf_counter() - start)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DogbreedsError
-from .backend import AUTO_ENGINE, Backend, ModelInfo, softmax
+from .backend import AUTO_ENGINE, RUNTIME_SETTLE_S, Backend, ModelInfo, softmax
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,14 @@ def _timed_speed(backend: Backend, batch: np.ndarray) -> float:
 
 def _speeds(backends: dict[str, Backend], batch: np.ndarray) -> dict[str, float]:
     """Images per second of each backend on `batch`: PROBE_REPEATS rounds, each timing every engine
-    once in turn (so a change in the machine's load falls on all of them alike), the median per
+    once in turn (so a change in the machine's load falls on all of them alike), each after an untimed
+    RUNTIME_SETTLE_S pause (the previous engine's spinning threads would slow it), the median per
     engine; a round starts only while the timing has taken less than PROBE_BUDGET_S per engine."""
     times: dict[str, list[float]] = {engine: [] for engine in backends}
     started = time.perf_counter()
     for _ in range(PROBE_REPEATS):
         for engine, backend in backends.items():
+            time.sleep(RUNTIME_SETTLE_S)
             times[engine].append(_timed_speed(backend, batch))
         if time.perf_counter() - started > PROBE_BUDGET_S * max(1, len(backends)):
             break

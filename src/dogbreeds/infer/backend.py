@@ -62,6 +62,12 @@ USE_TORCH = "use the PyTorch path instead (--engine torch on the command line; e
 # Part of every export cache key: bump it when what an export holds changes (graph layout, outputs,
 # metadata), so that old cache entries miss instead of being read as the new contract.
 CACHE_VERSION = "logits+features-v2"
+# a pause (untimed) between two timed calls of different runtimes: after a call their worker threads keep
+# spinning for a while (onnxruntime by default, torch's OpenMP pool), and a runtime timed right after shares
+# the cores with them. Measured on a 2-core AVX-512 AMD EPYC: OpenVINO bf16 on MobileNetV2 batch 16 took
+# 29.3 ms alone, 49.6 ms right after an onnxruntime call, 34.7 ms after a torch call, 29.2 ms after an
+# onnxruntime call and this pause (docs/performance.md). Used by the auto probe and by `dogbreeds bench`.
+RUNTIME_SETTLE_S = 0.05
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
