@@ -107,7 +107,8 @@ def test_precision_auto_uses_bf16_on_cpu_only_with_amx(monkeypatch):
 
 
 def test_this_machine_trains_in_fp32_by_default():
-    """The CI/dev CPU has AVX512-BF16 but no AMX: 'auto' must not autocast to bf16 here."""
+    """autocast_dtype alone (the rule without a probe) keeps fp32 on a CPU without AMX; train/precision_probe.py times
+    bf16 against fp32 where the CPU has AVX512-BF16 (tests/train/test_precision_probe.py)."""
     if session.cpu_bf16_support() == "amx":
         pytest.skip("this CPU has AMX: bf16 is the right default")
     assert session.autocast_dtype("auto", torch.device("cpu")) is None

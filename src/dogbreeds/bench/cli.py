@@ -548,7 +548,9 @@ def render(report: dict, out: Path | None) -> str:
         if setup:
             lines += ["", f"'{train_name}' is what `dogbreeds train` builds with its defaults on this machine "
                       f"(`bench.training.train_setup`, from train's own functions): precision {setup['precision']} "
-                      f"(train's `autocast_dtype`), channels_last {setup['channels_last']}, model kwargs "
+                      + (f"(train's per-machine precision probe: {setup['precision_why']})" if setup.get("precision_why")
+                         else "(train's `autocast_dtype`)")
+                      + f", channels_last {setup['channels_last']}, model kwargs "
                       f"{setup['model_kwargs'] or 'none'}"
                       + (f" (train's per-machine MLP layout probe: {setup['layout_why']})" if setup.get("layout_why") else "")
                       + f", optimizer {setup['optimizer']} (train's `build_optimizer`), "

@@ -62,11 +62,12 @@ def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, co
     from ..train.layout_probe import layout_for_run
     from ..train.optim import build_optimizer
     from ..train.recipe import Recipe
-    from ..train.session import autocast_dtype, fast_layout_kwargs
+    from ..train.precision_probe import precision_for_run
+    from ..train.session import fast_layout_kwargs
 
     recipe = recipe or Recipe(model=name)
     device = device or torch.device("cpu")
-    dtype = autocast_dtype(recipe.precision, device)
+    dtype, precision_record = precision_for_run(recipe, device)
     layout = None
     if conv_mlp is not None:
         kwargs = fast_layout_kwargs(name) if conv_mlp else {}
@@ -83,7 +84,7 @@ def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, co
             "criterion": torch.nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing),
             "autocast": autocast, "precision": "bf16" if dtype is not None else "fp32",
             "channels_last": recipe.channels_last, "grad_clip": recipe.grad_clip, "model_kwargs": kwargs,
-            "layout": layout}
+            "layout": layout, "precision_why": (precision_record or {}).get("why")}
 
 
 def _native_bf16(profile: dict | None) -> bool:
@@ -189,6 +190,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
                                                                 "channels_last": setup["channels_last"],
                                                                 "model_kwargs": setup["model_kwargs"],
                                                                 "layout_why": (setup["layout"] or {}).get("why"),
+                                                                "precision_why": setup.get("precision_why"),
                                                                 "optimizer": type(setup["optimizer"]).__name__},
            "train_loop": train_name}
     out["ratio"] = ips[train_name] / ips[PLAIN]  # against the fp32 loop (the older reports' ratio)

@@ -74,8 +74,15 @@ def _time_layouts(name: str, size: int, device, dtype, channels_last: bool, num_
     for key, model in models.items():
         model = model.to(device).train()
         models[key] = model.to(memory_format=torch.channels_last) if channels_last else model
+    return time_steps({key: (model, autocast) for key, model in models.items()}, x, y, device)
 
-    def step(model) -> float:
+
+def time_steps(variants: dict, x, y, device) -> dict[str, list[float]]:
+    """Seconds per forward + backward of each variant {key: (model, autocast context factory)} on (x, y):
+    one untimed step each (allocations, oneDNN primitive creation), then PROBE_ROUNDS interleaved rounds."""
+    import torch
+
+    def step(model, autocast) -> float:
         start = time.perf_counter()
         with autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -85,12 +92,12 @@ def _time_layouts(name: str, size: int, device, dtype, channels_last: bool, num_
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for model in models.values():
-        step(model)  # untimed: allocations, oneDNN primitive creation
-    seconds = {key: [] for key in models}
+    for variant in variants.values():
+        step(*variant)
+    seconds = {key: [] for key in variants}
     for i in range(PROBE_ROUNDS):
-        for key in (list(models) if i % 2 == 0 else list(models)[::-1]):
-            seconds[key].append(step(models[key]))
+        for key in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
+            seconds[key].append(step(*variants[key]))
     return seconds
 
 
@@ -101,7 +108,6 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
     without the switch (train.session.fast_layout_kwargs gives {}). `timer` replaces the timing
     (tests): (name, size, device, dtype, channels_last, num_classes) -> {"conv": [...], "linear": [...]}."""
     from ..machine import describe, machine_profile, profile_key
-    from ..rundir import atomic_write_text
     from .session import fast_layout_kwargs
 
     if not fast_layout_kwargs(name):
@@ -109,12 +115,8 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
     profile = profile or machine_profile()
     precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
     path = cache_file(name, size, precision, channels_last, device.type, profile_key(profile))
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError, RecursionError) as exc:
-        log.warning("layout probe: ignoring %s (%s); probing again", path, exc)
-        record = None
-    if isinstance(record, dict) and record.get("version") == RECORD_VERSION and isinstance(record.get("conv_mlp"), bool):
+    record = read_cached(path, "conv_mlp")
+    if record is not None:
         return {**record, "model_kwargs": {"conv_mlp": True} if record["conv_mlp"] else {}, "cached": str(path)}
     print(f"fast_layout: timing {name}'s MLP layouts on this machine (once per machine, cached in {path.parent}) ...",
           file=sys.stderr, flush=True)
@@ -128,13 +130,31 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
               "machine": describe(profile), "profile_key": profile_key(profile),
               "probe_s": round(time.perf_counter() - started, 1),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_cached(path, record)
+    print(f"fast_layout: {why}", file=sys.stderr, flush=True)
+    return {**record, "model_kwargs": {"conv_mlp": True} if conv_mlp else {}, "cached": None}
+
+
+def read_cached(path: Path, choice_key: str) -> dict | None:
+    """A probe's cached record, or None when absent, unreadable (logged) or of another version."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("probe cache: ignoring %s (%s); probing again", path, exc)
+        return None
+    if isinstance(record, dict) and record.get("version") == RECORD_VERSION and isinstance(record.get(choice_key), bool):
+        return record
+    return None
+
+
+def write_cached(path: Path, record: dict) -> None:
+    from ..rundir import atomic_write_text
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     except OSError as exc:  # a read-only home: the choice still holds for this run
-        log.warning("layout probe: cannot write %s (%s); it will be measured again next time", path, exc)
-    print(f"fast_layout: {why}", file=sys.stderr, flush=True)
-    return {**record, "model_kwargs": {"conv_mlp": True} if conv_mlp else {}, "cached": None}
+        log.warning("probe cache: cannot write %s (%s); it will be measured again next time", path, exc)
 
 
 def layout_for_run(recipe, device, dtype, saved_config: Path | None, world_size: int = 1, timer=None) -> dict | None:

@@ -213,7 +213,7 @@ class Recipe:
 # Augmentation settings the CLI exposes directly (the rest come from --augment PRESET / YAML).
 AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing")
 # Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
-RUN_METADATA_KEYS = ("versions", "world_size", "layout")  # layout: train/layout_probe.py
+RUN_METADATA_KEYS = ("versions", "world_size", "layout", "precision_probe")  # train/layout_probe.py, precision_probe.py
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:

@@ -41,9 +41,10 @@ def cpu_bf16_support() -> str | None:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None means plain fp32.
 
-    'auto' picks bf16 on CUDA GPUs that support it and on CPUs with AMX. AVX512-BF16 alone does
-    not count: measured on such a CPU (AMD EPYC, convnext_atto, batch 16 at 96 px) a training
-    step took the same time in bf16 as in fp32, so there is nothing to gain for the lost precision.
+    'auto' picks bf16 on CUDA GPUs that support it and on CPUs with AMX. AVX512-BF16 alone gives
+    fp32 here: on one such CPU (AMD EPYC, convnext_atto, batch 16 at 96 px) a training step took the
+    same time in bf16 as in fp32, on another ConvNeXt-T at 224 px trained 2.55x as fast in bf16, so
+    `train` times both there (train/precision_probe.py) and this rule is its fallback without a probe.
     'bf16' asks for it wherever the hardware has any native bf16.
     """
     if precision == "fp32":
@@ -167,12 +168,20 @@ class Session:
         # always passed, 0.0 included: weights from a run carry that run's drop_path_rate, which would
         # otherwise train this run with it while its config.yaml says recipe.drop_path
         model_kwargs = {"drop_path_rate": recipe.drop_path}
+        # precision: autocast_dtype's rule, or, on an AVX512-BF16 CPU without AMX, a probe (train/precision_probe.py;
+        # not for a frozen backbone: its features are computed once, in fp32 as at prediction time)
+        saved_config = self.run.config if saved is not None else None
+        if recipe.freeze == "backbone":
+            dtype, self.precision_record = autocast_dtype(recipe.precision, ctx.device), None
+        else:
+            from .precision_probe import precision_for_run
+
+            dtype, self.precision_record = precision_for_run(recipe, ctx.device, saved_config, ctx.world_size)
         self.layout = None  # fast_layout: the MLP layout timed faster on this machine (train/layout_probe.py)
         if recipe.fast_layout:
             from .layout_probe import layout_for_run
 
-            self.layout = layout_for_run(recipe, ctx.device, autocast_dtype(recipe.precision, ctx.device),
-                                         self.run.config if saved is not None else None, ctx.world_size)
+            self.layout = layout_for_run(recipe, ctx.device, dtype, saved_config, ctx.world_size)
             model_kwargs.update(self.layout["model_kwargs"] if self.layout else {})
         self.model = create_model(recipe.model, num_classes=len(self.classes), weights=recipe.weights, **model_kwargs)
         self.preprocessing = self.model.preprocessing
@@ -188,7 +197,6 @@ class Session:
         self.channels_last = recipe.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        dtype = autocast_dtype(recipe.precision, ctx.device)
         if dtype is None:
             self.autocast = contextlib.nullcontext
         else:
@@ -433,6 +441,10 @@ class Session:
             from .layout_probe import CONFIG_KEY, config_record
 
             extra[CONFIG_KEY] = config_record(self.layout)
+        if self.precision_record is not None:
+            from . import precision_probe
+
+            extra[precision_probe.CONFIG_KEY] = precision_probe.config_record(self.precision_record)
         run.write_text(run.config, self.recipe.to_yaml(extra))
         run.write_json(run.classes_file, self.classes.to_json(), indent=2)
         summary = self.dataset.split_summary()
