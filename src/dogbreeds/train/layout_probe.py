@@ -46,10 +46,15 @@ def cache_file(name: str, size: int, precision: str, channels_last: bool, device
     return cache_dir() / "train-layout" / f"{arch}-{size}px-{precision}-{layout}-{device}-{profile}.json"
 
 
+def speedup(seconds: dict[str, list[float]], new: str, old: str) -> float:
+    """How many times as fast variant `new` stepped as `old` (medians of their timed steps; 1.0 if unmeasured)."""
+    new_s, old_s = float(np.median(seconds[new])), float(np.median(seconds[old]))
+    return old_s / new_s if new_s > 0 else 1.0
+
+
 def decide(seconds: dict[str, list[float]]) -> tuple[bool, str]:
     """(conv_mlp, why) from the timed steps {"conv": [...], "linear": [...]}. Pure."""
-    conv, linear = float(np.median(seconds["conv"])), float(np.median(seconds["linear"]))
-    ratio = conv / linear if linear > 0 else 1.0
+    ratio = speedup(seconds, "linear", "conv")
     if ratio >= MARGIN:
         return False, (f"timm's Linear MLPs trained {ratio:.2f}x as fast as 1x1-conv MLPs here "
                        f"(>= {MARGIN:.2f}x): Linear")

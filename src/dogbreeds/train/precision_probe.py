@@ -20,9 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from .layout_probe import PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, time_steps, write_cached
+from .layout_probe import PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, speedup, time_steps, write_cached
 
 MARGIN = 1.10          # bf16 autocast must train this much faster to replace fp32 (it costs precision)
 CONFIG_KEY = "precision_probe"  # the record's key in config.yaml (recipe.RUN_METADATA_KEYS)
@@ -35,8 +33,7 @@ def cache_file(name: str, size: int, channels_last: bool, device: str, profile: 
 
 def decide(seconds: dict[str, list[float]]) -> tuple[bool, str]:
     """(bf16, why) from the timed steps {"fp32": [...], "bf16": [...]}. Pure."""
-    fp32, bf16 = float(np.median(seconds["fp32"])), float(np.median(seconds["bf16"]))
-    ratio = fp32 / bf16 if bf16 > 0 else 1.0
+    ratio = speedup(seconds, "bf16", "fp32")
     if ratio >= MARGIN:
         return True, f"bf16 autocast trained {ratio:.2f}x as fast as fp32 here (>= {MARGIN:.2f}x): bf16"
     return False, f"bf16 autocast at {ratio:.2f}x fp32's speed here (needs >= {MARGIN:.2f}x): fp32"
