@@ -173,10 +173,8 @@ def layout_for_run(recipe, device, dtype, saved_config: Path | None, world_size:
     if not kwargs:
         return None
     if saved_config is not None:
-        import yaml
-
-        saved = (yaml.safe_load(saved_config.read_text()) or {}).get(CONFIG_KEY) if saved_config.is_file() else None
-        if isinstance(saved, dict) and isinstance(saved.get("conv_mlp"), bool):
+        saved = saved_record(saved_config, CONFIG_KEY, "conv_mlp")
+        if saved is not None:
             return {**saved, "model_kwargs": {"conv_mlp": True} if saved["conv_mlp"] else {}}
         return {"conv_mlp": True, "model_kwargs": kwargs, "why": "resumed run from before the layout probe: conv MLPs"}
     if world_size > 1:
@@ -185,8 +183,16 @@ def layout_for_run(recipe, device, dtype, saved_config: Path | None, world_size:
     return choose_layout(recipe.model, recipe.input_size or 224, device, dtype, recipe.channels_last, timer=timer)
 
 
-def config_record(layout: dict | None) -> dict | None:
-    """The part of a layout record written into config.yaml (no cache path, no model kwargs)."""
-    if layout is None:
+def saved_record(saved_config: Path, key: str, choice_key: str) -> dict | None:
+    """A resumed run's probe record (config.yaml's `key`), or None when absent or without its boolean choice."""
+    import yaml
+
+    saved = (yaml.safe_load(saved_config.read_text()) or {}).get(key) if saved_config.is_file() else None
+    return saved if isinstance(saved, dict) and isinstance(saved.get(choice_key), bool) else None
+
+
+def config_record(record: dict | None) -> dict | None:
+    """The part of a probe's record (layout or precision) written into config.yaml: no cache path, no model kwargs."""
+    if record is None:
         return None
-    return {k: v for k, v in layout.items() if k not in ("model_kwargs", "cached")}
+    return {k: v for k, v in record.items() if k not in ("model_kwargs", "cached")}

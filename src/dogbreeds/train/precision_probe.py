@@ -20,7 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .layout_probe import PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, speedup, time_steps, write_cached
+from .layout_probe import (PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, saved_record, speedup, time_steps,
+                           write_cached)
 
 MARGIN = 1.10          # bf16 autocast must train this much faster to replace fp32 (it costs precision)
 CONFIG_KEY = "precision_probe"  # the record's key in config.yaml (recipe.RUN_METADATA_KEYS)
@@ -93,22 +94,14 @@ def precision_for_run(recipe, device, saved_config: Path | None = None, world_si
 
     from .session import autocast_dtype, cpu_bf16_support
 
-    dtype = autocast_dtype(recipe.precision, device)
     if recipe.precision != "auto" or device.type != "cpu" or cpu_bf16_support() != "avx512_bf16":
-        return dtype, None
+        return autocast_dtype(recipe.precision, device), None
     if saved_config is not None:
-        import yaml
-
-        saved = (yaml.safe_load(saved_config.read_text()) or {}).get(CONFIG_KEY) if saved_config.is_file() else None
-        if isinstance(saved, dict) and isinstance(saved.get("bf16"), bool):
+        saved = saved_record(saved_config, CONFIG_KEY, "bf16")
+        if saved is not None:
             return (torch.bfloat16 if saved["bf16"] else None), saved
         return None, {"bf16": False, "why": "resumed run from before the precision probe: fp32, as then"}
     if world_size > 1:
         return None, {"bf16": False, "why": f"{world_size} processes: fp32, not probed (every process must agree)"}
     record = choose_precision(recipe.model, recipe.input_size or 224, device, recipe.channels_last, timer=timer)
     return (torch.bfloat16 if record["bf16"] else None), record
-
-
-def config_record(record: dict | None) -> dict | None:
-    """The part of a precision record written into config.yaml (no cache path)."""
-    return None if record is None else {k: v for k, v in record.items() if k != "cached"}

@@ -437,14 +437,11 @@ class Session:
         run = self.run
         run.path.mkdir(parents=True, exist_ok=True)
         extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
-        if self.layout is not None:
-            from .layout_probe import CONFIG_KEY, config_record
+        from . import layout_probe, precision_probe
 
-            extra[CONFIG_KEY] = config_record(self.layout)
-        if self.precision_record is not None:
-            from . import precision_probe
-
-            extra[precision_probe.CONFIG_KEY] = precision_probe.config_record(self.precision_record)
+        for key, record in ((layout_probe.CONFIG_KEY, self.layout), (precision_probe.CONFIG_KEY, self.precision_record)):
+            if record is not None:
+                extra[key] = layout_probe.config_record(record)
         run.write_text(run.config, self.recipe.to_yaml(extra))
         run.write_json(run.classes_file, self.classes.to_json(), indent=2)
         summary = self.dataset.split_summary()
