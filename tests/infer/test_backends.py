@@ -285,3 +285,23 @@ def test_a_file_of_a_newer_format_is_refused_naming_the_version(runs, tmp_path):
     onnx.save(model, str(newer))
     with pytest.raises(DogbreedsError, match=r"newer\.onnx: written by a newer dogbreeds \(format version 99"):
         Predictor.from_onnx(newer)
+
+
+def test_openvino_compiles_the_first_shapes_fixed_and_runs_the_rest_dynamic(runs, monkeypatch):
+    """The first MAX_STATIC_SHAPES input shapes get a compile of their own (faster kernels), once
+    each; a further shape runs on the dynamic compile; both give the same numbers."""
+    _skip_unavailable("openvino")
+    from dogbreeds.infer import runtime_openvino
+
+    monkeypatch.setattr(runtime_openvino, "MAX_STATIC_SHAPES", 2)
+    backend = open_run(runs["mobilenetv2_050"], engine="openvino")
+    x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    one, two = backend.forward(x[:1]), backend.forward(x[:2])
+    assert set(backend.compile_seconds) == {(1, 3, SIZE, SIZE), (2, 3, SIZE, SIZE)}
+    first = dict(backend.compile_seconds)
+    three = backend.forward(x)  # a third shape: past the bound, the dynamic compile
+    assert backend.forward(x[:1]).tobytes() == one.tobytes() and backend.compile_seconds == first
+    _close(one, three[:1], 1e-5)
+    _close(two, three[:2], 1e-5)
+    want, _ = _reference(runs["mobilenetv2_050"], x)
+    _close(three, want)

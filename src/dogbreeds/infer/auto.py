@@ -57,7 +57,8 @@ LOW_PRECISION_MARGIN = 1.05  # bf16 / int8 must be this much faster than the fas
 SWITCH_MARGIN = 1.05    # another fp32 engine replaces the default (AUTO_ENGINE) only when this much faster:
                         # a 1% lead is probe noise on a shared CPU (openvino at 1.01x the default was cached
                         # once and then ran MobileNetV2 at 0.53x plain onnxruntime in the next bench)
-RECORD_VERSION = 3      # 2: SWITCH_MARGIN; 3: onnxruntime-spin probed too (older records are probed again)
+RECORD_VERSION = 4      # 2: SWITCH_MARGIN; 3: onnxruntime-spin probed too; 4: openvino compiles fixed shapes
+                        # (older records are probed again)
 
 PRECISION = {"onnxruntime": "fp32", "onnxruntime-spin": "fp32", "torch": "fp32", "torch-compile": "fp32", "openvino": "fp32", "cuda": "fp32",
              "int8": "int8", "int8-static": "int8",
