@@ -1,7 +1,8 @@
 """Is inductor under bf16 autocast faster than OpenVINO bf16 on this CPU? One process, the
 dogbreeds engines side by side: openvino-bf16, torch-bf16 (eager) and torch-bf16-compile
-(inductor, freezing, channels_last, ConvNeXt MLPs as 1x1 convolutions), each timed after an
-untimed RUNTIME_SETTLE_S pause, in interleaved rounds (the order reversed every other round).
+(inductor, freezing, channels_last, ConvNeXt MLPs as 1x1 convolutions), timed in interleaved
+rounds (bench_int8_static_matmul.interleaved: the order reversed every other round, a settle pause
+before each timed call). Real photos through the model's own eval transform (auto.load_batch).
 
 Printed: the load, each engine's first call (for the compiled one, the compile) in seconds, the
 median ms per batch of each, the compiled engine against OpenVINO bf16, and the compiled
@@ -23,19 +24,6 @@ from dogbreeds.machine import load_average
 PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stanford-dogs-mini" / "Images"
 
 
-def photo_batch(size: int, count: int) -> np.ndarray:
-    from PIL import Image
-
-    from dogbreeds.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-
-    files = sorted(PHOTOS.rglob("*.jpg"))[::37][:count]
-    arrays = []
-    for f in files:
-        img = Image.open(f).convert("RGB").resize((size, size))
-        arrays.append(((np.asarray(img, np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
-    return np.stack(arrays).astype(np.float32)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="convnext_tiny")
@@ -47,8 +35,10 @@ def main() -> None:
 
     import torch
 
-    from dogbreeds.infer.backend import RUNTIME_SETTLE_S, build_backend, softmax
+    from bench_int8_static_matmul import interleaved  # benchmarks/ is sys.path[0]
     from dogbreeds import create_model
+    from dogbreeds.infer.auto import load_batch
+    from dogbreeds.infer.backend import build_backend, info_for_model, softmax
 
     print("load average at start:", load_average(), flush=True)
     torch.manual_seed(0)
@@ -59,7 +49,7 @@ def main() -> None:
         backends[engine] = build_backend(model, engine=engine)
         print(f"{engine}: built in {time.perf_counter() - start:.1f} s", flush=True)
     reference = build_backend(model, engine="torch")
-    photos = photo_batch(args.size, 32)
+    photos, _ = load_batch(sorted(PHOTOS.rglob("*.jpg"))[::37][:32], info_for_model(model))  # the eval transform
     ref = softmax(reference.forward(photos))
     for batch in args.batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
@@ -67,13 +57,7 @@ def main() -> None:
             start = time.perf_counter()
             b.forward(x)
             print(f"b{batch} {engine}: first call {time.perf_counter() - start:.1f} s", flush=True)
-        times: dict[str, list[float]] = {e: [] for e in backends}
-        for r in range(args.rounds):
-            for engine in (list(backends) if r % 2 == 0 else list(backends)[::-1]):
-                time.sleep(RUNTIME_SETTLE_S)
-                start = time.perf_counter()
-                backends[engine].forward(x)
-                times[engine].append(time.perf_counter() - start)
+        times = interleaved(backends, x, args.rounds)
         med = {e: statistics.median(t) * 1000 for e, t in times.items()}
         for engine, ms in med.items():
             print(f"b{batch} {engine}: {ms:.1f} ms / batch, {batch * 1000 / ms:.2f} images/s", flush=True)

@@ -145,13 +145,17 @@ def agreement(logits: dict[str, np.ndarray], labels: np.ndarray | None = None) -
 
 def interleaved(backends: dict, x: np.ndarray, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each backend on `x`, one per round: one warm-up call each, then `rounds`
-    rounds that call every backend once, the order reversed every other round."""
+    rounds that call every backend once, the order reversed every other round, each timed call after
+    an untimed RUNTIME_SETTLE_S pause (the previous runtime's spinning worker threads settle)."""
+    from dogbreeds.infer.backend import RUNTIME_SETTLE_S
+
     names = list(backends)
     for name in names:
         backends[name].forward(x)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
+            time.sleep(RUNTIME_SETTLE_S)
             start = time.perf_counter()
             backends[name].forward(x)
             times[name].append(time.perf_counter() - start)

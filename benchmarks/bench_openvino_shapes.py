@@ -1,9 +1,9 @@
 """Does compiling for a fixed input shape speed OpenVINO up? The `openvino-bf16` engine (which
 compiles each of its first shapes fixed) against the same export compiled with a dynamic shape
 (what the engine did before), the bench's peer (the plain timm export, OpenVINO's bf16 hint and
-its defaults, dynamic) and that peer reshaped to the fixed shape. One process, 2 threads, an
-untimed 50 ms pause before each timed call, interleaved rounds (the order reversed every other
-round); random-init weights, 1000 classes, 224 px.
+its defaults, dynamic) and that peer reshaped to the fixed shape. One process, 2 threads,
+interleaved rounds (bench_int8_static_matmul.interleaved: the order reversed every other round,
+a settle pause before each timed call); random-init weights, 1000 classes, 224 px.
 
 Printed per batch: each path's median ms per batch and its ratio against the peer.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -26,8 +26,9 @@ SIZE = 224
 def main() -> None:
     import torch
 
+    from bench_int8_static_matmul import interleaved  # benchmarks/ is sys.path[0]
     from dogbreeds import create_model
-    from dogbreeds.infer.backend import RUNTIME_SETTLE_S, build_backend
+    from dogbreeds.infer.backend import build_backend
     from dogbreeds.infer.export import write_onnx
     from dogbreeds.infer.runtime_openvino import openvino_core
     from dogbreeds.machine import load_average
@@ -58,15 +59,8 @@ def main() -> None:
                  "peer (defaults, dynamic)": compiled(plain, hint),
                  "peer, fixed shape": compiled(plain, hint, shape)}
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        for run in paths.values():
-            run(x)  # warm-up (and the engine's fixed-shape compile)
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for r in range(15 if batch == 1 else 7):
-            for k in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-                time.sleep(RUNTIME_SETTLE_S)
-                start = time.perf_counter()
-                paths[k](x)
-                times[k].append(time.perf_counter() - start)
+        # warm-up (and the engine's fixed-shape compile), then the rounds
+        times = interleaved({k: SimpleNamespace(forward=run) for k, run in paths.items()}, x, 15 if batch == 1 else 7)
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         peer = med["peer (defaults, dynamic)"]
         for k, ms in med.items():

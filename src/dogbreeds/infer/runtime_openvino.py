@@ -17,8 +17,8 @@ memory, and the next signal delivered on it (CPython's handlers use SA_ONSTACK, 
 handler torch's DataLoader installs) killed the process with SIGSEGV, far from any OpenVINO call.
 
 Shapes: the export's batch, height and width are dynamic, and OpenVINO compiles kernels for a
-dynamic shape that ran ConvNeXt-T 1.12-1.19x slower than kernels for a fixed one (bf16, batch 1
-and 16, 2-core AVX512-BF16 CPU, identical outputs; MobileNetV2 within the noise; docs/performance.md). So each of the first MAX_STATIC_SHAPES input shapes a backend
+dynamic shape that ran ConvNeXt-T 1.09-1.19x slower than kernels for a fixed one (bf16, batch 1
+and 16, 2-core AVX512-BF16 CPU, identical outputs; MobileNetV2 no faster; docs/performance.md). So each of the first MAX_STATIC_SHAPES input shapes a backend
 sees is compiled once for that exact shape (0.2-1.3 s on 2 cores; `compile_seconds`) and run
 that way afterwards; any further shape runs on the dynamic compile, which always exists. The
 bound keeps memory in check when the batch size varies (the service's micro-batches): each
