@@ -122,6 +122,20 @@ def test_damaged_calibration_is_an_error_naming_the_file(calibration, tmp_path):
         Calibration.load(run)
 
 
+@pytest.mark.parametrize("key,value", [("knn_std", 0.0), ("head_std", -1.0), ("msp_std", float("inf")),
+                                       ("knn_mean", float("nan"))])
+def test_stored_ood_statistics_that_would_divide_by_zero_are_refused(calibration, key, value):
+    """The file is not trusted: a standard deviation of 0 (or a non-finite statistic) would turn every
+    ood_score into nan or 0/1; loading says which file and what to rerun."""
+    import json
+
+    meta = json.loads(json.dumps(calibration.to_json()))
+    assert Calibration.from_parts(meta, calibration.banks_npz(), "ok.json").ood_stats
+    meta["ood"]["stats"][key] = value
+    with pytest.raises(DogbreedsError, match=r"bad\.json.*standard deviations.*dogbreeds calibrate"):
+        Calibration.from_parts(meta, calibration.banks_npz(), "bad.json")
+
+
 def test_without_other_dogs_there_is_no_not_a_dog(world):
     calibration = fit_calibration(world["train_x"], world["val_x"], world["logits"](world["val_x"]), world["val_y"])
     assert calibration.not_a_dog_threshold is None

@@ -238,6 +238,10 @@ class Calibration:
             if (iso_x is None) != (iso_y is None) or (iso_x is not None and (
                     len(iso_x) != len(iso_y) or len(iso_x) < 1 or np.any(np.diff(np.asarray(iso_x, float)) < 0))):
                 raise ValueError("isotonic breakpoints must be two lists of the same length, x increasing")
+            ood_stats = tuple(float(stats.get(key, default)) for key, default in zip(OOD_STAT_KEYS, _full_stats(())))
+            if not all(np.isfinite(ood_stats)) or min(ood_stats[1::2]) <= 0:  # ood_score divides by each std
+                raise ValueError(f"ood statistics {dict(zip(OOD_STAT_KEYS, ood_stats))}: means must be finite "
+                                 "and standard deviations finite and above 0")
             if float(meta["ood"].get("mix", 1.0)) < 1.0 and ood_bias is None:
                 raise ValueError("a mix below 1 needs the outlier-exposure head")
             if ood_bias is not None and ood_head.shape != (bank.shape[1],):
@@ -257,8 +261,7 @@ class Calibration:
                 ood_head_w=ood_head if ood_bias is not None else None, ood_head_b=float(ood_bias or 0.0),
                 ood_mix=float(meta["ood"].get("mix", 1.0)),
                 ood_msp_weight=check_msp_weight(float(meta["ood"].get("msp_weight", 0.0))),  # version <= 4: 0
-                ood_stats=tuple(float(stats.get(key, default)) for key, default in
-                                zip(OOD_STAT_KEYS, _full_stats(()))),
+                ood_stats=ood_stats,
                 top_label_x=None if iso_x is None else np.asarray(iso_x, dtype=np.float64),
                 top_label_y=None if iso_y is None else np.asarray(iso_y, dtype=np.float64),
             )
