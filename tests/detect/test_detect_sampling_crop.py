@@ -70,6 +70,32 @@ def test_a_run_from_before_the_sampler_resumes_only_without_repeats():
     assert any("multi_dog_repeat" in m for m in _config_mismatches(old, quick_config(multi_dog_repeat=3)))
 
 
+def test_quick_repeats_multi_dog_photos_and_trains_every_level_after_the_first():
+    import argparse
+
+    from dogbreeds.detect import cli
+    from dogbreeds.detect.model import build_detector
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    base = ["detect", "train", "--data", "d", "--backbone", "mobilenetv2_100", "--out", "o", "--quick"]
+    cfg = cli.config_from_args(parser.parse_args(base))
+    assert (cfg.multi_dog_repeat, cfg.frozen_levels) == (3, 1)
+    told = cli.config_from_args(parser.parse_args(base + ["--multi-dog-repeat", "1", "--frozen-levels", "2"]))
+    assert (told.multi_dog_repeat, told.frozen_levels) == (1, 2)
+    trainable = {}
+    for levels in (1, 2):
+        body = build_detector("mobilenetv2_100", None, min_size=64, max_size=64,
+                              config=quick_config(frozen_levels=levels)).backbone.body
+        trainable[levels] = {k for k, p in body.named_parameters() if p.requires_grad}
+        assert not body.conv_stem.weight.requires_grad
+    # the second feature level (blocks.3-4, stride 16) learns under --quick; fixed with two frozen levels
+    assert trainable[2] < trainable[1]
+    assert any(k.startswith("blocks.4.") for k in trainable[1] - trainable[2])
+    assert not any(k.startswith(("blocks.2.", "blocks.3.", "blocks.4.")) for k in trainable[2])
+    assert not any(k.startswith("blocks.2.") for k in trainable[1])
+
+
 # --- the crop of each dog ---
 
 def test_square_crop_is_centred_moved_inside_and_clipped_when_larger_than_the_photo():

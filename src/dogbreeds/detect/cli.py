@@ -65,9 +65,9 @@ def register(subparsers) -> None:
     train.add_argument("--min-size", type=_positive_int, default=None, help="shorter side of the network input (px)")
     train.add_argument("--max-size", type=_positive_int, default=None, help="longest side of the network input (px)")
     train.add_argument("--frozen-levels", type=int, default=None,
-                       help="backbone feature levels (from the stem) that stay frozen")
+                       help="backbone feature levels (from the stem) that stay frozen (default 2; 1 with --quick)")
     train.add_argument("--multi-dog-repeat", type=_positive_int, default=None,
-                       help="each photo with two or more dogs is seen this many times per epoch (default 1)")
+                       help="each photo with two or more dogs is seen this many times per epoch (default 1; 3 with --quick)")
     train.add_argument("--mosaic", type=_probability, default=None, metavar="P",
                        help="each training sample is, with probability P, a mosaic of 2-4 training photos (a 2x2 "
                             "grid or two side by side) on a canvas the size of one photo (default 0: off)")
