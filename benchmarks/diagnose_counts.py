@@ -1,7 +1,7 @@
 """Why photos are counted wrong: every true dog of a wrongly counted photo, and every extra dog, by cause.
 
     python benchmarks/diagnose_counts.py RUN --data ../shared/data/stanford-dogs-mini --split val \
-        [--with-other-breeds] [--json out.json]
+        [--with-other-breeds] [--breeds-run BREED_RUN] [--json out.json]
 
 The detector run's model NMS, score threshold and count rule are the ones in its checkpoint (those
 `detect evaluate --choose-count` chose), the photos those `detect evaluate` would use. For each photo
@@ -16,7 +16,9 @@ greedy by score) gets one cause:
 
 and each counted box that matches no true dog: ``merged_box`` (holds >= 70 % of two or more true dogs),
 ``duplicate`` (overlaps a matched box: IoU > 0.2 or half of the smaller box inside the other) or
-``elsewhere``. It also says how far the threshold is from the scores involved, which tells whether a
+``elsewhere``. With ``--breeds-run``, each true dog of the multi-dog photos that have a known breed
+also gets where its breed was won or lost (`breed_causes`): ``right`` (a counted box at IoU >= 0.5 has the
+breed as top-1, what `breed_accuracy` counts), ``in_top3``, ``wrong`` or ``no_box``. It also says how far the threshold is from the scores involved, which tells whether a
 change of post-processing could fix a case, or only a better model.
 """
 from __future__ import annotations
@@ -99,6 +101,46 @@ def diagnose_photo(pred: dict, truth: np.ndarray, threshold: float, rule: tuple[
     return out
 
 
+def breed_causes(counted: np.ndarray, tops: list[list[str]], truth: np.ndarray, breed: str) -> list[str]:
+    """For each true dog: right / in_top3 / wrong over the counted boxes on it (IoU >= 0.5), or no_box;
+    tops[b] is the breed run's top-k for counted box b, best first."""
+    from dogbreeds.detect.evaluate import box_iou
+
+    iou = box_iou(counted.reshape(-1, 4), truth) if len(counted) else np.zeros((0, len(truth)))
+    out = []
+    for t in range(len(truth)):
+        on_it = [tops[b] for b in np.flatnonzero(iou[:, t] >= MATCH_IOU)]
+        if not on_it:
+            out.append("no_box")
+        elif any(top[:1] == [breed] for top in on_it):
+            out.append("right")
+        elif any(breed in top for top in on_it):
+            out.append("in_top3")
+        else:
+            out.append("wrong")
+    return out
+
+
+def multi_dog_breeds(predictor, records, predictions, cfg) -> dict:
+    """breed_causes over the multi-dog photos whose breed the breed run knows, each counted box cropped as
+    predict crops it."""
+    from dogbreeds.data.decode import decode_image
+    from dogbreeds.detect.infer import count_keep, crop_dog
+
+    known, causes = set(predictor.classes.breed_ids), Counter()
+    for record, pred in zip(records, predictions):
+        if record.count < 2 or record.breed_id not in known:
+            continue
+        image = decode_image(record.path)
+        boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
+        counted = boxes[count_keep(boxes, np.asarray(pred["scores"]).reshape(-1), cfg.score_threshold,
+                                   cfg.count_nms_iou, cfg.count_containment)]
+        crops = [crop_dog(image, b, cfg.crop_margin, cfg.crop_square) for b in counted]
+        tops = [[t.breed_id for t in p.top] if p.ok else [] for p in predictor.predict(crops, top_k=3)] if crops else []
+        causes.update(breed_causes(counted, tops, record.boxes, record.breed_id))
+    return dict(causes)
+
+
 def summarise(rows: list[dict], threshold: float) -> dict:
     multi = [r for r in rows if r["truth"] >= 2]
     wrong = [r for r in rows if r["counted"] != r["truth"]]
@@ -127,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--with-other-breeds", action="store_true")
+    parser.add_argument("--breeds-run", help="also say where the multi-dog photos' dogs lose their breed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -146,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     rule = (cfg.count_nms_iou, cfg.count_containment)
     rows = [diagnose_photo(p, r.boxes, cfg.score_threshold, rule) for p, r in zip(predictions, records)]
     summary = summarise(rows, cfg.score_threshold)
+    if args.breeds_run:
+        from dogbreeds.infer.predictor import Predictor
+
+        summary["multi_dog_breeds"] = multi_dog_breeds(Predictor.from_run(args.breeds_run), records, predictions, cfg)
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "photos": [

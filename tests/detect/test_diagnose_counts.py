@@ -56,3 +56,15 @@ def test_each_extra_box_gets_its_cause():
     summary = d.summarise([row], 0.5)
     assert summary["extra_boxes_by_cause"] == {"duplicate": 1, "elsewhere": 1, "merged_box": 1}
     assert (summary["wrong_multi"], summary["multi_over"], summary["multi_under"]) == (1, 1, 0)
+
+
+def test_each_dog_of_a_multi_dog_photo_says_where_its_breed_went():
+    d = _diagnose()
+    counted = np.array([DOGS[0], [195, 0, 302, 100], [10, 0, 90, 60]], dtype=float)  # dog 2 has no box
+    tops = [["a", "b", "c"], ["b", "a", "c"], ["a"]]
+    assert d.breed_causes(counted, tops, DOGS, "a") == ["right", "in_top3", "no_box"]
+    assert d.breed_causes(counted, tops, DOGS, "c") == ["in_top3", "in_top3", "no_box"]
+    assert d.breed_causes(counted, [["b"], ["b"], ["b"]], DOGS, "a") == ["wrong", "wrong", "no_box"]
+    # a second box on dog 0 with the right top-1 makes it right; no counted box at all: every dog no_box
+    assert d.breed_causes(np.vstack([counted, DOGS[:1]]), tops[:2] + [["b"], ["c"]], DOGS, "c")[0] == "right"
+    assert d.breed_causes(np.zeros((0, 4)), [], DOGS, "a") == ["no_box"] * 3
