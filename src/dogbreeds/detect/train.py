@@ -44,9 +44,10 @@ class DetectHooks:
 
 def quick_config(**overrides) -> DetectorConfig:
     """The --quick recipe: a usable detector on the mini data (224 px photos, seen at 160 px) within
-    20 min of the idle 2-core CPU (11 min 20 s measured): 4 epochs, the backbone fixed up to its first feature level (stride 8), multi-dog
-    photos 3x per epoch, a light box head sampling 128 RoIs per photo (measured on val against 3 epochs /
-    32 RoIs: mAP 0.602 vs 0.595, exact count 0.949 vs 0.939), model NMS at 0.6 and a square crop per dog (below)."""
+    20 min of the idle 2-core CPU (11 min 20 s measured): 4 epochs, the backbone fixed up to its first
+    feature level (stride 8), multi-dog photos 3x per epoch, a light box head sampling 128 RoIs per photo
+    (measured on val against 3 epochs / 32 RoIs: mAP 0.602 vs 0.595, exact count 0.949 vs 0.939), model
+    NMS at 0.6 and a square crop per dog (below)."""
     base = dict(min_size=160, max_size=160, epochs=4, batch_size=8, lr=0.01, warmup_epochs=0.25,
                 quick=True, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=128,
                 roi_sampling_ratio=1, representation_size=256, workers=0,
@@ -54,7 +55,8 @@ def quick_config(**overrides) -> DetectorConfig:
                 # runs/detect_mnv2_quick_rep3f1, rule written before the run): after the README's val choice on
                 # val + other breeds, mAP 0.667 vs 0.608, multi-dog count 43 vs 32 of 55, exact count 0.920 vs 0.905,
                 # 11 min 20 s of training. The repeat alone (two levels frozen) reached mAP 0.603, 38 of 55; two
-                # levels frozen, no repeat, was the recipe before. Smaller anchors (16-128,
+                # levels frozen, no repeat, was the recipe before; the whole backbone trained (frozen_levels=0,
+                # runs/detect_mnv2_quick_f0) gave 0.638, 40 of 55. Smaller anchors (16-128,
                 # runs/detect_mnv2_quick_rep3a16) were worse: val mAP 0.574.
                 frozen_levels=1, multi_dog_repeat=3,
                 # 4 epochs, not 6: --epochs 6 (runs/detect_mnv2_quick_e6, 18.8 min with 2 threads) chosen on val + other
