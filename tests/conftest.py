@@ -32,6 +32,20 @@ LABDOG_BREEDS = (
 
 
 @pytest.fixture(scope="session")
+def benchmark_module():
+    """load("NAME"): benchmarks/NAME.py as a fresh module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def mini_root() -> Path:
     if not MINI_ROOT.is_dir():
         pytest.fail(f"real test data missing: {MINI_ROOT} (shared/ must sit beside the project root)")

@@ -1,18 +1,5 @@
 """benchmarks/diagnose_counts.py: each missed dog and each extra box gets the cause it really has."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-
-PROJECT = Path(__file__).resolve().parents[2]
-
-
-def _diagnose():
-    spec = importlib.util.spec_from_file_location("diagnose_counts", PROJECT / "benchmarks" / "diagnose_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 DOGS = np.array([[0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100]], dtype=float)
 
@@ -21,14 +8,14 @@ def _pred(boxes, scores):
     return {"boxes": np.asarray(boxes, dtype=float), "scores": np.asarray(scores, dtype=float)}
 
 
-def test_a_right_count_has_no_causes():
-    d = _diagnose()
+def test_a_right_count_has_no_causes(benchmark_module):
+    d = benchmark_module("diagnose_counts")
     row = d.diagnose_photo(_pred(DOGS[:2], [0.9, 0.8]), DOGS[:2], 0.5, (1.0, 1.0))
     assert (row["counted"], row["missed"], row["extra"]) == (2, [], [])
 
 
-def test_each_missed_dog_gets_its_cause():
-    d = _diagnose()
+def test_each_missed_dog_gets_its_cause(benchmark_module):
+    d = benchmark_module("diagnose_counts")
     boxes = [DOGS[0],                        # dog 0: counted
              [195, 0, 302, 100],             # dog 1: a box on it, under the threshold
              [0, 0, 305, 100]]               # a box around dogs 0 and 1 ... and dog 2 has nothing
@@ -45,8 +32,8 @@ def test_each_missed_dog_gets_its_cause():
     assert [m["cause"] for m in row["missed"]] == ["merged", "merged"]
 
 
-def test_each_extra_box_gets_its_cause():
-    d = _diagnose()
+def test_each_extra_box_gets_its_cause(benchmark_module):
+    d = benchmark_module("diagnose_counts")
     boxes = [DOGS[0], [10, 10, 60, 60],          # a part of dog 0 (inside its box)
              [600, 0, 700, 100],                 # nothing there
              [0, 0, 300, 100]]                   # around dogs 0 and 1 (dog 1 has a box of its own too)
@@ -58,8 +45,8 @@ def test_each_extra_box_gets_its_cause():
     assert (summary["wrong_multi"], summary["multi_over"], summary["multi_under"]) == (1, 1, 0)
 
 
-def test_each_dog_of_a_multi_dog_photo_says_where_its_breed_went():
-    d = _diagnose()
+def test_each_dog_of_a_multi_dog_photo_says_where_its_breed_went(benchmark_module):
+    d = benchmark_module("diagnose_counts")
     counted = np.array([DOGS[0], [195, 0, 302, 100], [10, 0, 90, 60]], dtype=float)  # dog 2 has no box
     tops = [["a", "b", "c"], ["b", "a", "c"], ["a"]]
     assert d.breed_causes(counted, tops, DOGS, "a") == ["right", "in_top3", "no_box"]

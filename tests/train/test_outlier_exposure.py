@@ -2,7 +2,6 @@
 how they are recorded, the benchmark's split following the record, resume, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,13 +22,6 @@ from .conftest import BREEDS
 
 PROJECT = Path(__file__).resolve().parents[2]
 LEARNT = ",".join(BREEDS[:2])  # the run learns two breeds; the tiny data's third is the outlier breed
-
-
-def _measure_trust():
-    spec = importlib.util.spec_from_file_location("measure_trust", PROJECT / "benchmarks" / "measure_trust.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +112,8 @@ def _arrays(n_breeds=6, per=2):
             "wild_dogs_paths": np.array([f"w/dogs/dog.{n}.jpg" for n in numbers])}
 
 
-def test_benchmark_split_follows_the_record_and_refuses_a_leak():
-    bench = _measure_trust()
+def test_benchmark_split_follows_the_record_and_refuses_a_leak(benchmark_module):
+    bench = benchmark_module("measure_trust")
     arrays = _arrays()
     record = {"breeds": ["n001-b", "n004-b"], "photos": ["w/dogs/dog.0.jpg", "w/dogs/dog.2.jpg"], "oe_breeds": "x"}
     masks = bench.splits(arrays, outliers=record)
@@ -135,8 +127,8 @@ def test_benchmark_split_follows_the_record_and_refuses_a_leak():
         bench.splits(arrays, outliers={**record, "breeds": list(arrays["other_breed_ids"])})
 
 
-def test_benchmark_flip_average_means_features_and_logits_of_the_same_photos():
-    bench = _measure_trust()
+def test_benchmark_flip_average_means_features_and_logits_of_the_same_photos(benchmark_module):
+    bench = benchmark_module("measure_trust")
     arrays = _arrays()
     rng = np.random.default_rng(0)
     arrays.update(unknown_x=rng.normal(size=(12, 4)).astype(np.float32),

@@ -1,18 +1,6 @@
 """benchmarks/probe_two_backbones.py: the joined features are what the probe says, and other photos are refused."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-PROJECT = Path(__file__).resolve().parents[2]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("probe_two_backbones", PROJECT / "benchmarks" / "probe_two_backbones.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _arrays(rng, dim, paths):
@@ -24,8 +12,8 @@ def _arrays(rng, dim, paths):
     return out
 
 
-def test_joined_features_average_the_two_cosine_similarities_and_keep_the_first_runs_logits():
-    probe, rng = _probe(), np.random.default_rng(0)
+def test_joined_features_average_the_two_cosine_similarities_and_keep_the_first_runs_logits(benchmark_module):
+    probe, rng = benchmark_module("probe_two_backbones"), np.random.default_rng(0)
     paths = [f"p{i}.jpg" for i in range(6)]
     first, second = _arrays(rng, 4, paths), _arrays(rng, 7, paths)
     joined = probe.concatenated(first, second)
@@ -38,8 +26,8 @@ def test_joined_features_average_the_two_cosine_similarities_and_keep_the_first_
     assert joined["test_logits"] is first["test_logits"]
 
 
-def test_runs_over_different_photos_are_refused_naming_the_group():
-    probe, rng = _probe(), np.random.default_rng(1)
+def test_runs_over_different_photos_are_refused_naming_the_group(benchmark_module):
+    probe, rng = benchmark_module("probe_two_backbones"), np.random.default_rng(1)
     first = _arrays(rng, 4, ["a.jpg", "b.jpg"])
     second = _arrays(rng, 4, ["a.jpg", "b.jpg"])
     second["unknown_paths"] = np.array(["a.jpg", "c.jpg"])
@@ -47,7 +35,7 @@ def test_runs_over_different_photos_are_refused_naming_the_group():
         probe.concatenated(first, second)
 
 
-def test_a_run_without_cached_features_is_an_error_naming_its_file(tmp_path, capsys):
-    probe = _probe()
+def test_a_run_without_cached_features_is_an_error_naming_its_file(benchmark_module, tmp_path, capsys):
+    probe = benchmark_module("probe_two_backbones")
     assert probe.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "a/trust_measure.npz: no such file" in capsys.readouterr().err
