@@ -60,7 +60,7 @@ def quick_config(**overrides) -> DetectorConfig:
                 # runs/detect_mnv2_quick_rep3a16) were worse: val mAP 0.574.
                 frozen_levels=1, multi_dog_repeat=3,
                 # 4 epochs, not 5: --epochs 5 (runs/detect_mnv2_quick_e5, 14.3 min) gave on val + other breeds mAP 0.663
-                # vs 0.667, multi-dog 45 vs 43 of 55, val breed accuracy 0.866 vs 0.875 (the rule asked for all three).
+                # vs 0.667, multi-dog 45 vs 43 of 55, val breed accuracy 0.866 vs 0.875 (the rule asked for all of them).
                 # Not 6 either (the earlier recipe: runs/detect_mnv2_quick_e6, mAP 0.600 vs 0.607, docs/detection.md).
                 # No mosaics (mosaic=0): --mosaic 0.5 --close-mosaic 1 (runs/detect_mnv2_quick_mosaic) gave on val, after
                 # --choose-count --choose-margin, mAP 0.610 vs 0.606 but a multi-dog count of 9/16 vs 11/16 and exact
