@@ -56,7 +56,8 @@ def quick_config(**overrides) -> DetectorConfig:
                 # val + other breeds, mAP 0.667 vs 0.608, multi-dog count 43 vs 32 of 55, exact count 0.920 vs 0.905,
                 # 11 min 20 s of training. The repeat alone (two levels frozen) reached mAP 0.603, 38 of 55; two
                 # levels frozen, no repeat, was the recipe before; the whole backbone trained (frozen_levels=0,
-                # runs/detect_mnv2_quick_f0) gave 0.638, 40 of 55. Smaller anchors (16-128,
+                # runs/detect_mnv2_quick_f0) gave 0.638, 40 of 55; multi-dog photos 5x (runs/detect_mnv2_quick_rep5)
+                # 0.661, 40 of 55, val breed accuracy 0.861 vs 0.875. Smaller anchors (16-128,
                 # runs/detect_mnv2_quick_rep3a16) were worse: val mAP 0.574.
                 frozen_levels=1, multi_dog_repeat=3,
                 # 4 epochs, not 5: --epochs 5 (runs/detect_mnv2_quick_e5, 14.3 min) gave on val + other breeds mAP 0.663
