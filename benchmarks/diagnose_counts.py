@@ -18,8 +18,9 @@ and each counted box that matches no true dog: ``merged_box`` (holds >= 70 % of 
 ``duplicate`` (overlaps a matched box: IoU > 0.2 or half of the smaller box inside the other) or
 ``elsewhere``. With ``--breeds-run``, each true dog of the multi-dog photos that have a known breed
 also gets where its breed was won or lost (`breed_causes`): ``right`` (a counted box at IoU >= 0.5 has the
-breed as top-1, what `breed_accuracy` counts), ``in_top3``, ``wrong`` or ``no_box``. It also says how far the threshold is from the scores involved, which tells whether a
-change of post-processing could fix a case, or only a better model.
+breed as top-1, what `breed_accuracy` counts), ``in_top3``, ``wrong`` or ``no_box``. It also gives the
+quartiles of the scores involved (missed dogs' best boxes, extra boxes), which tell whether a change of
+post-processing could fix a case, or only a better model.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-MATCH_IOU = 0.5
+from dogbreeds.detect.evaluate import MATCH_IOU  # what breed_accuracy and the matching of detect evaluate use
+
 HOLDS = 0.7
 
 
@@ -125,18 +127,15 @@ def multi_dog_breeds(predictor, records, predictions, cfg) -> dict:
     """breed_causes over the multi-dog photos whose breed the breed run knows, each counted box cropped as
     predict crops it."""
     from dogbreeds.data.decode import decode_image
-    from dogbreeds.detect.infer import count_keep, crop_dog
+    from dogbreeds.detect.evaluate import counted_crop_tops
 
     known, causes = set(predictor.classes.breed_ids), Counter()
+    rule = (cfg.count_nms_iou, cfg.count_containment)
     for record, pred in zip(records, predictions):
         if record.count < 2 or record.breed_id not in known:
             continue
-        image = decode_image(record.path)
-        boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
-        counted = boxes[count_keep(boxes, np.asarray(pred["scores"]).reshape(-1), cfg.score_threshold,
-                                   cfg.count_nms_iou, cfg.count_containment)]
-        crops = [crop_dog(image, b, cfg.crop_margin, cfg.crop_square) for b in counted]
-        tops = [[t.breed_id for t in p.top] if p.ok else [] for p in predictor.predict(crops, top_k=3)] if crops else []
+        counted, tops = counted_crop_tops(predictor, decode_image(record.path), pred, cfg.score_threshold, rule,
+                                          cfg.crop_margin, cfg.crop_square, top_k=3)
         causes.update(breed_causes(counted, tops, record.boxes, record.breed_id))
     return dict(causes)
 

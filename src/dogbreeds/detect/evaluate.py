@@ -202,6 +202,18 @@ def predict_records(model, records, batch_size: int = 8) -> list[dict]:
     return out
 
 
+def counted_crop_tops(predictor, image, pred: dict, threshold: float, rule: tuple[float, float],
+                      margin: float, square: bool, top_k: int = 1) -> tuple[np.ndarray, list[list[str]]]:
+    """The boxes that count as dogs (`count_keep`) and, for each, the breed run's top-k breed ids on its
+    crop, cropped as the predict path crops it (`infer.crop_dog`); [] for a crop the breed run refuses."""
+    from .infer import crop_dog
+
+    boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[_count_keep(pred, threshold, *rule)]
+    crops = [crop_dog(image, b, margin, square) for b in boxes]
+    answers = predictor.predict(crops, top_k=top_k) if crops else []
+    return boxes, [[t.breed_id for t in p.top] if p.ok and p.top else [] for p in answers]
+
+
 def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False,
                  rule: tuple[float, float] = (1.0, 1.0), margin: float | None = None,
                  whole: bool = True, square: bool = False) -> tuple[dict, list]:
@@ -211,16 +223,15 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
     from tqdm import tqdm
 
     from ..data.decode import decode_image
-    from .infer import DEFAULT_MARGIN, crop_dog
+    from .infer import DEFAULT_MARGIN
 
     margin = DEFAULT_MARGIN if margin is None else float(margin)
     known = set(predictor.classes.breed_ids)
     hits_all, hits_single, whole_single, labels = [], [], [], []
     for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
         image = decode_image(record.path)
-        boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[_count_keep(pred, threshold, *rule)]
-        crops = [crop_dog(image, b, margin, square) for b in boxes]
-        names = [p.top[0].breed_id if p.ok and p.top else None for p in predictor.predict(crops, top_k=1)] if crops else []
+        boxes, tops = counted_crop_tops(predictor, image, pred, threshold, rule, margin, square)
+        names = [top[0] if top else None for top in tops]
         labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
         if record.breed_id not in known:
             continue
