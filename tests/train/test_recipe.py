@@ -65,6 +65,19 @@ def test_flags_override_config_and_none_turns_settings_off(tmp_path):
     assert recipe.out == "runs/a"
 
 
+def test_crop_to_box_flag_sets_the_augment_box_crop_over_the_config(tmp_path, capsys):
+    config = tmp_path / "r.yaml"
+    config.write_text(Recipe(data="/d", model="mobilenetv2_100", out="runs/a")
+                      .with_overrides(crop_to_box="union").to_yaml())
+    assert recipe_from_args(_args(["--config", str(config)])).augment.crop_to_box == "union"
+    recipe = recipe_from_args(_args(["--config", str(config), "--crop-to-box", "largest"]))
+    assert recipe.augment.crop_to_box == "largest" and recipe.augment.box_margin == 0.1
+    assert recipe_from_args(_args(["--config", str(config), "--crop-to-box", "none"])).augment.crop_to_box is None
+    with pytest.raises(SystemExit):
+        _args(["--data", "/d", "--crop-to-box", "biggest"])
+    assert "'biggest': choose largest, union or none" in capsys.readouterr().err
+
+
 def test_cli_defaults_out_from_model_and_requires_data():
     recipe = recipe_from_args(_args(["--data", "/d", "--model", "mobilenetv2_100", "--augment", "none"]))
     assert recipe.out == "runs/mobilenetv2_100" and recipe.augment.deterministic

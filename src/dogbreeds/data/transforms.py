@@ -88,6 +88,20 @@ def crop_to_box(image: np.ndarray, boxes: Sequence[Box], mode: str, margin: floa
     return image[top:bottom, left:right]
 
 
+class BoxCropped:
+    """`crop_to_box` (mode, margin), then `inner`: the eval transform of a frozen-backbone run
+    whose training photos are cut to their dogs (train/session.py's cached features)."""
+
+    def __init__(self, inner, mode: str, margin: float):
+        self.inner, self.mode, self.margin = inner, mode, float(margin)
+
+    def __call__(self, image: np.ndarray, boxes: Sequence[Box] = ()) -> torch.Tensor:
+        return self.inner(crop_to_box(_check_image(image), boxes, self.mode, self.margin))
+
+    def __repr__(self) -> str:
+        return f"BoxCropped({self.mode}, margin={self.margin}, {self.inner!r})"
+
+
 class TrainTransform:
     """Optional box crop, then timm's training pipeline on a PIL image."""
 

@@ -41,11 +41,6 @@ HELP = {
                 "(e.g. '../shared/data/cats-and-dogs/dogs/dog.*[02468].jpg')",
     "oe_batch_size": "outlier photos per optimizer step (over all processes and accumulation steps)",
 }
-AUGMENT_FLAGS = {
-    "mixup": (float, "mixup Beta alpha (0 turns mixup off)"),
-    "cutmix": (float, "cutmix Beta alpha (0 turns cutmix off)"),
-    "label_smoothing": (float, "label smoothing"),
-}
 
 
 def _optional(kind):
@@ -54,6 +49,25 @@ def _optional(kind):
 
     parse.__name__ = f"{kind.__name__} or none"
     return parse
+
+
+def _box_crop(text: str):
+    """--crop-to-box: largest, union, or none."""
+    value = text.lower()
+    if value not in ("largest", "union", "none", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose largest, union or none")
+    return None if value in ("none", "off") else value
+
+
+AUGMENT_FLAGS = {
+    "mixup": (float, "mixup Beta alpha (0 turns mixup off)"),
+    "cutmix": (float, "cutmix Beta alpha (0 turns cutmix off)"),
+    "label_smoothing": (float, "label smoothing"),
+    "crop_to_box": (_box_crop, "cut each training photo to its dogs' boxes before the random crop: largest "
+                               "(the biggest dog) or union (all of them), plus box_margin of context; none = the "
+                               "whole photo (Stanford Dogs' Annotation/ gives the boxes; a photo without one is "
+                               "used whole). For a breed run that names detector crops (docs/detection.md)"),
+}
 
 
 def register(subparsers) -> None:

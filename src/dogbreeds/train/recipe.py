@@ -194,7 +194,7 @@ class Recipe:
         return cls.from_dict(data, origin=str(path))
 
     def with_overrides(self, **overrides) -> "Recipe":
-        """A copy with the given fields changed; mixup/cutmix/label_smoothing go into `augment`."""
+        """A copy with the given fields changed; mixup/cutmix/label_smoothing/crop_to_box go into `augment`."""
         augment_overrides = {k: overrides.pop(k) for k in list(overrides) if k in AUGMENT_SHORTCUTS}
         recipe = replace(self, **overrides)
         if augment_overrides:
@@ -211,7 +211,7 @@ class Recipe:
 
 
 # Augmentation settings the CLI exposes directly (the rest come from --augment PRESET / YAML).
-AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing")
+AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing", "crop_to_box")
 # Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
 RUN_METADATA_KEYS = ("versions", "world_size", "layout", "precision_probe")  # train/layout_probe.py, precision_probe.py
 

@@ -316,29 +316,39 @@ class Session:
                                           cache=outlier_cache)
 
     def _setup_features(self) -> None:
-        from ..data.transforms import build_eval_transform
+        from ..data.transforms import BoxCropped, build_eval_transform
         from .features import FeatureBatches, cached_features, extract_features, feature_cache_key
 
         recipe, ctx = self.recipe, self.ctx
         if ctx.distributed:
             raise DogbreedsError("freeze=backbone trains only the head on cached features, in seconds: "
                                  "run it as one process (without torchrun)")
+        box_crop = recipe.augment.crop_to_box
         if ctx.is_main:
             print("freeze=backbone: features come from the eval transform, computed once; augmentation, "
-                  "mixup/cutmix, drop_path and layer decay do not apply (label smoothing does)", flush=True)
+                  "mixup/cutmix, drop_path and layer decay do not apply (label smoothing does"
+                  + (f"; so does crop_to_box={box_crop}: train photos cut to their dogs, val photos whole)"
+                     if box_crop else ")"), flush=True)
         splits = {"train": self.dataset.train, "val": self.dataset.val}
-        key = feature_cache_key(recipe.model, recipe.weights, self.preprocessing.to_dict(), splits)
+        preprocessing = self.preprocessing.to_dict()
+        if box_crop:  # other features: another key (runs without the crop keep theirs)
+            preprocessing["train_crop_to_box"] = [box_crop, recipe.augment.box_margin]
+        key = feature_cache_key(recipe.model, recipe.weights, preprocessing, splits)
         transform = build_eval_transform(self.preprocessing)
+        transforms = {"train": BoxCropped(transform, box_crop, recipe.augment.box_margin) if box_crop else transform,
+                      "val": transform}
 
         def compute() -> dict:
             # The eval transform reads a prepared cache's rows as they are: the same pixels, so the
-            # same features, whether or not it is used (the feature key need not know).
+            # same features, whether or not it is used (the feature key need not know). A box crop
+            # is cut from the photo itself (a cached row is a smaller copy).
             cache = self._image_cache(self.dataset.train + self.dataset.val, None)
             out = {}
             for name, records in splits.items():
-                x, y, skipped = extract_features(self.model, records, transform, self.micro_batch, recipe.workers,
-                                                 recipe.seed, ctx.device, self.autocast, self.channels_last,
-                                                 self.progress, cache=cache)
+                x, y, skipped = extract_features(self.model, records, transforms[name], self.micro_batch,
+                                                 recipe.workers, recipe.seed, ctx.device, self.autocast,
+                                                 self.channels_last, self.progress,
+                                                 cache=None if box_crop and name == "train" else cache)
                 out.update({f"{name}_x": x, f"{name}_y": y, f"{name}_skipped": skipped})
             return out
 
