@@ -73,6 +73,52 @@ def test_frozen_backbone_trains_the_head_on_cached_features(tiny_data, tiny_reci
     assert torch.equal(load_file(run / "checkpoints" / "last.safetensors")["head.fc.weight"], weights["head.fc.weight"])
 
 
+def _boxed_root(mini_root, dest, breeds=("n02085936-Maltese_dog", "n02099601-golden_retriever",
+                                        "n02088094-Afghan_hound"), per_breed=5):
+    """A Stanford Dogs root with Images/ and Annotation/ (boxes), no lists: a seeded split."""
+    import shutil
+
+    for breed in breeds:
+        (dest / "Images" / breed).mkdir(parents=True)
+        (dest / "Annotation" / breed).mkdir(parents=True)
+        photos = [p for p in sorted((mini_root / "Images" / breed).glob("*.jpg"))
+                  if (mini_root / "Annotation" / breed / p.stem).is_file()][:per_breed]
+        for photo in photos:
+            shutil.copy(photo, dest / "Images" / breed / photo.name)
+            shutil.copy(mini_root / "Annotation" / breed / photo.stem, dest / "Annotation" / breed / photo.stem)
+    return dest
+
+
+def test_frozen_backbone_with_crop_to_box_caches_features_of_the_box_crops(mini_root, tiny_recipe, tmp_path):
+    from dogbreeds.data.decode import decode_image
+    from dogbreeds.data.sources import load_dataset
+    from dogbreeds.data.transforms import build_eval_transform, crop_to_box
+    from dogbreeds.models.factory import load_run
+    from dogbreeds.train.features import pooled_features
+
+    root = _boxed_root(mini_root, tmp_path / "dogs")
+    cached = {}
+    for crop in (None, "largest"):
+        recipe = tiny_recipe(root, tmp_path / f"run-{crop}", freeze="backbone", epochs=1,
+                             augment=Recipe().augment.preset("quick", crop_to_box=crop))
+        files = list((train(recipe) / "features").glob("*.pt"))
+        assert len(files) == 1
+        cached[crop] = torch.load(files[0], weights_only=True)
+    whole, cropped = cached[None], cached["largest"]
+    assert whole["key"] != cropped["key"]
+    assert torch.equal(whole["val_x"], cropped["val_x"])  # val photos stay whole
+    assert whole["train_x"].shape == cropped["train_x"].shape
+    assert not torch.allclose(whole["train_x"], cropped["train_x"])
+    # the first train photo's cached features are the frozen backbone's on its largest dog's crop (margin 0.1)
+    record = load_dataset(root, breeds="all", val_fraction=0.2, test_fraction=0.2, seed=recipe.seed).train[0]
+    assert record.boxes
+    loaded = load_run(tmp_path / "run-largest")
+    image = crop_to_box(decode_image(record.path), record.boxes, "largest", 0.1)
+    with torch.no_grad():
+        expected = pooled_features(loaded.model, build_eval_transform(loaded.preprocessing)(image)[None])[0]
+    torch.testing.assert_close(cropped["train_x"][0], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_last_n_stages_trains_only_the_last_stages_and_head(tiny_data, tiny_recipe, tmp_path):
     recipe = tiny_recipe(tiny_data, tmp_path / "partial", freeze="last_n_stages:1", epochs=1)
     weights, initial = load_file(train(recipe) / "checkpoints" / "last.safetensors"), _initial_weights(recipe)
