@@ -80,9 +80,10 @@ def test_quick_repeats_multi_dog_photos_and_trains_every_level_after_the_first()
     cli.register(parser.add_subparsers())
     base = ["detect", "train", "--data", "d", "--backbone", "mobilenetv2_100", "--out", "o", "--quick"]
     cfg = cli.config_from_args(parser.parse_args(base))
-    assert (cfg.multi_dog_repeat, cfg.frozen_levels) == (3, 1)
-    told = cli.config_from_args(parser.parse_args(base + ["--multi-dog-repeat", "1", "--frozen-levels", "2"]))
-    assert (told.multi_dog_repeat, told.frozen_levels) == (1, 2)
+    assert (cfg.multi_dog_repeat, cfg.frozen_levels, cfg.min_size, cfg.max_size) == (3, 1, 192, 192)
+    told = cli.config_from_args(parser.parse_args(base + ["--multi-dog-repeat", "1", "--frozen-levels", "2",
+                                                          "--min-size", "160", "--max-size", "160"]))
+    assert (told.multi_dog_repeat, told.frozen_levels, told.min_size, told.max_size) == (1, 2, 160, 160)
     trainable = {}
     for levels in (1, 2):
         body = build_detector("mobilenetv2_100", None, min_size=64, max_size=64,

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
                             "a dogbreeds breed run")
     train.add_argument("--out", required=True, help="run directory; rerunning into it resumes")
     train.add_argument("--quick", action="store_true",
-                       help="the CPU recipe: 160 px, 4 epochs, 128 RoIs per photo, the backbone fixed up to its first "
+                       help="the CPU recipe: 192 px, 4 epochs, 128 RoIs per photo, the backbone fixed up to its first "
                             "feature level, multi-dog photos 3x per epoch (11-12 min on 2 CPU cores for the mini data)")
     train.add_argument("--breeds", default="top20", help="'top20', 'all', a list or a file, as for `dogbreeds train`")
     train.add_argument("--epochs", type=_positive_int, default=None)
