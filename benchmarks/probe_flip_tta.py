@@ -22,34 +22,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
-def mirrored_predictions(model, records, batch_size: int = 8) -> list[dict]:
-    """The detector's detections on each photo's mirror image, boxes mirrored back to the photo."""
-    import torch
-
-    from dogbreeds.detect.data import DetectionDataset
-
-    model.eval()
-    dataset = DetectionDataset(records)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(records), batch_size):
-            images = [dataset[i][0] for i in range(start, min(len(records), start + batch_size))]
-            for image, det in zip(images, model([im.flip(-1) for im in images])):
-                boxes = det["boxes"].numpy().copy()
-                width = image.shape[-1]
-                boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
-                out.append({"boxes": boxes, "scores": det["scores"].numpy(), "width": width,
-                            "height": image.shape[-2]})
-    return out
-
-
-def fuse(plain: dict, mirrored: dict, iou: float) -> dict:
-    """Weighted boxes fusion of the two views' boxes (coordinates normalised for the library)."""
+def fuse(plain: dict, mirrored: dict, size: tuple[int, int], iou: float) -> dict:
+    """Weighted boxes fusion of the two views' boxes of a photo of `size` (width, height), in
+    coordinates normalised for the library."""
     from ensemble_boxes import weighted_boxes_fusion
 
-    scale = np.asarray([mirrored["width"], mirrored["height"]] * 2, dtype=np.float64)
+    scale = np.asarray(list(size) * 2, dtype=np.float64)
     boxes = [np.clip(np.asarray(p["boxes"], np.float64).reshape(-1, 4) / scale, 0, 1) for p in (plain, mirrored)]
     scores = [np.asarray(p["scores"], np.float64) for p in (plain, mirrored)]
     if not sum(len(s) for s in scores):
@@ -106,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     plain = predict_records(model, records)
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    mirrored = mirrored_predictions(model, records)
+    mirrored = predict_records(model, records, mirror=True)
     mirror_s = time.perf_counter() - started
-    fused = [fuse(p, m, args.iou) for p, m in zip(plain, mirrored)]
+    fused = [fuse(p, m, Image.open(r.path).size, args.iou) for p, m, r in zip(plain, mirrored, records)]
     predictor = None
     if args.breeds_run:
         from dogbreeds.infer.predictor import Predictor

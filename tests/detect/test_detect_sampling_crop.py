@@ -144,6 +144,43 @@ def test_choose_crop_takes_the_shape_with_the_best_breed_accuracy(tmp_path, bree
         assert margin == 0.1  # every margin ties: the crop used before the choice
 
 
+class _SeesImages:
+    """A detector stand-in: one box at x 10-30 on every photo; keeps what it was given."""
+    training = False
+
+    def __init__(self):
+        self.seen = []
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, images):
+        import torch
+
+        self.seen.extend(images)
+        return [{"boxes": torch.tensor([[10.0, 0.0, 30.0, 5.0]]), "scores": torch.tensor([0.9])} for _ in images]
+
+
+def test_predict_records_mirror_runs_the_mirror_image_and_mirrors_the_boxes_back(tmp_path):
+    from PIL import Image
+
+    from dogbreeds.detect.evaluate import predict_records
+
+    records = _records(tmp_path, "pug", [[0, 0, 10, 10]])
+    pixels = np.zeros((200, 300, 3), np.uint8)
+    pixels[:, :100] = 255  # the left third white
+    Image.fromarray(pixels).save(records[0].path, quality=95)
+    model = _SeesImages()
+    plain = predict_records(model, records)
+    mirrored = predict_records(model, records, mirror=True)
+    np.testing.assert_allclose(plain[0]["boxes"], [[10, 0, 30, 5]])
+    np.testing.assert_allclose(mirrored[0]["boxes"], [[270, 0, 290, 5]])  # 300 - 30, 300 - 10
+    assert float(model.seen[0][:, :, :50].mean()) > 0.9 and float(model.seen[1][:, :, -50:].mean()) > 0.9
+
+
 class _Heads:
     nms_thresh = 0.5
 

@@ -183,8 +183,9 @@ def breed_hits(pred_boxes: np.ndarray, pred_breeds: list[str], gt_boxes: np.ndar
 
 # --- running the detector ---
 
-def predict_records(model, records, batch_size: int = 8) -> list[dict]:
-    """The detector's raw detections (boxes, scores as numpy) for each record's photo."""
+def predict_records(model, records, batch_size: int = 8, mirror: bool = False) -> list[dict]:
+    """The detector's raw detections (boxes, scores as numpy) for each record's photo; with mirror,
+    on each photo's mirror image, the boxes mirrored back onto the photo."""
     import torch
 
     from .data import DetectionDataset
@@ -196,8 +197,12 @@ def predict_records(model, records, batch_size: int = 8) -> list[dict]:
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
             images = [dataset[i][0] for i in range(start, min(len(records), start + batch_size))]
-            for det in model(images):
-                out.append({"boxes": det["boxes"].numpy(), "scores": det["scores"].numpy()})
+            for image, det in zip(images, model([im.flip(-1) for im in images] if mirror else images)):
+                boxes = det["boxes"].numpy()
+                if mirror:
+                    boxes = boxes.copy()
+                    boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
+                out.append({"boxes": boxes, "scores": det["scores"].numpy()})
     model.train(was_training)
     return out
 
