@@ -66,7 +66,7 @@ AUGMENT_FLAGS = {
     "crop_to_box": (_box_crop, "cut each training photo to its dogs' boxes before the random crop: largest "
                                "(the biggest dog) or union (all of them), plus box_margin of context; none = the "
                                "whole photo (Stanford Dogs' Annotation/ gives the boxes; a photo without one is "
-                               "used whole). For a breed run that names detector crops (docs/detection.md)"),
+                               "used whole). Measured for naming detector crops: no gain (docs/detection.md)"),
 }
 
 
