@@ -172,16 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from dogbreeds.detect.evaluate import evaluation_records, other_breed_records, predict_records
-    from dogbreeds.detect.model import load_detector
-    from dogbreeds.rundir import RunDir
+    from dogbreeds.detect.evaluate import detector_and_photos, predict_records
 
-    run = RunDir.locate(args.run)
-    model, cfg = load_detector(args.run)
-    data, records, origin = evaluation_records(run, args.data, args.split)
-    if args.with_other_breeds:
-        extra, _, text = other_breed_records(run, args.data, data)
-        records, origin = records + extra, f"{origin} + {text}"
+    model, cfg, records, _, origin = detector_and_photos(args.run, args.data, args.split, args.with_other_breeds)
     print(f"diagnosing {len(records)} photos ({origin}); model NMS {cfg.box_nms_thresh}, score >= {cfg.score_threshold}, "
           f"count NMS {cfg.count_nms_iou}, contained {cfg.count_containment}", file=sys.stderr, flush=True)
     predictions = predict_records(model, records)

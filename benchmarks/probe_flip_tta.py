@@ -68,18 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from dogbreeds.detect.evaluate import (DEFAULT_COUNT_OBJECTIVE, evaluation_records, other_breed_records,
-                                           predict_records)
-    from dogbreeds.detect.model import load_detector
-    from dogbreeds.rundir import RunDir
+    from dogbreeds.detect.evaluate import DEFAULT_COUNT_OBJECTIVE, detector_and_photos, predict_records
 
-    run = RunDir.locate(args.run)
-    model, cfg = load_detector(args.run)
-    data, records, origin = evaluation_records(run, args.data, args.split)
-    own = len(records)
-    if args.with_other_breeds:
-        extra, _, text = other_breed_records(run, args.data, data)
-        records, origin = records + extra, f"{origin} + {text}"
+    model, cfg, records, own, origin = detector_and_photos(args.run, args.data, args.split, args.with_other_breeds)
     objective = args.objective or DEFAULT_COUNT_OBJECTIVE
     print(f"{len(records)} photos ({origin}); model NMS {cfg.box_nms_thresh}, crop margin {cfg.crop_margin} "
           f"square {cfg.crop_square}; count objective {objective}", file=sys.stderr, flush=True)

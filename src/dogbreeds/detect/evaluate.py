@@ -366,6 +366,23 @@ def other_breed_records(run, data_root, data):
     return photos, extra, text
 
 
+def detector_and_photos(run_path, data_root, split: str, other_breeds: bool = False):
+    """(model, config, records, own, origin) for the benchmarks that study a detector run the way
+    `detect evaluate` sees it: its split of data_root, plus with other_breeds the photos of the breeds
+    it was not trained on after the run's own `own` photos; origin says where they came from."""
+    from ..rundir import RunDir
+    from .model import load_detector
+
+    run = RunDir.locate(run_path)
+    model, cfg = load_detector(run_path)
+    data, records, origin = evaluation_records(run, data_root, split)
+    own = len(records)
+    if other_breeds:
+        extra, _, text = other_breed_records(run, data_root, data)
+        records, origin = records + extra, f"{origin} + {text}"
+    return model, cfg, records, own, origin
+
+
 def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None, breeds: str | None = None,
                       score_threshold: float | None = None, engine: str = "auto", progress: bool | None = None,
                       figure_photos: int = 8, choose_count: bool = False, choose_margin: bool = False,
