@@ -136,7 +136,10 @@ def _fake_report(flags: dict = FP32_FLAGS, paths=None) -> dict:
                      "images_per_s": {"plain timm loop, fp32": 1.0, "dogbreeds train setup (fp32)": 1.1},
                      "notes": {"plain timm loop, bf16 autocast": "skipped: no native bf16"},
                      "train_setup": {"precision": "fp32", "channels_last": True, "model_kwargs": {}, "optimizer": "AdamW"},
-                     "train_loop": "dogbreeds train setup (fp32)", "ratio": 1.1, "ratio_bf16": None},
+                     "train_loop": "dogbreeds train setup (fp32)", "ratio": 1.1, "ratio_bf16": None,
+                     "gflop_per_image": 20.0, "ceiling_gflops": {"fp32": 50.0, "bf16": 100.0},
+                     "precisions": {"plain timm loop, fp32": "fp32", "plain timm loop, bf16 autocast": "bf16",
+                                    "dogbreeds train setup (fp32)": "fp32"}},
     }
 
 
@@ -158,6 +161,48 @@ def test_report_checks_each_goal_against_the_numbers(tmp_path):
     assert (tmp_path / "figures" / f"perf_inference-{key}.png").is_file()
     assert "GPU: none in the profile" in md
     assert "bf16 ceiling **100.0 GFLOP/s**" in md and "not measured: bf16 OpenVINO MatMul: f32 here" in md
+
+
+def test_a_goal_beyond_the_ceiling_of_its_precision_says_so(tmp_path):
+    # plain loop 1.0 img/s x 20 GFLOP = 40% of the 50 GFLOP/s fp32 ceiling: 1.2x it is within reach
+    report = _fake_report()
+    text = "\n".join(cli.goals(report))
+    assert "out of reach" not in text
+    md = cli.render(report, tmp_path / "performance.md")
+    assert "| plain timm loop, fp32 | fp32 | 1.00 | 1.00x | 20.0 | 40% |" in md
+    assert "| dogbreeds train setup (fp32) | fp32 | 1.10 | 1.10x | 22.0 | 44% |" in md
+    # 45 GFLOP per image: the plain loop runs at 90% of the ceiling, 1.2x would need 108%
+    report["training"]["gflop_per_image"] = 45.0
+    # timm eager at 250 ms per image x 10 GFLOP = 40 GFLOP/s = 80% of the ceiling: 1.5x needs 120%
+    # (the fake rows' ratio is against 1000 ms per image: the engine at 800 ms is 1.25x)
+    report2 = _fake_report(paths=((inference.BASELINE, 250.0, "fp32"), (inference.ENGINE, 800.0, "fp32")))
+    report["inference"] = report2["inference"]
+    text = "\n".join(cli.goals(report))
+    assert ("**not met**: training step 1.10x the plain timm fp32 loop (goal >= 1.2x; train runs fp32 here); out of "
+            "reach in fp32 here: the plain loop already runs at 90% of the measured fp32 matmul ceiling, so 1.2x its "
+            "speed would need 108% of it") in text
+    assert ("**not met**: ConvNeXt-T batch 16 at 1.25x timm eager (goal >= 1.5x); out of reach in fp32 here: timm "
+            "eager already runs at 80% of the measured fp32 matmul ceiling, so 1.5x its speed would need 120% of it") in text
+    # on a bf16 CPU the same note follows the bf16 training goal, from the bf16 loop's own share
+    report["machine"]["profile"] = _profile(AMX_FLAGS)
+    report["training"]["images_per_s"]["plain timm loop, bf16 autocast"] = 2.0  # 2 x 45 = 90 of the 100 bf16 ceiling
+    report["training"]["ratio_bf16"] = 0.55
+    text = "\n".join(cli.goals(report))
+    assert "training step 0.55x the timm bf16-autocast loop (goal >= 1.3x); out of reach in bf16 here: that loop " \
+           "already runs at 90% of the measured bf16 matmul ceiling, so 1.3x its speed would need 117% of it" in text
+
+
+def test_training_flops_count_the_backward_pass():
+    from dogbreeds.models.flops import count_training_gflop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(2, 8), torch.tensor([0, 3])
+    first, second = 2 * 2 * 8 * 16, 2 * 2 * 16 * 4  # forward FLOPs of each product at batch 2
+    # backward: the second product's input and weight gradients, the first's weight gradient only
+    # (its input needs none)
+    assert count_training_gflop(model, x, y) * 1e9 == pytest.approx(2 * first + 3 * second)
+    assert all(p.grad is None for p in model.parameters()) and model.training
 
 
 def test_the_goal_set_is_chosen_from_the_profile():
@@ -391,7 +436,7 @@ def test_a_report_from_before_machine_profiles_still_renders_with_the_fp32_goals
     assert "Goal set: **fp32 CPU** (recorded before machine profiles" in md
     # timm eager is not in this report: the ratio goal is not reported met
     assert "**not met**: ConvNeXt-T batch 16 at 2.50x timm eager (goal >= 1.5x); not checked against: timm eager" in md
-    assert "| dogbreeds settings | 1.30 | 1.30x |" in md
+    assert "| dogbreeds settings | n/a | 1.30 | 1.30x | n/a | n/a |" in md
 
 
 def test_an_int8_path_that_quantised_nothing_is_labelled_and_checks_no_int8_goal(tmp_path):

@@ -126,16 +126,18 @@ class _Prediction:
 
 
 class _Classes:
-    breed_ids = ("pug", "collie")
-    names = ["pug", "collie"]
+    breed_ids = ("pug", "collie", "beagle")
+    names = ["pug", "collie", "beagle"]
 
 
 class _FakePredictor:
-    """Names a crop 'pug' when it is wider than tall, else 'collie'; the whole photo 'pug'."""
+    """Names a crop 'pug' when it is wider than tall, else 'collie'; the whole photo 'pug'; with the
+    mirror averaging, everything 'beagle'."""
     classes = _Classes()
 
-    def predict(self, images, top_k=1):
-        return [_Prediction([_Score("pug" if im.shape[1] >= im.shape[0] else "collie")]) for im in images]
+    def predict(self, images, top_k=1, mirror=False):
+        return [_Prediction([_Score("beagle" if mirror else "pug" if im.shape[1] >= im.shape[0] else "collie")])
+                for im in images]
 
 
 def test_breed_accuracy_end_to_end(tmp_path):

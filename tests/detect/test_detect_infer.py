@@ -156,7 +156,7 @@ def test_boxes_the_breed_run_calls_not_a_dog_are_kept_apart(two_dogs):
         def decode(self, image, name=None):
             return image
 
-        def predict(self, crops, top_k=5):
+        def predict(self, crops, top_k=5, mirror=False):
             top = [BreedScore(0, "n0-x", "x", 0.9)]
             return [Prediction(f"<array #{i}>", top, verdict="not_a_dog" if c.shape[1] < 150 else "breed",
                                ood_score=0.5, breed_set=top) for i, c in enumerate(crops)]
@@ -234,3 +234,15 @@ def test_a_photo_too_thin_for_the_resize_is_named_not_a_crash(photo, breed_predi
 def test_detection_to_dict_is_json_ready():
     entry = Detection((1.23456, 2.0, 3.0, 4.0), np.float32(0.5)).to_dict()
     assert entry == {"box": [1.23, 2.0, 3.0, 4.0], "score": 0.5} and json.dumps(entry)
+
+
+def test_a_detector_chosen_with_the_mirror_averages_each_crop_with_its_mirror(two_dogs, breed_predictor):
+    box = [5, 5, 120, 195]
+    crop = crop_box(two_dogs, box)
+    for mirror in (False, True):
+        detector = Detector(FixedBoxes([box], [0.9]), {"crop_mirror": mirror})
+        (dog,) = detect_breeds(detector, breed_predictor, two_dogs)["dogs"]
+        alone = breed_predictor.predict([crop], mirror=mirror)[0]
+        assert [s["prob"] for s in dog["top"]] == pytest.approx([s.prob for s in alone.top])
+    plain, mirrored = (breed_predictor.predict([crop], mirror=m)[0].top[0].prob for m in (False, True))
+    assert abs(plain - mirrored) > 1e-4  # the two settings differ on this crop: the test tells them apart

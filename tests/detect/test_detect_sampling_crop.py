@@ -119,8 +119,9 @@ def test_detector_crops_as_its_config_says_and_old_runs_as_before():
     old = Detector(lambda chw: None, {"backbone": "x"})  # a config from before the crop settings
     assert old.crop_margin == DEFAULT_MARGIN and not old.crop_square
     assert old.crop(image, box).shape == crop_box(image, box, DEFAULT_MARGIN).shape == (24, 48, 3)
-    chosen = Detector(lambda chw: None, {"backbone": "x", "crop_margin": 0.25, "crop_square": True})
+    chosen = Detector(lambda chw: None, {"backbone": "x", "crop_margin": 0.25, "crop_square": True, "crop_mirror": True})
     assert chosen.crop(image, box).shape == (60, 60, 3)
+    assert chosen.crop_mirror and not old.crop_mirror
     assert chosen.crop(image, box, margin=0.0).shape == (40, 40, 3)  # an explicit margin wins
 
 
@@ -138,10 +139,24 @@ def test_choose_crop_takes_the_shape_with_the_best_breed_accuracy(tmp_path, bree
     # when cropped as a square, a tall collie only with the box's own shape
     records = _records(tmp_path, breed, [[100, 20, 140, 180], [10, 10, 50, 150]])
     predictions = [{"boxes": r.boxes, "scores": np.array([0.9])} for r in records]
-    margin, chosen_square = choose_crop(_FakePredictor(), records, predictions, 0.5, (1.0, 1.0))
-    assert chosen_square is square
+    margin, chosen_square, mirror = choose_crop(_FakePredictor(), records, predictions, 0.5, (1.0, 1.0))
+    assert chosen_square is square and mirror is False
     if not square:
         assert margin == 0.1  # every margin ties: the crop used before the choice
+
+
+def test_choose_crop_takes_the_mirror_only_where_it_names_more_dogs_right(tmp_path):
+    from dogbreeds.detect.evaluate import breed_scores
+
+    # the fake breed run names every crop 'beagle' only with the mirror averaging
+    records = _records(tmp_path, "beagle", [[100, 20, 140, 180], [10, 10, 50, 150]])
+    predictions = [{"boxes": r.boxes, "scores": np.array([0.9])} for r in records]
+    assert choose_crop(_FakePredictor(), records, predictions, 0.5, (1.0, 1.0)) == (0.1, False, True)
+    scores, _ = breed_scores(_FakePredictor(), records, predictions, 0.5, mirror=True)
+    assert scores["breed_accuracy"] == 1.0
+    # the breed run's own reference is given both ways: as predict answers a photo, and mirrored as the crops were
+    assert scores["breed_run_single_dog_top1"] == 0.0 and scores["breed_run_single_dog_top1_mirror"] == 1.0
+    assert "breed_run_single_dog_top1_mirror" not in breed_scores(_FakePredictor(), records, predictions, 0.5)[0]
 
 
 class _SeesImages:
@@ -227,9 +242,9 @@ def test_saved_settings_reach_the_loaded_model_and_the_detector(tiny_detector_ru
 
 def test_a_config_from_before_the_new_fields_loads_with_the_old_behaviour():
     old = {k: v for k, v in quick_config().to_dict().items()
-           if k not in ("multi_dog_repeat", "crop_margin", "crop_square")}
+           if k not in ("multi_dog_repeat", "crop_margin", "crop_square", "crop_mirror")}
     cfg = DetectorConfig.from_dict(old)
-    assert (cfg.multi_dog_repeat, cfg.crop_margin, cfg.crop_square) == (1, DEFAULT_MARGIN, False)
+    assert (cfg.multi_dog_repeat, cfg.crop_margin, cfg.crop_square, cfg.crop_mirror) == (1, DEFAULT_MARGIN, False, False)
 
 
 @pytest.mark.parametrize("split, breeds_run, message", [("test", "runs/b", "--split val"),

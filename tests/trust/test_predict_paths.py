@@ -179,3 +179,44 @@ def test_service_answers_carry_the_verdict_in_words(calibrated_run, photos, cats
             assert body["verdict_text"].startswith(words.get(body["verdict"], body["top"][0]["breed"]))
         page = client.get("/static/app.js").text
         assert "verdict_text" in page and "breed-set" in client.get("/").text
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_mirror_averages_each_photo_with_its_mirror_image(calibrated_run, tiny_run, photos, calibrated):
+    from dogbreeds.infer.predictor import Predictor
+
+    predictor = Predictor.from_run(calibrated_run if calibrated else tiny_run, engine="torch")
+    assert (predictor.calibration is not None) is calibrated
+    x = np.stack([predictor.preprocess(predictor.decode(p)) for p in photos[:3]])
+    both = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
+    logits, features = predictor.backend.embed(both)
+    mean_logits, mean_features = (logits[:3] + logits[3:]) / 2, (features[:3] + features[3:]) / 2
+    if calibrated:
+        expected = predictor.calibration.assess(mean_logits, mean_features, predictor.ood_threshold, predictor.coverage)
+    else:
+        from dogbreeds.trust import assess_uncalibrated
+
+        expected = assess_uncalibrated(mean_logits, predictor.threshold)
+    mirrored = predictor.predict(photos[:3], top_k=5, mirror=True)
+    plain = predictor.predict(photos[:3], top_k=5)
+    for want, got, one in zip(expected, mirrored, plain):
+        assert got.verdict == want.verdict and got.ood_score == pytest.approx(want.ood_score, abs=1e-5)
+        assert [s.index for s in got.top] == list(np.argsort(-want.probs, kind="stable")[:5])
+        assert [s.prob for s in got.top] == pytest.approx([float(want.probs[s.index]) for s in got.top], abs=1e-5)
+    # the mirror image changes the answer: the averaging is not a no-op
+    assert max(abs(a.top[0].prob - b.top[0].prob) for a, b in zip(mirrored, plain)) > 1e-4
+
+
+def test_predict_cli_mirror_gives_the_mirrored_answer_and_is_refused_with_detect(calibrated_run, photos, capsys):
+    import json
+
+    from dogbreeds.cli import main
+    from dogbreeds.infer.predictor import Predictor
+
+    assert main(["predict", str(calibrated_run), str(photos[16]), "--json", "--engine", "torch", "--mirror"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    want = Predictor.from_run(calibrated_run, engine="torch").predict([photos[16]], mirror=True)[0].to_dict()
+    assert [t["breed_id"] for t in line["top"]] == [t["breed_id"] for t in want["top"]]
+    assert [t["prob"] for t in line["top"]] == pytest.approx([t["prob"] for t in want["top"]], abs=1e-6)
+    assert main(["predict", str(calibrated_run), str(photos[16]), "--detect", str(calibrated_run), "--mirror"]) == 2
+    assert "--mirror: with --detect the detector run decides" in capsys.readouterr().err

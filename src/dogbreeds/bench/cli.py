@@ -119,9 +119,12 @@ def run_bench(args) -> int:
         report["int8"] = inference.int8_agreement(photos, args.cache_dir, args.keras_weights)
     if "training" in parts:
         print("training step (interleaved):")
+        first_sample = ceiling.rounds
+        ceiling.sample()  # the ceilings right before and after the steps: the load they saw
         report["training"] = training.measure("convnext_tiny", batch=8 if args.quick else 16,
                                               steps=1 if args.quick else 3, profile=profile)
         ceiling.sample()
+        report["training"]["ceiling_gflops"] = {p: ceiling.since(p, first_sample) for p in ceiling.best}
     if "scaling" in parts:
         print("scaling (one process per point):")
         import timm
@@ -290,6 +293,25 @@ def _goal(ok: bool, text: str) -> str:
     return f"- {'**met**' if ok else '**not met**'}: {text}"
 
 
+def _beyond(share: float | None, factor: float, precision: str, what: str) -> str:
+    """'' unless `factor` x a path running at `share` of the measured ceiling of `precision` exceeds
+    that ceiling: then a note that the goal is out of reach in that precision on this machine."""
+    if share is None or share * factor <= 1.0:
+        return ""
+    return (f"; out of reach in {precision} here: {what} already runs at {share:.0%} of the measured {precision} "
+            f"matmul ceiling, so {factor:g}x its speed would need {share * factor:.0%} of it")
+
+
+def training_shares(t: dict) -> dict[str, float | None]:
+    """{loop: its GFLOP/s over the ceiling of the precision it computes in} (None: not measured)."""
+    gflop, ceilings, precisions = t.get("gflop_per_image"), t.get("ceiling_gflops") or {}, t.get("precisions") or {}
+    out = {}
+    for loop, ips in t["images_per_s"].items():
+        top = ceilings.get(precisions.get(loop, "fp32"))
+        out[loop] = ips * gflop / top if gflop and top and ips else None
+    return out
+
+
 def _label(model: str) -> str:
     return "ConvNeXt-T" if model.startswith("convnext_tiny") else "MobileNetV2" if model.startswith("mobilenetv2") else model
 
@@ -336,10 +358,12 @@ def goals(report: dict) -> list[str]:
             if label in ("ConvNeXt-T", "MobileNetV2"):
                 best, missing = _peers(rows, model, batch, BF16_PEERS, ("fp32", "bf16"))
                 ratio = r.images_per_s / best.images_per_s if best else None
-                lines.append(_goal(ratio is not None and ratio >= 1.2 and not missing,
-                                   f"{label} batch {batch}: the engine ({r.precision}) at {_f(ratio, '.2f')}x the fastest "
-                                   f"fp32/bf16 peer ({best.path if best else 'none measured'}) (goal >= 1.2x)"
-                                   + _incomplete(missing)))
+                met = ratio is not None and ratio >= 1.2 and not missing
+                lines.append(_goal(met, f"{label} batch {batch}: the engine ({r.precision}) at {_f(ratio, '.2f')}x the "
+                                   f"fastest fp32/bf16 peer ({best.path if best else 'none measured'}) (goal >= 1.2x)"
+                                   + _incomplete(missing)
+                                   + (_beyond(best.fraction_of_ceiling, 1.2, best.precision, "that peer")
+                                      if best and not met else "")))
                 int8 = rows.get((model, batch, INT8))
                 bf16_best, bf16_missing = _peers(rows, model, batch, (TIMM_BF16, OPENVINO_BF16), ("bf16",))
                 if _measured(int8) and int8.precision != "int8":  # quantised nothing: no int8 path to check
@@ -364,8 +388,10 @@ def goals(report: dict) -> list[str]:
         base = rows.get((model, batch, BASELINE))
         base_note = "" if _measured(base) else "; not checked against: timm eager (not run)"
         if label == "ConvNeXt-T" and batch == 16:
-            lines.append(_goal(bool(r.ratio) and r.ratio >= 1.5 and not base_note,
-                               f"ConvNeXt-T batch 16 at {_f(r.ratio, '.2f')}x timm eager (goal >= 1.5x)" + base_note))
+            met = bool(r.ratio) and r.ratio >= 1.5 and not base_note
+            lines.append(_goal(met, f"ConvNeXt-T batch 16 at {_f(r.ratio, '.2f')}x timm eager (goal >= 1.5x)" + base_note
+                               + (_beyond(base.fraction_of_ceiling, 1.5, base.precision, "timm eager")
+                                  if _measured(base) and not met else "")))
             frac = r.fraction_of_ceiling
             short = f"; {0.85 / frac:.2f}x short" if frac and frac < 0.85 else ""
             lines.append(_goal(frac is not None and frac >= 0.85,
@@ -391,15 +417,20 @@ def goals(report: dict) -> list[str]:
                            f"{row['top1_agreement']:.1%} on {row['photos']} photos (goal >= 99%)"))
     if "training" in report:
         t = report["training"]
+        shares = training_shares(t)
         if kind == BF16_CPU:
             ratio = t.get("ratio_bf16")
             note = t.get("notes", {}).get("plain timm loop, bf16 autocast", "not run")
             lines.append(_goal(ratio is not None and ratio >= 1.3,
                                f"training step {_f(ratio, '.2f')}x the timm bf16-autocast loop (goal >= 1.3x)"
-                               + ("" if ratio is not None else f"; the bf16 loop was not timed: {note}")))
+                               + ("" if ratio is not None else f"; the bf16 loop was not timed: {note}")
+                               + ("" if ratio is not None and ratio >= 1.3 else
+                                  _beyond(shares.get("plain timm loop, bf16 autocast"), 1.3, "bf16", "that loop"))))
         else:
             lines.append(_goal(t["ratio"] >= 1.2, f"training step {t['ratio']:.2f}x the plain timm fp32 loop "
-                               f"(goal >= 1.2x; train runs {t.get('train_setup', {}).get('precision', 'fp32')} here)"))
+                               f"(goal >= 1.2x; train runs {t.get('train_setup', {}).get('precision', 'fp32')} here)"
+                               + ("" if t["ratio"] >= 1.2 else
+                                  _beyond(shares.get("plain timm loop, fp32"), 1.2, "fp32", "the plain loop"))))
     return lines
 
 
@@ -537,14 +568,25 @@ def render(report: dict, out: Path | None) -> str:
                   f"{t['model']}, batch {t['batch']} at {t['size']} px, forward + backward + optimizer step, median of "
                   f"{t['steps']} interleaved steps after one warm-up step (first-step losses: "
                   + ", ".join(f"{k} {val:.4f}" for k, val in t["first_loss"].items()) + ").", "",
-                  "| loop | images/s | vs plain fp32 loop | note |", "|---|---:|---:|---|"]
+                  "| loop | computes in | images/s | vs plain fp32 loop | GFLOP/s | of ceiling | note |",
+                  "|---|---|---:|---:|---:|---:|---|"]
         base = t["images_per_s"].get("plain timm loop, fp32") or t["images_per_s"].get("plain timm loop")
         names = list(dict.fromkeys(list(t["images_per_s"]) + list(t.get("notes", {}))))
+        shares, gflop = training_shares(t), t.get("gflop_per_image")
+        precisions = t.get("precisions") or {}
         for k in names:
             val = t["images_per_s"].get(k)
             ratio = f"{val / base:.2f}x" if val and base else "n/a"
-            lines.append(f"| {k} | {_f(val, '.2f')} | {ratio} | "
+            lines.append(f"| {k} | {precisions.get(k, 'n/a')} | {_f(val, '.2f')} | {ratio} | "
+                         f"{_f(val * gflop if val and gflop else None, '.1f')} | {_f(shares.get(k), '.0%')} | "
                          f"{t.get('notes', {}).get(k, '')} |")
+        if gflop:
+            lines += ["", f"GFLOP/s: images/s x {gflop:.1f} GFLOP per image, the convolutions and matrix products of one "
+                      "step's forward and backward as torch's FlopCounterMode counts them (the optimizer's update is not "
+                      "counted); 'of ceiling' divides it by the matmul ceiling of the loop's precision sampled right before "
+                      "and after the steps ("
+                      + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in (t.get("ceiling_gflops") or {}).items() if v)
+                      + ")."]
         if setup:
             lines += ["", f"'{train_name}' is what `dogbreeds train` builds with its defaults on this machine "
                       f"(`bench.training.train_setup`, from train's own functions): precision {setup['precision']} "

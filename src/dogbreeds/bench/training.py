@@ -185,6 +185,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
             loops[k]()
             times[k].append(time.perf_counter() - start)
     ips = {k: batch / float(np.median(v)) for k, v in times.items()}
+    gflop = _step_gflop_per_image(plain, x, y)
     out = {"model": name, "batch": batch, "size": size, "steps": steps, "first_loss": first_losses,
            "images_per_s": ips, "notes": notes, "train_setup": {"precision": setup["precision"],
                                                                 "channels_last": setup["channels_last"],
@@ -192,13 +193,24 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
                                                                 "layout_why": (setup["layout"] or {}).get("why"),
                                                                 "precision_why": setup.get("precision_why"),
                                                                 "optimizer": type(setup["optimizer"]).__name__},
-           "train_loop": train_name}
+           "train_loop": train_name, "gflop_per_image": gflop,
+           "precisions": {PLAIN: "fp32", PLAIN_BF16: "bf16", train_name: setup["precision"]}}
     out["ratio"] = ips[train_name] / ips[PLAIN]  # against the fp32 loop (the older reports' ratio)
     out["ratio_bf16"] = ips[train_name] / ips[PLAIN_BF16] if PLAIN_BF16 in ips else None
     log(f"  training {name} batch {batch}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in ips.items())
         + f" -> {out['ratio']:.2f}x the fp32 loop"
         + (f", {out['ratio_bf16']:.2f}x the bf16 loop" if out["ratio_bf16"] else ""))
     return out
+
+
+def _step_gflop_per_image(model, x, y) -> float:
+    """FLOPs / 1e9 per image of one training step's forward and backward (`models.flops`), counted on
+    a copy of `model` at batch 2 (FLOPs grow linearly with the batch)."""
+    import copy
+
+    from ..models.flops import count_training_gflop
+
+    return count_training_gflop(copy.deepcopy(model), x[:2], y[:2]) / 2
 
 
 # --- train's settings one at a time (benchmarks/bench_train_step.py --settings) ----------------------

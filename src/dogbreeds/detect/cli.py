@@ -157,7 +157,8 @@ def run_evaluate(args) -> int:
                                count_objective=args.count_objective)
     keys = ("map", "ap50", "ap75", "recall_at_10", "exact_count", "exact_count_multi", "count_threshold",
             "count_nms_iou", "count_containment", "count_objective", "box_nms_thresh", "inference_size", "crop_margin", "crop_square",
-            "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1", "n_photos", "n_multi", "n_dogs")
+            "crop_mirror", "breed_accuracy", "breed_accuracy_single", "breed_run_single_dog_top1",
+            "breed_run_single_dog_top1_mirror", "n_photos", "n_multi", "n_dogs")
     shown = {k: result.get(k) for k in keys}
     if "parts" in result:  # --with-other-breeds: the run's val photos and the other breeds' photos apart
         shown["parts"] = {part: {k: scores.get(k) for k in ("map", "ap50", "exact_count", "exact_count_multi",

@@ -39,6 +39,7 @@ CONTAINMENT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)       # 1.0: off
 BOX_NMS_GRID = (0.5, 0.6, 0.7)                          # the model's own NMS IoU (box_nms_thresh), --choose-count
 MARGIN_GRID = (0.0, 0.1, 0.2, 0.3, 0.5)                 # crop margin before the breed run, --choose-margin ...
 SQUARE_GRID = (False, True)                             # ... and the crop's shape (the box's, or a square around it)
+MIRROR_GRID = (False, True)                             # ... and whether the breed run also sees the mirrored crop
 SIZE_FACTOR_GRID = (1.0, 1.2, 1.4, 1.6)                 # inference resize, times the training min_size / max_size (--choose-size)
 MATCH_IOU = 0.5
 
@@ -208,23 +209,25 @@ def predict_records(model, records, batch_size: int = 8, mirror: bool = False) -
 
 
 def counted_crop_tops(predictor, image, pred: dict, threshold: float, rule: tuple[float, float],
-                      margin: float, square: bool, top_k: int = 1) -> tuple[np.ndarray, list[list[str]]]:
+                      margin: float, square: bool, top_k: int = 1, mirror: bool = False) -> tuple[np.ndarray, list[list[str]]]:
     """The boxes that count as dogs (`count_keep`) and, for each, the breed run's top-k breed ids on its
-    crop, cropped as the predict path crops it (`infer.crop_dog`); [] for a crop the breed run refuses."""
+    crop, cropped as the predict path crops it (`infer.crop_dog`; with mirror, averaged with the mirrored
+    crop as predict does); [] for a crop the breed run refuses."""
     from .infer import crop_dog
 
     boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[_count_keep(pred, threshold, *rule)]
     crops = [crop_dog(image, b, margin, square) for b in boxes]
-    answers = predictor.predict(crops, top_k=top_k) if crops else []
+    answers = predictor.predict(crops, top_k=top_k, mirror=mirror) if crops else []
     return boxes, [[t.breed_id for t in p.top] if p.ok and p.top else [] for p in answers]
 
 
 def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False,
                  rule: tuple[float, float] = (1.0, 1.0), margin: float | None = None,
-                 whole: bool = True, square: bool = False) -> tuple[dict, list]:
+                 whole: bool = True, square: bool = False, mirror: bool = False) -> tuple[dict, list]:
     """End-to-end breed accuracy, and (whole) the breed run's own top-1 on the whole single-dog
-    photos. Each counted box is cropped as the predict path crops it (`infer.crop_dog`, `margin`
-    (None: DEFAULT_MARGIN), `square`), so that evaluation measures what users get."""
+    photos (with mirror, also averaged with their mirror images, as the crops are). Each counted box
+    is cropped as the predict path crops it (`infer.crop_dog`, `margin` (None: DEFAULT_MARGIN),
+    `square`, `mirror`), so that evaluation measures what users get."""
     from tqdm import tqdm
 
     from ..data.decode import decode_image
@@ -232,10 +235,10 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
 
     margin = DEFAULT_MARGIN if margin is None else float(margin)
     known = set(predictor.classes.breed_ids)
-    hits_all, hits_single, whole_single, labels = [], [], [], []
+    hits_all, hits_single, whole_single, whole_mirror, labels = [], [], [], [], []
     for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
         image = decode_image(record.path)
-        boxes, tops = counted_crop_tops(predictor, image, pred, threshold, rule, margin, square)
+        boxes, tops = counted_crop_tops(predictor, image, pred, threshold, rule, margin, square, mirror=mirror)
         names = [top[0] if top else None for top in tops]
         labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
         if record.breed_id not in known:
@@ -245,14 +248,17 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
         if record.count == 1:
             hits_single.extend(hits)
             if whole:
-                photo = predictor.predict([image], top_k=1)[0]
-                whole_single.append(bool(photo.ok and photo.top and photo.top[0].breed_id == record.breed_id))
+                for bucket, flip in ((whole_single, False), (whole_mirror, True)) if mirror else ((whole_single, False),):
+                    photo = predictor.predict([image], top_k=1, mirror=flip)[0]
+                    bucket.append(bool(photo.ok and photo.top and photo.top[0].breed_id == record.breed_id))
     scores = {
         "breed_accuracy": float(np.mean(hits_all)) if hits_all else None,
         "breed_accuracy_single": float(np.mean(hits_single)) if hits_single else None,
         "breed_run_single_dog_top1": float(np.mean(whole_single)) if whole_single else None,
         "breed_dogs": len(hits_all),
     }
+    if whole_mirror:  # the same photos through the breed run with the crops' mirror averaging
+        scores["breed_run_single_dog_top1_mirror"] = float(np.mean(whole_mirror))
     return scores, labels
 
 
@@ -494,12 +500,12 @@ def evaluate_detector(run_path, data_root, split: str = "test", breeds_run=None,
 
         predictor = Predictor.from_run(breeds_run, engine=engine)
         if choose_margin:
-            margin, square = choose_crop(predictor, records, predictions, threshold, rule, progress)
-            cfg = save_settings(run, crop_margin=margin, crop_square=square)
+            margin, square, mirror = choose_crop(predictor, records, predictions, threshold, rule, progress)
+            cfg = save_settings(run, crop_margin=margin, crop_square=square, crop_mirror=mirror)
             checkpoint = run.checkpoint()
         breed, labels = breed_scores(predictor, records, predictions, threshold, progress, rule, cfg.crop_margin,
-                                     square=cfg.crop_square)
-        result.update(crop_margin=cfg.crop_margin, crop_square=cfg.crop_square)
+                                     square=cfg.crop_square, mirror=cfg.crop_mirror)
+        result.update(crop_margin=cfg.crop_margin, crop_square=cfg.crop_square, crop_mirror=cfg.crop_mirror)
         result.update(breed, breeds_run=str(breeds_run))
     else:
         result["breed_accuracy"] = None
@@ -591,13 +597,16 @@ def choose_inference_size(model, records, predictions: list[dict], cfg, seconds:
 
 
 def choose_crop(predictor, records, predictions: list[dict], threshold: float, rule: tuple[float, float],
-                progress: bool = False, grid=MARGIN_GRID, shapes=SQUARE_GRID) -> tuple[float, bool]:
-    """(crop margin, square) with the best end-to-end breed accuracy on these photos (ties: the box's
-    own shape, then the margin nearest 0.1: the crop used before it was chosen)."""
-    accuracy = {(m, q): breed_scores(predictor, records, predictions, threshold, progress, rule, m, whole=False,
-                                     square=q)[0]["breed_accuracy"] or 0.0 for m in grid for q in shapes}
-    margin, square = max(accuracy, key=lambda k: (accuracy[k], not k[1], -abs(k[0] - 0.1)))
-    return float(margin), bool(square)
+                progress: bool = False, grid=MARGIN_GRID, shapes=SQUARE_GRID,
+                mirrors=MIRROR_GRID) -> tuple[float, bool, bool]:
+    """(crop margin, square, mirror) with the best end-to-end breed accuracy on these photos (ties:
+    without the mirror (half the work), then the box's own shape, then the margin nearest 0.1: the crop
+    used before it was chosen)."""
+    accuracy = {(m, q, f): breed_scores(predictor, records, predictions, threshold, progress, rule, m, whole=False,
+                                        square=q, mirror=f)[0]["breed_accuracy"] or 0.0
+                for m in grid for q in shapes for f in mirrors}
+    margin, square, mirror = max(accuracy, key=lambda k: (accuracy[k], not k[2], not k[1], -abs(k[0] - 0.1)))
+    return float(margin), bool(square), bool(mirror)
 
 
 def save_count_rule(run, threshold: float, nms_iou: float, containment: float):

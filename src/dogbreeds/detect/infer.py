@@ -181,6 +181,7 @@ class Detector:
         self.count_nms_iou, self.count_containment = config_count_rule(self.config)
         self.crop_margin = config_crop_margin(self.config)
         self.crop_square = self.config.get("crop_square") is True
+        self.crop_mirror = self.config.get("crop_mirror") is True
         self.kind, self.description = kind, description
         self.path = Path(path) if path is not None else None
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -555,6 +556,6 @@ def detect_breeds(detector: Detector, predictor, image: Any, top_k: int = 5, mar
         return {"image": name, "error": str(exc)}
     detections = detector.detect(rgb, score_threshold)
     crops = [detector.crop(rgb, d.box, margin) for d in detections]
-    predictions = predictor.predict(crops, top_k=top_k) if crops else []
+    predictions = predictor.predict(crops, top_k=top_k, mirror=detector.crop_mirror) if crops else []
     entries = [dog_entry(d, p.to_dict()) for d, p in zip(detections, predictions)]
     return {"image": name, **split_dogs(entries, drop_not_a_dog)}

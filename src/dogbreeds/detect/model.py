@@ -80,6 +80,7 @@ class DetectorConfig:
     count_containment: float = 1.0      # ... or covers / is covered by one by more than this of the smaller (infer.count_keep)
     crop_margin: float = 0.1            # each box grown by this of its size on every side before the breed run ...
     crop_square: bool = False           # ... as a square around it (infer.crop_dog); both chosen on val (--choose-margin)
+    crop_mirror: bool = False           # the breed run's answer averaged over the crop and its mirror image (chosen too)
 
     # --- the training recipe ---
     data: str | None = None

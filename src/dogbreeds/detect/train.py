@@ -29,7 +29,7 @@ from .model import DetectorConfig, detector_from_config, save_detector
 
 # Fields that may differ between a saved run and the command that resumes it.
 RESUME_FREE = ("out", "workers", "extra", "score_threshold", "count_nms_iou", "count_containment", "crop_margin",
-               "crop_square")
+               "crop_square", "crop_mirror")
 # Training fields added after runs were made, with the value those runs trained with.
 ADDED_LATER = {"multi_dog_repeat": 1, "mosaic": 0.0, "close_mosaic": 0}
 LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal (no progress bar)

@@ -196,21 +196,36 @@ class Predictor:
                           verdict=assessment.verdict, ood_score=assessment.ood_score, breed_set=breed_set,
                           note=assessment.note)
 
-    def assess(self, batch: np.ndarray) -> list:
+    def assess(self, batch: np.ndarray, mirror: bool = False) -> list:
         """float32 NCHW -> one `trust.Assessment` per row (calibrated probabilities, verdict,
-        OOD score, breed set); uncalibrated runs get what their logits alone can say."""
+        OOD score, breed set); uncalibrated runs get what their logits alone can say.
+
+        mirror: each row is also run mirrored left to right and the two answers are averaged before
+        the assessment: the pooled features (and so the logits, a linear head of them) of the photo
+        and of its mirror image. Twice the computation; the calibration and OOD thresholds were fit
+        on single views (docs/detection.md measures what it changes)."""
         from ..trust import assess_uncalibrated
 
+        rows = len(batch)
+        if mirror:
+            batch = np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])])
         if self.calibration is None:
-            return assess_uncalibrated(self.backend.forward(batch), self.threshold)
+            logits = self.backend.forward(batch)
+            if mirror:
+                logits = (logits[:rows] + logits[rows:]) / 2
+            return assess_uncalibrated(logits, self.threshold)
         logits, features = self.backend.embed(batch)
+        if mirror:
+            logits, features = (logits[:rows] + logits[rows:]) / 2, (features[:rows] + features[rows:]) / 2
         return self.calibration.assess(logits, features, self.ood_threshold, self.coverage)
 
     # --- the one-call API ---
 
-    def predict(self, images: Iterable[Any] | Any, top_k: int = 5, batch_size: int = 16) -> list[Prediction]:
+    def predict(self, images: Iterable[Any] | Any, top_k: int = 5, batch_size: int = 16,
+                mirror: bool = False) -> list[Prediction]:
         """One `Prediction` per image, in order. Images are decoded one batch at a time so a
-        long list of paths never holds more than `batch_size` decoded photos in memory."""
+        long list of paths never holds more than `batch_size` decoded photos in memory.
+        mirror: average each photo's answer with its mirror image's (`assess`; twice the work)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if isinstance(images, (str, Path, bytes, np.ndarray)) or _is_pil_image(images):
@@ -218,7 +233,7 @@ class Predictor:
         images = list(images)
         results: list[Prediction] = []
         for start in range(0, len(images), batch_size):
-            results.extend(self._predict_chunk(images[start:start + batch_size], start, top_k))
+            results.extend(self._predict_chunk(images[start:start + batch_size], start, top_k, mirror))
         return results
 
     def detect(self, images: Iterable[Any] | Any, detector: Any, top_k: int = 5,
@@ -236,7 +251,7 @@ class Predictor:
         return [detect_breeds(detector, self, image, top_k=top_k, score_threshold=score_threshold,
                               name=describe_image(image, i)) for i, image in enumerate(images)]
 
-    def _predict_chunk(self, images: Sequence[Any], offset: int, top_k: int) -> list[Prediction]:
+    def _predict_chunk(self, images: Sequence[Any], offset: int, top_k: int, mirror: bool = False) -> list[Prediction]:
         results: list[Prediction | None] = []
         inputs, slots = [], []
         for i, image in enumerate(images):
@@ -248,7 +263,7 @@ class Predictor:
             except DogbreedsError as exc:
                 results.append(Prediction(image=name, error=str(exc)))
         if inputs:
-            answers = self.assess(np.stack(inputs))
+            answers = self.assess(np.stack(inputs), mirror)
             for (slot, name), answer in zip(slots, answers):
                 results[slot] = self.make_prediction(name, answer.probs, top_k, answer)
         return results  # type: ignore[return-value]

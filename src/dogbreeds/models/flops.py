@@ -31,6 +31,22 @@ def count_gmacs(model: torch.nn.Module, input_size: int = 224) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
+def count_training_gflop(model: torch.nn.Module, batch: torch.Tensor, target: torch.Tensor,
+                         loss=torch.nn.functional.cross_entropy) -> float:
+    """FLOPs / 1e9 of one training step's forward and backward on `batch` (the convolutions and
+    matrix products of both, as FlopCounterMode counts them; the optimizer's elementwise update is
+    not counted). The gradients it leaves are cleared."""
+    was_training = model.training
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss(model(batch), target).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
 def meta_model(name: str, **kwargs) -> torch.nn.Module:
     """A timm model with shapes only (no memory), for counting."""
     import timm
