@@ -207,16 +207,16 @@ def test_mirror_averages_each_photo_with_its_mirror_image(calibrated_run, tiny_r
     assert max(abs(a.top[0].prob - b.top[0].prob) for a, b in zip(mirrored, plain)) > 1e-4
 
 
-def test_predict_cli_mirror_gives_the_mirrored_answer_and_is_refused_with_detect(calibrated_run, photos, capsys):
+def test_predict_cli_tta_flip_gives_the_mirrored_answer_and_is_refused_with_detect(calibrated_run, photos, capsys):
     import json
 
     from dogbreeds.cli import main
     from dogbreeds.infer.predictor import Predictor
 
-    assert main(["predict", str(calibrated_run), str(photos[16]), "--json", "--engine", "torch", "--mirror"]) == 0
+    assert main(["predict", str(calibrated_run), str(photos[16]), "--json", "--engine", "torch", "--tta", "flip"]) == 0
     line = json.loads(capsys.readouterr().out)
     want = Predictor.from_run(calibrated_run, engine="torch").predict([photos[16]], mirror=True)[0].to_dict()
     assert [t["breed_id"] for t in line["top"]] == [t["breed_id"] for t in want["top"]]
     assert [t["prob"] for t in line["top"]] == pytest.approx([t["prob"] for t in want["top"]], abs=1e-6)
-    assert main(["predict", str(calibrated_run), str(photos[16]), "--detect", str(calibrated_run), "--mirror"]) == 2
-    assert "--mirror: with --detect the detector run decides" in capsys.readouterr().err
+    assert main(["predict", str(calibrated_run), str(photos[16]), "--detect", str(calibrated_run), "--tta", "flip"]) == 2
+    assert "--tta flip: with --detect the detector run decides" in capsys.readouterr().err

@@ -64,10 +64,10 @@ def register(subparsers) -> None:
                         "(default: the run's, chosen by `dogbreeds calibrate`; docs/trust.md)")
     p.add_argument("--coverage", type=fraction_type("coverage"), default=None,
                    help="how often the breed set holds the true breed, in (0, 1) (default: the run's, 0.9)")
-    p.add_argument("--mirror", action="store_true",
-                   help="average each photo's answer with its mirror image's (twice the computation; measured in "
-                        "docs/detection.md). With --detect the detector run's own choice applies (chosen on val by "
-                        "`detect evaluate --choose-margin`)")
+    p.add_argument("--tta", choices=("flip",), default=None,
+                   help="flip: average each photo's answer with its mirror image's (the features and logits, before "
+                        "the verdict; twice the computation; measured in docs/detection.md). With --detect the detector "
+                        "run's own choice applies (crop_mirror, chosen on val by `detect evaluate --choose-margin`)")
     add_engine_option(p)
     p.add_argument("--verbose", action="store_true",
                    help="say on stderr which engine runs and, for 'auto', what it measured on this machine")
@@ -100,12 +100,12 @@ def register(subparsers) -> None:
 
 def _predict(args) -> int:
     if getattr(args, "detect", None):  # every dog in the photo, a breed per dog
-        if getattr(args, "mirror", False):
+        if getattr(args, "tta", None):
             from ..errors import DogbreedsError
 
-            raise DogbreedsError("--mirror: with --detect the detector run decides whether each crop is averaged with "
-                                 "its mirror image (crop_mirror, chosen on val by `dogbreeds detect evaluate --split val "
-                                 "--choose-margin`); leave --mirror out")
+            raise DogbreedsError(f"--tta {args.tta}: with --detect the detector run decides whether each crop is averaged "
+                                 "with its mirror image (crop_mirror, chosen on val by `dogbreeds detect evaluate --split "
+                                 "val --choose-margin`); leave --tta out")
         from ..detect.predict_cli import predict_dogs
 
         return predict_dogs(args)
@@ -129,7 +129,7 @@ def _predict(args) -> int:
     # One batch at a time, printed as soon as it is answered.
     for start in range(0, len(images), args.batch_size):
         for prediction in predictor.predict(images[start:start + args.batch_size], top_k=args.top,
-                                            batch_size=args.batch_size, mirror=getattr(args, "mirror", False)):
+                                            batch_size=args.batch_size, mirror=getattr(args, "tta", None) == "flip"):
             failed += not prediction.ok
             if args.json:
                 print(json.dumps(prediction.to_dict(), ensure_ascii=False), flush=True)
