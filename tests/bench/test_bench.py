@@ -192,17 +192,16 @@ def test_a_goal_beyond_the_ceiling_of_its_precision_says_so(tmp_path):
            "already runs at 90% of the measured bf16 matmul ceiling, so 1.3x its speed would need 117% of it" in text
 
 
-def test_training_flops_count_the_backward_pass():
+def test_training_flops_are_three_forwards_in_train_mode_and_depthwise_convolutions_stay_cheap():
     from dogbreeds.models.flops import count_training_gflop
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    x, y = torch.randn(2, 8), torch.tensor([0, 3])
-    first, second = 2 * 2 * 8 * 16, 2 * 2 * 16 * 4  # forward FLOPs of each product at batch 2
-    # backward: the second product's input and weight gradients, the first's weight gradient only
-    # (its input needs none)
-    assert count_training_gflop(model, x, y) * 1e9 == pytest.approx(2 * first + 3 * second)
-    assert all(p.grad is None for p in model.parameters()) and model.training
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 7, padding=3, groups=4), torch.nn.Flatten(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    depthwise, linear = 2 * 2 * 4 * 49 * 8 * 8, 2 * 2 * 256 * 3  # forward FLOPs at batch 2 (1 input channel per group)
+    assert count_training_gflop(model, x) * 1e9 == pytest.approx(3 * (depthwise + linear))
+    assert not model.training and all(p.grad is None for p in model.parameters())
 
 
 def test_the_goal_set_is_chosen_from_the_profile():

@@ -581,9 +581,9 @@ def render(report: dict, out: Path | None) -> str:
                          f"{_f(val * gflop if val and gflop else None, '.1f')} | {_f(shares.get(k), '.0%')} | "
                          f"{t.get('notes', {}).get(k, '')} |")
         if gflop:
-            lines += ["", f"GFLOP/s: images/s x {gflop:.1f} GFLOP per image, the convolutions and matrix products of one "
-                      "step's forward and backward as torch's FlopCounterMode counts them (the optimizer's update is not "
-                      "counted); 'of ceiling' divides it by the matmul ceiling of the loop's precision sampled right before "
+            lines += ["", f"GFLOP/s: images/s x {gflop:.1f} GFLOP per image, 3x the forward's convolutions and matrix "
+                      "products as torch's FlopCounterMode counts them (forward, input gradients, weight gradients; "
+                      "`models.flops.count_training_gflop`; the optimizer's update is not counted); 'of ceiling' divides it by the matmul ceiling of the loop's precision sampled right before "
                       "and after the steps ("
                       + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in (t.get("ceiling_gflops") or {}).items() if v)
                       + ")."]
