@@ -583,8 +583,8 @@ def render(report: dict, out: Path | None) -> str:
         if gflop:
             lines += ["", f"GFLOP/s: images/s x {gflop:.1f} GFLOP per image, 3x the forward's convolutions and matrix "
                       "products as torch's FlopCounterMode counts them (forward, input gradients, weight gradients; "
-                      "`models.flops.count_training_gflop`; the optimizer's update is not counted); 'of ceiling' divides it by the matmul ceiling of the loop's precision sampled right before "
-                      "and after the steps ("
+                      "`models.flops.count_training_gflop`; the optimizer's update is not counted); 'of ceiling' "
+                      "divides it by the matmul ceiling of the loop's precision sampled right before and after the steps ("
                       + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in (t.get("ceiling_gflops") or {}).items() if v)
                       + ")."]
         if setup:

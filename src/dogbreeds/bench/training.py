@@ -185,7 +185,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
             loops[k]()
             times[k].append(time.perf_counter() - start)
     ips = {k: batch / float(np.median(v)) for k, v in times.items()}
-    gflop = _step_gflop_per_image(plain, x, y)
+    gflop = _step_gflop_per_image(plain, x)
     out = {"model": name, "batch": batch, "size": size, "steps": steps, "first_loss": first_losses,
            "images_per_s": ips, "notes": notes, "train_setup": {"precision": setup["precision"],
                                                                 "channels_last": setup["channels_last"],
@@ -203,7 +203,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
     return out
 
 
-def _step_gflop_per_image(model, x, y) -> float:
+def _step_gflop_per_image(model, x) -> float:
     """FLOPs / 1e9 per image of one training step (`models.flops.count_training_gflop`: 3x the
     forward), counted at batch 2 (FLOPs grow linearly with the batch)."""
     from ..models.flops import count_training_gflop

@@ -209,7 +209,8 @@ def predict_records(model, records, batch_size: int = 8, mirror: bool = False) -
 
 
 def counted_crop_tops(predictor, image, pred: dict, threshold: float, rule: tuple[float, float],
-                      margin: float, square: bool, top_k: int = 1, mirror: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+                      margin: float, square: bool, top_k: int = 1,
+                      mirror: bool = False) -> tuple[np.ndarray, list[list[str]]]:
     """The boxes that count as dogs (`count_keep`) and, for each, the breed run's top-k breed ids on its
     crop, cropped as the predict path crops it (`infer.crop_dog`; with mirror, averaged with the mirrored
     crop as predict does); [] for a crop the breed run refuses."""
