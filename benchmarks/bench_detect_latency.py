@@ -57,7 +57,7 @@ def measure(detector, predictor, photos: list[Path], repeats: int) -> dict:
             dogs = detector.detect(rgb)
             detected = time.perf_counter()
             if dogs:
-                predictor.predict([detector.crop(rgb, d.box) for d in dogs])  # the run's crop, as detect_breeds
+                predictor.predict([detector.crop(rgb, d.box) for d in dogs], mirror=detector.crop_mirror)  # as detect_breeds
             done = time.perf_counter()
             timing = {"total": done - start, "decode": decoded - start, "detect": detected - decoded,
                       "breeds": done - detected, "dogs": len(dogs), "size": list(rgb.shape[:2])}
