@@ -222,13 +222,21 @@ def counted_crop_tops(predictor, image, pred: dict, threshold: float, rule: tupl
     return boxes, [[t.breed_id for t in p.top] if p.ok and p.top else [] for p in answers]
 
 
+def _top1_is(predictor, image, breed_id: str, mirror: bool = False) -> bool:
+    """Whether the breed run names the whole photo `breed_id` (as predict answers it)."""
+    photo = predictor.predict([image], top_k=1, mirror=mirror)[0]
+    return bool(photo.ok and photo.top and photo.top[0].breed_id == breed_id)
+
+
 def breed_scores(predictor, records, predictions: list[dict], threshold: float, progress: bool = False,
                  rule: tuple[float, float] = (1.0, 1.0), margin: float | None = None,
-                 whole: bool = True, square: bool = False, mirror: bool = False) -> tuple[dict, list]:
+                 whole: bool = True, square: bool = False, mirror: bool = False,
+                 images: list | None = None) -> tuple[dict, list]:
     """End-to-end breed accuracy, and (whole) the breed run's own top-1 on the whole single-dog
     photos (with mirror, also averaged with their mirror images, as the crops are). Each counted box
     is cropped as the predict path crops it (`infer.crop_dog`, `margin` (None: DEFAULT_MARGIN),
-    `square`, `mirror`), so that evaluation measures what users get."""
+    `square`, `mirror`), so that evaluation measures what users get. images: the records' photos already
+    decoded (`choose_crop` decodes them once for all its options); None: each is decoded here."""
     from tqdm import tqdm
 
     from ..data.decode import decode_image
@@ -237,8 +245,9 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
     margin = DEFAULT_MARGIN if margin is None else float(margin)
     known = set(predictor.classes.breed_ids)
     hits_all, hits_single, whole_single, whole_mirror, labels = [], [], [], [], []
-    for record, pred in tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress, leave=False):
-        image = decode_image(record.path)
+    for i, (record, pred) in enumerate(tqdm(list(zip(records, predictions)), desc="breeds", disable=not progress,
+                                            leave=False)):
+        image = decode_image(record.path) if images is None else images[i]
         boxes, tops = counted_crop_tops(predictor, image, pred, threshold, rule, margin, square, mirror=mirror)
         names = [top[0] if top else None for top in tops]
         labels.append([predictor.classes.names[predictor.classes.breed_ids.index(n)] if n in known else "?" for n in names])
@@ -249,9 +258,9 @@ def breed_scores(predictor, records, predictions: list[dict], threshold: float, 
         if record.count == 1:
             hits_single.extend(hits)
             if whole:
-                for bucket, flip in ((whole_single, False), (whole_mirror, True)) if mirror else ((whole_single, False),):
-                    photo = predictor.predict([image], top_k=1, mirror=flip)[0]
-                    bucket.append(bool(photo.ok and photo.top and photo.top[0].breed_id == record.breed_id))
+                whole_single.append(_top1_is(predictor, image, record.breed_id))
+                if mirror:
+                    whole_mirror.append(_top1_is(predictor, image, record.breed_id, mirror=True))
     scores = {
         "breed_accuracy": float(np.mean(hits_all)) if hits_all else None,
         "breed_accuracy_single": float(np.mean(hits_single)) if hits_single else None,
@@ -603,8 +612,11 @@ def choose_crop(predictor, records, predictions: list[dict], threshold: float, r
     """(crop margin, square, mirror) with the best end-to-end breed accuracy on these photos (ties:
     without the mirror (half the work), then the box's own shape, then the margin nearest 0.1: the crop
     used before it was chosen)."""
+    from ..data.decode import decode_image
+
+    images = [decode_image(r.path) for r in records]  # once, for every option
     accuracy = {(m, q, f): breed_scores(predictor, records, predictions, threshold, progress, rule, m, whole=False,
-                                        square=q, mirror=f)[0]["breed_accuracy"] or 0.0
+                                        square=q, mirror=f, images=images)[0]["breed_accuracy"] or 0.0
                 for m in grid for q in shapes for f in mirrors}
     margin, square, mirror = max(accuracy, key=lambda k: (accuracy[k], not k[2], not k[1], -abs(k[0] - 0.1)))
     return float(margin), bool(square), bool(mirror)
