@@ -62,6 +62,7 @@ from dogbreeds.machine import load_average
 
 BASELINE, INT8, ORT, OV = "timm eager NCHW (fp32)", "int8 (onnxruntime dynamic)", "onnxruntime (fp32)", "openvino (fp32)"
 OV_STATIC = "openvino (fp32), static H/W"
+OV_BF16, INT8_STATIC = "openvino-bf16 (bf16 hint)", "int8-static (onnxruntime QDQ)"  # --bf16: the bf16 bar on AMX CPUs
 PRESETS = ("mixed", "performance")
 VARIANTS = ("plain", "fp32-depthwise", "accuracy-control")
 MAX_DROP = 0.005  # accuracy-control: top-1 agreement with fp32 may drop this much (auto's rule: >= 99.5%)
@@ -211,7 +212,10 @@ def build(model, info, calibration: np.ndarray | None, validation: np.ndarray | 
     from dogbreeds.infer.runtime_onnxruntime import FP32, cache_path
 
     paths, notes = {BASELINE: torch_eager(model)}, {}
-    for label, engine in ((INT8, "int8"), (ORT, "onnxruntime"), (OV, "openvino")):
+    engines = [(INT8, "int8"), (ORT, "onnxruntime"), (OV, "openvino")]
+    if args.bf16:  # the engine auto picks on a bf16 CPU, and the project's static int8 engine
+        engines += [(OV_BF16, "openvino-bf16"), (INT8_STATIC, "int8-static")]
+    for label, engine in engines:
         started = time.perf_counter()
         paths[label] = build_backend(model, engine=engine, info=info, cache_dir=folder, threads=args.threads, quiet=True)
         notes[label] = {"build_s": round(time.perf_counter() - started, 1), "description": paths[label].description}
@@ -256,7 +260,8 @@ def timed(paths: dict, shape: tuple, rounds: int) -> list[dict]:
 
     return [{"path": label, "images_per_s": shape[0] / median[label], "seconds": times[label],
              "vs_timm_eager": per_round(BASELINE, label), "vs_int8": per_round(INT8, label),
-             "vs_fastest_fp32": per_round(fastest_fp32, label), "fastest_fp32": fastest_fp32}
+             "vs_fastest_fp32": per_round(fastest_fp32, label), "fastest_fp32": fastest_fp32,
+             "vs_openvino_bf16": per_round(OV_BF16, label) if OV_BF16 in paths else None}
             for label in paths]
 
 
@@ -266,6 +271,8 @@ def measure(title: str, model, info, train: list[Path], test: list[Path], args, 
     print(f"\n== {title}: load average {load_average()}", flush=True)
     calibration_photos = spread(train, args.calibration_photos) if args.variants else []  # only NNCF calibrates
     calibration, used_calibration = load_batch(calibration_photos, info) if calibration_photos else (None, [])
+    if args.bf16:  # int8-static calibrates on the same train photos as NNCF
+        info.photos = calibration_photos or spread(train, args.calibration_photos)
     inputs, used = load_batch(spread(test, args.eval_photos, set(calibration_photos)), info)
     assert not set(used) & set(used_calibration)
     print(f"  {len(used_calibration)} calibration photos (train split), {len(used)} comparison photos (test split), "
@@ -292,7 +299,8 @@ def measure(title: str, model, info, train: list[Path], test: list[Path], args, 
             q = agreement[row["path"]]
             print(f"| {row['path']} | {row['images_per_s']:.2f} | {row['vs_timm_eager']:.2f}x | {row['vs_int8']:.2f}x | "
                   f"{row['vs_fastest_fp32']:.2f}x ({row['fastest_fp32']}) | {q['top1_agreement']:.1%} | "
-                  f"{q['max_abs_prob_diff']:.2g} |", flush=True)
+                  f"{q['max_abs_prob_diff']:.2g} |"
+                  + (f" {row['vs_openvino_bf16']:.2f}x vs openvino-bf16" if row["vs_openvino_bf16"] else ""), flush=True)
     return result
 
 
@@ -319,6 +327,8 @@ def main() -> None:
                                                                "(default: reshaped to the input size first)")
     p.add_argument("--static-fp32", action="store_true", help="also time the openvino engine's fp32 export compiled "
                                                                "with a static input size (--variants '' times no NNCF path)")
+    p.add_argument("--bf16", action="store_true", help="also time the openvino-bf16 and int8-static engines "
+                                                        "(the bars on a CPU with bf16 / int8 matrix units)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]

@@ -62,9 +62,10 @@ def serve_until_healthy(model: str, options: list[str], env: dict | None = None)
     raise SystemExit("server did not become healthy within 180 s")
 
 
-def start_server(model: str, max_batch: int, max_wait_ms: float, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, max_wait_ms: float, max_queue: int,
+                 engine: str | None = None) -> tuple[subprocess.Popen, str]:
     return serve_until_healthy(model, ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-                                       "--max-queue", str(max_queue)])
+                                       "--max-queue", str(max_queue), *(["--engine", engine] if engine else [])])
 
 
 async def load(url: str, bodies: list[bytes], clients: int, requests: int, max_seconds: float):
@@ -101,14 +102,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_setting(model: str, max_batch: int, args, bodies: list[bytes]) -> dict:
-    server, url = start_server(model, max_batch, args.max_wait_ms, args.max_queue)
+    server, url = start_server(model, max_batch, args.max_wait_ms, args.max_queue, args.engine)
     try:
         for body in bodies[:4]:  # warm-up: first-call allocations, thread pools
             httpx.post(url + "/v1/predict", content=body, timeout=60)
         rss_start = rss_mb(server.pid)
         latencies, statuses, elapsed = asyncio.run(load(url, bodies, args.clients, args.requests, args.max_seconds))
         rss_end = rss_mb(server.pid)
-        batcher = httpx.get(url + "/healthz", timeout=10).json()["batcher"]
+        health = httpx.get(url + "/healthz", timeout=10).json()
+        batcher = health["batcher"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -119,6 +121,7 @@ def run_setting(model: str, max_batch: int, args, bodies: list[bytes]) -> dict:
         "errors_5xx": sum(n for s, n in statuses.items() if isinstance(s, int) and s >= 500 and s != 503),
         "rejected_503": statuses.get(503, 0), "mean_batch": batcher["mean_batch"],
         "max_batch_seen": batcher["max_batch_seen"], "rss_start_mb": rss_start, "rss_end_mb": rss_end,
+        "engine": (health.get("engine_choice") or {}).get("engine") or health.get("backend") or "",
     }
 
 
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16", help="comma-separated --max-batch values")
     parser.add_argument("--max-wait-ms", type=float, default=10)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--engine", help="serve's --engine for a run (default: serve's own, auto)")
     args = parser.parse_args()
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,13 +144,13 @@ def main() -> None:
     bodies = [p.read_bytes() for p in PHOTOS]
     print(f"model {args.model}; {args.clients} clients, <= {args.requests} requests or {args.max_seconds:.0f} s per setting; "
           f"{os.cpu_count()} CPUs (shared with the clients)")
-    print("| max-batch | answered | req/s | p50 ms | p99 ms | 5xx | 503 | mean batch | RSS start→end MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| max-batch | engine | answered | req/s | p50 ms | p99 ms | 5xx | 503 | mean batch | RSS start→end MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for max_batch in (int(b) for b in args.batches.split(",")):
         r = run_setting(args.model, max_batch, args, bodies)
         results.append(r)
-        print(f"| {r['max_batch']} | {r['ok']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors_5xx']} | "
+        print(f"| {r['max_batch']} | {r['engine']} | {r['ok']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors_5xx']} | "
               f"{r['rejected_503']} | {r['mean_batch']:.1f} | {r['rss_start_mb']:.0f}→{r['rss_end_mb']:.0f} |", flush=True)
     if len(results) > 1:
         print(f"throughput ratio max-batch {results[-1]['max_batch']} / {results[0]['max_batch']}: "
