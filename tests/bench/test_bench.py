@@ -511,3 +511,34 @@ def test_another_adamw_implementation_keeps_trains_parameter_groups():
     assert training.with_implementation(base, "default") is base
     with pytest.raises(ValueError, match="unknown AdamW implementation 'magic'"):
         training.with_implementation(base, "magic")
+
+
+def test_the_choice_for_trained_weights_is_shown_beside_the_random_weights_one(tmp_path):
+    """Random weights pass auto's agreement rule in any precision; the bench also shows what auto
+    chose for the real trained MobileNetV2, with the engines that failed the rule marked."""
+    def record(engine, precision, bf16_passed):
+        return {"engine": engine, "precision": precision, "why": f"why {engine}",
+                "measured": [{"engine": "openvino-bf16", "precision": "bf16", "images_per_s": 1898.0, "agreement": 0.9688,
+                              "max_prob_diff": 0.0516, "passed": bf16_passed},
+                             {"engine": "openvino", "precision": "fp32", "images_per_s": 970.0, "agreement": 1.0,
+                              "max_prob_diff": 2.6e-6, "passed": True}],
+                "skipped": {"cuda": "no CUDA GPU"}}
+    report = _fake_report(AMX_FLAGS)
+    report["engine_choice"] = {"mobilenetv2_100": record("openvino-bf16", "bf16", True)}
+    report["engine_choice_real"] = {inference.KERAS_LABEL: record("openvino", "fp32", False)}
+    md = cli.render(report, None)
+    section = md[md.index("### What the default engine (auto) chose here"):md.index("### Goals")]
+    random_part, real_part = section.split("With trained weights")
+    assert "- mobilenetv2_100: **openvino-bf16** (bf16): why openvino-bf16" in random_part
+    assert "(fails the rule)" not in random_part
+    assert f"- {inference.KERAS_LABEL}: **openvino** (fp32): why openvino" in real_part
+    assert ("  - openvino-bf16 (bf16): 1898.00 images/s, top-1 agreement 96.9%, max |prob diff| 5.2e-02 (fails the rule)"
+            in real_part)
+    assert "  - cuda: skipped (no CUDA GPU)" in real_part
+    del report["engine_choice_real"]  # a report from before this existed still renders, without the part
+    assert "With trained weights" not in cli.render(report, None)
+
+
+def test_the_choice_for_trained_weights_needs_the_weights(tmp_path):
+    assert inference.real_weights_choice([tmp_path / "a.jpg"], tmp_path, tmp_path / "missing.h5") == {}
+    assert inference.real_weights_choice([], tmp_path, None) == {}

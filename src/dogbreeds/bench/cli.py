@@ -117,6 +117,7 @@ def run_bench(args) -> int:
             report["op_profile"] = {"model": "convnext_tiny", "batch": 16 if 16 in batches else batches[-1]}
             report["op_profile"]["shares"] = inference.op_profile(onnx_path, report["op_profile"]["batch"])
         report["int8"] = inference.int8_agreement(photos, args.cache_dir, args.keras_weights)
+        report["engine_choice_real"] = inference.real_weights_choice(photos, args.cache_dir, args.keras_weights)
     if "training" in parts:
         print("training step (interleaved):")
         first_sample = ceiling.rounds
@@ -434,23 +435,34 @@ def goals(report: dict) -> list[str]:
     return lines
 
 
-def choice_lines(choices: dict) -> list[str]:
-    """What "auto" chose for each model on this machine (infer/auto.py's record), and what it measured."""
+def choice_lines(choices: dict, real: dict | None = None) -> list[str]:
+    """What "auto" chose for each model on this machine (infer/auto.py's record), and what it measured;
+    `real`: its records for trained weights (inference.real_weights_choice)."""
     lines = ["### What the default engine (auto) chose here", "",
              "`build_backend(model, engine=\"auto\")` with the bench's real photos to probe on (random-init weights: "
              "their 1000 probabilities are nearly uniform, so the probability-difference limit says little and top-1 "
              "agreement is a weak check; a trained run's choice is probed on its own validation photos by predict, "
              "evaluate and serve, and may differ).", ""]
     for model, record in choices.items():
-        lines.append(f"- {model}: **{record.get('engine')}** ({record.get('precision')}): {record.get('why')}")
-        for m in record.get("measured", []):
-            agreement = m.get("agreement")
-            lines.append(f"  - {m['engine']} ({m.get('precision')}): {_f(m.get('images_per_s'), '.2f')} images/s, top-1 "
-                         f"agreement {_f(agreement * 100 if agreement is not None else None, '.1f')}%, max |prob diff| "
-                         f"{_f(m.get('max_prob_diff'), '.1e')}{'' if m.get('passed', True) else ' (fails the rule)'}")
-        for engine, why in (record.get("skipped") or {}).items() if isinstance(record.get("skipped"), dict) else []:
-            lines.append(f"  - {engine}: skipped ({why})")
+        lines += _record_lines(model, record)
+    if real:
+        lines += ["", "With trained weights, on the same photos (what predict, evaluate and serve get for such a run; "
+                  "the speed rows below keep the random weights):", ""]
+        for model, record in real.items():
+            lines += _record_lines(model, record)
     return lines + [""]
+
+
+def _record_lines(model: str, record: dict) -> list[str]:
+    lines = [f"- {model}: **{record.get('engine')}** ({record.get('precision')}): {record.get('why')}"]
+    for m in record.get("measured", []):
+        agreement = m.get("agreement")
+        lines.append(f"  - {m['engine']} ({m.get('precision')}): {_f(m.get('images_per_s'), '.2f')} images/s, top-1 "
+                     f"agreement {_f(agreement * 100 if agreement is not None else None, '.1f')}%, max |prob diff| "
+                     f"{_f(m.get('max_prob_diff'), '.1e')}{'' if m.get('passed', True) else ' (fails the rule)'}")
+    for engine, why in (record.get("skipped") or {}).items() if isinstance(record.get("skipped"), dict) else []:
+        lines.append(f"  - {engine}: skipped ({why})")
+    return lines
 
 
 def _bf16_ceiling(report: dict) -> float | None:
@@ -518,7 +530,7 @@ def render(report: dict, out: Path | None) -> str:
         "was measured on a GPU.", "",
     ]
     if report.get("engine_choice"):
-        lines += choice_lines(report["engine_choice"])
+        lines += choice_lines(report["engine_choice"], report.get("engine_choice_real"))
     lines += ["### Goals (checked against this run)", ""] + goals(report) + [""]
     if report.get("inference"):
         lines += ["### Inference", "",

@@ -413,8 +413,7 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
 
     subjects = []
     if keras_weights is not None and keras_weights.is_file():
-        subjects.append(("MobileNetV2, real Keras weights (19 breeds, 160 px)",
-                         create_model(None, num_classes=19, weights=keras_weights)))
+        subjects.append((KERAS_LABEL, create_model(None, num_classes=19, weights=keras_weights)))
     else:
         log(f"  int8 agreement: no real MobileNetV2 weights at {keras_weights}; skipped")
     import torch
@@ -439,6 +438,29 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
         log(f"  int8 agreement {label}: {agree:.1%} on {len(photos)} photos"
             + (f" ({int8.not_quantised})" if int8.not_quantised else f", {int8.quantised_ops} int8 operators"))
     return rows
+
+
+KERAS_LABEL = "MobileNetV2, real Keras weights (19 breeds, 160 px)"
+
+
+def real_weights_choice(photos: list[Path], cache_dir: Path, keras_weights: Path | None, log=print) -> dict:
+    """What "auto" chooses for a trained model: the real Keras MobileNetV2 probed on the bench's real
+    photos, as predict, evaluate and serve probe a run on its validation photos. The speed rows use
+    random weights, whose nearly uniform probabilities pass the agreement rule in any precision;
+    trained weights are where bf16 or int8 can move an answer. {label: auto's record}, {} without
+    the weights."""
+    from ..infer.backend import build_backend, info_for_model
+    from ..models.factory import create_model
+
+    if keras_weights is None or not keras_weights.is_file() or not photos:
+        return {}
+    model = create_model(None, num_classes=19, weights=keras_weights).eval()
+    info = info_for_model(model)
+    info.photos = list(photos)
+    backend = build_backend(model, engine="auto", info=info, cache_dir=cache_dir)
+    record = getattr(backend, "auto_choice", None)
+    log(f"  {KERAS_LABEL}: auto chose {record.get('engine') if record else backend.kind}")
+    return {KERAS_LABEL: record} if record else {}
 
 
 def plot(results: list[Result], path: Path) -> None:
