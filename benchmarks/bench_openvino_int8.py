@@ -7,6 +7,9 @@ the dynamic int8 engine. This script measures the NNCF half. Per model, the path
     int8 (onnxruntime dynamic)    the project's "int8" engine (build_backend(engine="int8"))
     onnxruntime (fp32)            the project's "onnxruntime" engine
     openvino (fp32)               the project's "openvino" engine (the same fp32 ONNX export)
+    openvino-bf16, int8-static    with --bf16: the project's bf16 OpenVINO engine (the bar an int8 path has to
+                                  beat on a CPU with bf16 matrix units) and its static int8 onnxruntime engine
+                                  (calibrated on the same train photos as NNCF)
     openvino NNCF int8 (PRESET)   nncf.quantize of that fp32 export read by OpenVINO (`core.read_model`),
                                   calibrated on --calibration-photos train-split photos preprocessed with
                                   the model's own eval transform (auto.load_batch), one photo per
