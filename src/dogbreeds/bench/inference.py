@@ -25,6 +25,7 @@ Weights are random: speed does not depend on them. The int8 agreement check uses
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import time
@@ -413,7 +414,7 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
 
     subjects = []
     if keras_weights is not None and keras_weights.is_file():
-        subjects.append((KERAS_LABEL, create_model(None, num_classes=19, weights=keras_weights)))
+        subjects.append((KERAS_LABEL, keras_mobilenet(keras_weights)))
     else:
         log(f"  int8 agreement: no real MobileNetV2 weights at {keras_weights}; skipped")
     import torch
@@ -443,6 +444,15 @@ def int8_agreement(photos: list[Path], cache_dir: Path, keras_weights: Path | No
 KERAS_LABEL = "MobileNetV2, real Keras weights (19 breeds, 160 px)"
 
 
+@functools.lru_cache(maxsize=1)
+def keras_mobilenet(keras_weights: Path):
+    """The trained MobileNetV2 of the Keras file, read once per bench run (int8_agreement and
+    real_weights_choice both use it; neither changes it)."""
+    from ..models.factory import create_model
+
+    return create_model(None, num_classes=19, weights=keras_weights).eval()
+
+
 def real_weights_choice(photos: list[Path], cache_dir: Path, keras_weights: Path | None, log=print) -> dict:
     """What "auto" chooses for a trained model: the real Keras MobileNetV2 probed on the bench's real
     photos, as predict, evaluate and serve probe a run on its validation photos. The speed rows use
@@ -450,11 +460,10 @@ def real_weights_choice(photos: list[Path], cache_dir: Path, keras_weights: Path
     trained weights are where bf16 or int8 can move an answer. {label: auto's record}, {} without
     the weights."""
     from ..infer.backend import build_backend, info_for_model
-    from ..models.factory import create_model
 
     if keras_weights is None or not keras_weights.is_file() or not photos:
         return {}
-    model = create_model(None, num_classes=19, weights=keras_weights).eval()
+    model = keras_mobilenet(keras_weights)
     info = info_for_model(model)
     info.photos = list(photos)
     backend = build_backend(model, engine="auto", info=info, cache_dir=cache_dir)
