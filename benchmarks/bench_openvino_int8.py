@@ -15,7 +15,7 @@ the dynamic int8 engine. This script measures the NNCF half. Per model, the path
                                   the model's own eval transform (auto.load_batch), one photo per
                                   calibration item; the classifier kept fp32 (nncf.IgnoredScope), as the
                                   project's int8 engines keep it; compiled for the CPU as the "openvino"
-                                  engine is (f32 precision hint for what stays fp32, --threads threads,
+                                  engine is (f32 precision hint for what stays unquantised, or --rest-precision bf16; --threads threads,
                                   LATENCY)
 
 The export's height and width are dynamic (export.write_onnx). Quantised as it is, NNCF 3.4.0 gave
@@ -112,8 +112,9 @@ def torch_eager(model):
 class CompiledOpenVino:
     """An OpenVINO model compiled for the CPU as the "openvino" engine compiles its export (f32 hint, LATENCY)."""
 
-    def _compile(self, core, model, threads: int, logits_output: str) -> None:
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    def _compile(self, core, model, threads: int, logits_output: str, rest: str = "f32") -> None:
+        """rest: the precision hint, i.e. what the operators that stay unquantised compute in (f32 or bf16)."""
+        config = {"INFERENCE_PRECISION_HINT": rest, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
         self._output = next(o for o in self._compiled.outputs if logits_output in o.get_names())
@@ -140,7 +141,7 @@ class NncfInt8(CompiledOpenVino):
 
     def __init__(self, onnx_path: Path, calibration: np.ndarray, preset: str, threads: int, logits_output: str,
                  static_size: bool = True, fp32_head: bool = True, variant: str = "plain",
-                 validation: tuple[np.ndarray, np.ndarray] | None = None):
+                 validation: tuple[np.ndarray, np.ndarray] | None = None, rest: str = "f32"):
         """variant: "plain" (nncf.quantize), "fp32-depthwise" (GroupConvolution ignored too) or
         "accuracy-control" (nncf.quantize_with_accuracy_control; `validation` = (photos, fp32 top-1),
         the metric top-1 agreement with fp32, MAX_DROP absolute)."""
@@ -173,7 +174,7 @@ class NncfInt8(CompiledOpenVino):
             quantized = nncf.quantize(model, dataset, **common)
         self.quantize_s = time.perf_counter() - started
         self.int8_ops = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
-        self._compile(core, quantized, threads, logits_output)
+        self._compile(core, quantized, threads, logits_output, rest)
         runtime = self._compiled.get_runtime_model()
         self.runtime_int8 = sum(1 for op in runtime.get_ops() if runtime_precision(op) in ("i8", "u8")
                                 and runtime_layer(op) in ("Convolution", "FullyConnected", "MatMul"))
@@ -229,9 +230,10 @@ def build(model, info, calibration: np.ndarray | None, validation: np.ndarray | 
         paths[OV_STATIC] = OpenVinoStaticShape(fp32_onnx, size, args.threads, paths[ORT].contents.logits_output)
     wanted = logits_of(paths[ORT], validation).argmax(1) if "accuracy-control" in args.variants else None
     for variant, preset in ((v, s) for v in args.variants for s in args.presets):
-        label = nncf_label(preset, variant)
+        label = nncf_label(preset, variant) + ("" if args.rest_precision == "f32" else f", the rest {args.rest_precision}")
         paths[label] = NncfInt8(fp32_onnx, calibration, preset, args.threads, paths[ORT].contents.logits_output,
-                                static_size=not args.dynamic_size, variant=variant, validation=(validation, wanted))
+                                static_size=not args.dynamic_size, variant=variant, validation=(validation, wanted),
+                                rest=args.rest_precision)
         notes[label] = {"quantize_s": round(paths[label].quantize_s, 1), "kept_fp32": paths[label].ignored, "fake_quantize_ops": paths[label].int8_ops,
                         "runtime_int8_ops": paths[label].runtime_int8}
         print(f"  {label}: quantised in {paths[label].quantize_s:.0f} s, {paths[label].int8_ops} FakeQuantize, "
@@ -332,6 +334,10 @@ def main() -> None:
                                                                "with a static input size (--variants '' times no NNCF path)")
     p.add_argument("--bf16", action="store_true", help="also time the openvino-bf16 and int8-static engines "
                                                         "(the bars on a CPU with bf16 / int8 matrix units)")
+    p.add_argument("--rest-precision", choices=("f32", "bf16"), default="f32",
+                   help="OpenVINO's precision hint for the NNCF paths: what their unquantised operators (depthwise "
+                        "convolutions, LayerNorm, GELU) compute in (default f32, as the openvino engine; bf16: as "
+                        "openvino-bf16 on a CPU with bf16 matrix units)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]

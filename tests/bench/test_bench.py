@@ -276,8 +276,13 @@ def test_each_path_is_compared_with_the_ceiling_of_its_precision_and_emulated_on
     assert ceilings.rounds == 2 * 3 + 2  # batch 1 runs 3x the rounds
 
 
-def test_train_setup_makes_trains_own_precision_decision(monkeypatch):
-    from dogbreeds.train import session
+def test_train_setup_makes_trains_own_precision_decision(monkeypatch, tmp_path):
+    from dogbreeds.models.depthwise import Fp32DepthwiseConv2d
+    from dogbreeds.train import depthwise_probe, session
+
+    monkeypatch.setenv("DOGBREEDS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(depthwise_probe, "_time_depthwise",  # train's depthwise probe, timed in favour of fp32
+                        lambda *a: {"bf16": [1.5, 1.5], "fp32_depthwise": [1.0, 1.0]})
 
     monkeypatch.setattr(session, "cpu_bf16_support", lambda: None)
     setup = training.train_setup("convnext_atto", num_classes=3)
@@ -289,6 +294,11 @@ def test_train_setup_makes_trains_own_precision_decision(monkeypatch):
     assert setup["precision"] == "bf16"
     with setup["autocast"]():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    kinds = lambda model: {type(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}  # noqa: E731
+    assert setup["depthwise"]["fp32_depthwise"] and kinds(setup["model"]) == {Fp32DepthwiseConv2d}
+    forced = training.train_setup("convnext_atto", num_classes=3, fp32_depthwise=False)
+    assert forced["depthwise"] == {"fp32_depthwise": False, "why": "forced"} and kinds(forced["model"]) == {torch.nn.Conv2d}
+    assert training.setting_variants("convnext_atto")["depthwise in bf16"]["fp32_depthwise"] is False
 
 
 def test_training_bench_bounds_the_bf16_loop_without_native_bf16():

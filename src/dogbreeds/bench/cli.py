@@ -435,6 +435,14 @@ def goals(report: dict) -> list[str]:
     return lines
 
 
+def _depthwise_words(record: dict | None) -> str:
+    """The training-setup sentence's part on the depthwise convolutions (train/depthwise_probe.py's record)."""
+    if not record:
+        return ""
+    where = "fp32" if record.get("fp32_depthwise") else "bf16"
+    return f", depthwise convolutions in {where} (train's per-machine depthwise probe: {record.get('why', '?')})"
+
+
 def choice_lines(choices: dict, real: dict | None = None) -> list[str]:
     """What "auto" chose for each model on this machine (infer/auto.py's record), and what it measured;
     `real`: its records for trained weights (inference.real_weights_choice)."""
@@ -607,6 +615,7 @@ def render(report: dict, out: Path | None) -> str:
                       + f", channels_last {setup['channels_last']}, model kwargs "
                       f"{setup['model_kwargs'] or 'none'}"
                       + (f" (train's per-machine MLP layout probe: {setup['layout_why']})" if setup.get("layout_why") else "")
+                      + _depthwise_words(setup.get("depthwise"))
                       + f", optimizer {setup['optimizer']} (train's `build_optimizer`), "
                       "label-smoothed cross-entropy and gradient clipping. The plain loops: timm model in NCHW, "
                       "`torch.optim.AdamW` defaults, cross-entropy, without and with bf16 autocast."]

@@ -50,15 +50,19 @@ def training_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.05):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, conv_mlp: bool | None = None) -> dict:
+def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, conv_mlp: bool | None = None,
+                fp32_depthwise: bool | None = None) -> dict:
     """What `dogbreeds train` builds for `name` on `device` (random init), from train's own
     functions and the Recipe defaults: {"model", "optimizer", "criterion", "autocast" (a context
-    factory), "precision" ("bf16"/"fp32"), "channels_last", "grad_clip", "model_kwargs", "layout"}.
-    The MLP layout is train's own per-machine choice (train/layout_probe.py, cached) unless
-    `conv_mlp` forces one (where the model has the switch)."""
+    factory), "precision" ("bf16"/"fp32"), "channels_last", "grad_clip", "model_kwargs", "layout",
+    "depthwise"}. The MLP layout is train's own per-machine choice (train/layout_probe.py, cached) unless
+    `conv_mlp` forces one (where the model has the switch); so is, in bf16, the precision of the depthwise
+    convolutions (train/depthwise_probe.py) unless `fp32_depthwise` forces it."""
     import torch
 
+    from ..models.depthwise import keep_depthwise_fp32
     from ..models.factory import create_model
+    from ..train.depthwise_probe import CHOICE, depthwise_for_run
     from ..train.layout_probe import layout_for_run
     from ..train.optim import build_optimizer
     from ..train.recipe import Recipe
@@ -79,12 +83,17 @@ def train_setup(name: str, num_classes: int = 1000, recipe=None, device=None, co
     model = create_model(name, num_classes=num_classes, **kwargs).to(device).train()
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    depthwise = depthwise_for_run(recipe, model, device, dtype, kwargs)  # train's per-machine choice (cached)
+    if depthwise is not None and fp32_depthwise is not None:
+        depthwise = {CHOICE: fp32_depthwise, "why": "forced"}
+    if depthwise and depthwise[CHOICE]:
+        keep_depthwise_fp32(model)
     autocast = contextlib.nullcontext if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype))
     return {"model": model, "optimizer": build_optimizer(model, recipe),
             "criterion": torch.nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing),
             "autocast": autocast, "precision": "bf16" if dtype is not None else "fp32",
             "channels_last": recipe.channels_last, "grad_clip": recipe.grad_clip, "model_kwargs": kwargs,
-            "layout": layout, "precision_why": (precision_record or {}).get("why")}
+            "layout": layout, "precision_why": (precision_record or {}).get("why"), "depthwise": depthwise}
 
 
 def _native_bf16(profile: dict | None) -> bool:
@@ -192,6 +201,7 @@ def measure(name: str = "convnext_tiny", batch: int = 16, size: int = 224, steps
                                                                 "model_kwargs": setup["model_kwargs"],
                                                                 "layout_why": (setup["layout"] or {}).get("why"),
                                                                 "precision_why": setup.get("precision_why"),
+                                                                "depthwise": setup["depthwise"],
                                                                 "optimizer": type(setup["optimizer"]).__name__},
            "train_loop": train_name, "gflop_per_image": gflop,
            "precisions": {PLAIN: "fp32", PLAIN_BF16: "bf16", train_name: setup["precision"]}}
@@ -214,12 +224,13 @@ def _step_gflop_per_image(model, x) -> float:
 # --- train's settings one at a time (benchmarks/bench_train_step.py --settings) ----------------------
 
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")  # torch AdamW's implementations; "default" is what train builds
-DEFAULT_SETTING = {"channels_last": True, "fast_layout": True, "optimizer": "default"}
+DEFAULT_SETTING = {"channels_last": True, "fast_layout": True, "optimizer": "default", "fp32_depthwise": None}
 
 
 def setting_variants(name: str) -> dict[str, dict]:
     """{label: setting} for `name`: train's defaults, then each setting changed alone
-    (channels_last off; ConvNeXt's conv_mlp off where train turns it on; foreach / fused AdamW)."""
+    (channels_last off; ConvNeXt's conv_mlp off where train turns it on; foreach / fused AdamW; in bf16, the
+    depthwise convolutions in the precision train's probe did not choose)."""
     from ..train.session import fast_layout_kwargs
 
     variants = {"train default": dict(DEFAULT_SETTING),
@@ -228,6 +239,8 @@ def setting_variants(name: str) -> dict[str, dict]:
         variants["conv_mlp off (timm's Linear MLPs)"] = dict(DEFAULT_SETTING, fast_layout=False)
     variants["foreach AdamW"] = dict(DEFAULT_SETTING, optimizer="foreach")
     variants["fused AdamW"] = dict(DEFAULT_SETTING, optimizer="fused")
+    variants["depthwise in bf16"] = dict(DEFAULT_SETTING, fp32_depthwise=False)
+    variants["depthwise in fp32"] = dict(DEFAULT_SETTING, fp32_depthwise=True)
     return variants
 
 
@@ -306,12 +319,16 @@ def measure_settings(name: str, batch: int = 8, size: int = 224, rounds: int = 3
     for label, setting in (variants or setting_variants(name)).items():
         recipe = Recipe(model=name, channels_last=setting["channels_last"], fast_layout=setting["fast_layout"])
         torch.manual_seed(0)
-        setup = train_setup(name, num_classes=num_classes, recipe=recipe, conv_mlp=setting["fast_layout"])
+        setup = train_setup(name, num_classes=num_classes, recipe=recipe, conv_mlp=setting["fast_layout"],
+                            fp32_depthwise=setting.get("fp32_depthwise"))
+        if setting.get("fp32_depthwise") is not None and setup["depthwise"] is None:
+            continue  # fp32 training or no depthwise convolution: the same loop as train's default
         optimizer = with_implementation(setup["optimizer"], setting["optimizer"])
         inputs = x.contiguous(memory_format=torch.channels_last) if setup["channels_last"] else x
         loops[label] = _step_fn(setup["model"], optimizer, setup["criterion"], inputs, y, setup["autocast"],
                                 setup["grad_clip"])
         built[label] = {**setting, "precision": setup["precision"], "model_kwargs": setup["model_kwargs"],
+                        "depthwise": setup["depthwise"],
                         "optimizer_class": type(optimizer).__name__}
     first_loss, warm_s = {}, {}
     for label, step in loops.items():

@@ -213,7 +213,8 @@ class Recipe:
 # Augmentation settings the CLI exposes directly (the rest come from --augment PRESET / YAML).
 AUGMENT_SHORTCUTS = ("mixup", "cutmix", "label_smoothing", "crop_to_box")
 # Keys config.yaml carries besides the recipe; ignored when it is read back as a recipe.
-RUN_METADATA_KEYS = ("versions", "world_size", "layout", "precision_probe")  # train/layout_probe.py, precision_probe.py
+RUN_METADATA_KEYS = ("versions", "world_size", "layout", "precision_probe",  # train/layout_probe.py, precision_probe.py,
+                     "depthwise_probe")  # depthwise_probe.py
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:

@@ -197,15 +197,26 @@ class Session:
         self.channels_last = recipe.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.head_only = parse_freeze(self.freeze)[0] == "backbone"  # trains on cached fp32 features
+        # bf16 training: depthwise convolutions in fp32 where that was timed faster (train/depthwise_probe.py)
+        from .depthwise_probe import CHOICE, depthwise_for_run
+
+        self.depthwise = None if self.head_only else depthwise_for_run(
+            recipe, self.model, ctx.device, dtype, self.layout["model_kwargs"] if self.layout else {}, saved_config,
+            ctx.world_size)
+        fp32_depthwise = bool(self.depthwise and self.depthwise[CHOICE])
+        if fp32_depthwise:
+            from ..models.depthwise import keep_depthwise_fp32
+
+            keep_depthwise_fp32(self.model)
         if dtype is None:
             self.autocast = contextlib.nullcontext
         else:
             self.autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype)
-        self.precision = "bf16" if dtype else "fp32"
+        self.precision = ("bf16" if dtype else "fp32") + (", depthwise fp32" if fp32_depthwise else "")
         if ctx.is_main:
             self._write_run_files()
 
-        self.head_only = parse_freeze(self.freeze)[0] == "backbone"
         if self.head_only:
             if self.outliers:
                 raise DogbreedsError("outlier exposure trains the features; freeze=backbone keeps them fixed (and "
@@ -447,9 +458,10 @@ class Session:
         run = self.run
         run.path.mkdir(parents=True, exist_ok=True)
         extra = {"versions": environment_versions(), "world_size": self.ctx.world_size}
-        from . import layout_probe, precision_probe
+        from . import depthwise_probe, layout_probe, precision_probe
 
-        for key, record in ((layout_probe.CONFIG_KEY, self.layout), (precision_probe.CONFIG_KEY, self.precision_record)):
+        for key, record in ((layout_probe.CONFIG_KEY, self.layout), (precision_probe.CONFIG_KEY, self.precision_record),
+                            (depthwise_probe.CONFIG_KEY, self.depthwise)):
             if record is not None:
                 extra[key] = layout_probe.config_record(record)
         run.write_text(run.config, self.recipe.to_yaml(extra))
