@@ -4,7 +4,8 @@ Default: ConvNeXt-T training step images/s, plain timm loop vs dogbreeds' settin
 same as `dogbreeds bench --parts training`; extra arguments are passed on (e.g. --quick, --out -).
 
 --settings: train's setup with each of its settings changed alone (channels_last on/off, ConvNeXt's
-conv_mlp on/off, torch AdamW default / foreach / fused) against the plain timm fp32 loop, interleaved
+conv_mlp on/off, torch AdamW default / foreach / fused, in bf16 the depthwise convolutions in bf16 / fp32)
+against the plain timm fp32 loop, interleaved
 step by step (bench.training.measure_settings), at the thread count train uses (torch's default)
 unless --threads; one JSON object per (model, size) on stdout, and a log on stderr:
 

@@ -586,7 +586,9 @@ def render(report: dict, out: Path | None) -> str:
         train_name = t.get("train_loop", "dogbreeds settings")
         lines += ["### Training step", "",
                   f"{t['model']}, batch {t['batch']} at {t['size']} px, forward + backward + optimizer step, median of "
-                  f"{t['steps']} interleaved steps after one warm-up step (first-step losses: "
+                  f"{t['steps']} interleaved steps after "
+                  + ("one warm-up step" if t.get("warmup_steps", 1) == 1 else f"{t['warmup_steps']} warm-up steps each")
+                  + " (first-step losses: "
                   + ", ".join(f"{k} {val:.4f}" for k, val in t["first_loss"].items()) + ").", "",
                   "| loop | computes in | images/s | vs plain fp32 loop | GFLOP/s | of ceiling | note |",
                   "|---|---|---:|---:|---:|---:|---|"]
