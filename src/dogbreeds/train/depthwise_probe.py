@@ -18,10 +18,9 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .layout_probe import (PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, saved_record, speedup, time_steps,
+from .layout_probe import (PROBE_BATCH, cache_dir, new_record, read_cached, saved_record, speedup, time_steps,
                            write_cached)
 
 MARGIN = 1.03  # fp32 depthwise convolutions must train this much faster to be kept (they cost no precision)
@@ -70,7 +69,7 @@ def choose_depthwise(name: str, size: int, device, channels_last: bool, model_kw
     """{"fp32_depthwise", "why", "seconds", "probed_at", "machine", "profile_key", "created", "cached"}. `timer`
     replaces the timing (tests): (name, size, device, channels_last, num_classes, model_kwargs) ->
     {"bf16": [...], "fp32_depthwise": [...]}."""
-    from ..machine import describe, machine_profile, profile_key
+    from ..machine import machine_profile, profile_key
 
     model_kwargs = dict(model_kwargs or {})
     layout = "conv-mlp" if model_kwargs.get("conv_mlp") else "default"
@@ -84,13 +83,9 @@ def choose_depthwise(name: str, size: int, device, channels_last: bool, model_kw
     started = time.perf_counter()
     seconds = (timer or _time_depthwise)(name, size, device, channels_last, num_classes, model_kwargs)
     fp32_depthwise, why = decide(seconds)
-    record = {"version": RECORD_VERSION, CHOICE: fp32_depthwise, "why": why,
-              "seconds": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
-              "probed_at": {"batch": PROBE_BATCH, "size": size, "layout": layout, "channels_last": channels_last,
-                            "device": device.type},
-              "machine": describe(profile), "profile_key": profile_key(profile),
-              "probe_s": round(time.perf_counter() - started, 1),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = new_record(CHOICE, fp32_depthwise, why, seconds, {"size": size, "layout": layout,
+                                                                "channels_last": channels_last, "device": device.type},
+                        profile, started)
     write_cached(path, record)
     print(f"depthwise: {why}", file=sys.stderr, flush=True)
     return {**record, "cached": None}

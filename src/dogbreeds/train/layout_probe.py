@@ -112,7 +112,7 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
     "conv_mlp", "why", "seconds", "probed_at", "profile_key", "created", "cached"}; None for models
     without the switch (train.session.fast_layout_kwargs gives {}). `timer` replaces the timing
     (tests): (name, size, device, dtype, channels_last, num_classes) -> {"conv": [...], "linear": [...]}."""
-    from ..machine import describe, machine_profile, profile_key
+    from ..machine import machine_profile, profile_key
     from .session import fast_layout_kwargs
 
     if not fast_layout_kwargs(name):
@@ -128,16 +128,27 @@ def choose_layout(name: str, size: int, device, dtype, channels_last: bool, num_
     started = time.perf_counter()
     seconds = (timer or _time_layouts)(name, size, device, dtype, channels_last, num_classes)
     conv_mlp, why = decide(seconds)
-    record = {"version": RECORD_VERSION, "conv_mlp": conv_mlp, "why": why,
-              "seconds": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
-              "probed_at": {"batch": PROBE_BATCH, "size": size, "precision": precision, "channels_last": channels_last,
-                            "device": device.type},
-              "machine": describe(profile), "profile_key": profile_key(profile),
-              "probe_s": round(time.perf_counter() - started, 1),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = new_record("conv_mlp", conv_mlp, why, seconds, {"size": size, "precision": precision,
+                                                            "channels_last": channels_last, "device": device.type},
+                        profile, started)
     write_cached(path, record)
     print(f"fast_layout: {why}", file=sys.stderr, flush=True)
     return {**record, "model_kwargs": {"conv_mlp": True} if conv_mlp else {}, "cached": None}
+
+
+def new_record(choice_key: str, choice: bool, why: str, seconds: dict[str, list[float]], probed_at: dict,
+               profile: dict, started: float) -> dict:
+    """A probe's record, for its cache file and the run's config.yaml: the choice under `choice_key`, why, the
+    timed seconds, where it was probed (PROBE_BATCH and `probed_at`), the machine, and how long it took since
+    `started` (time.perf_counter())."""
+    from ..machine import describe, profile_key
+
+    return {"version": RECORD_VERSION, choice_key: choice, "why": why,
+            "seconds": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
+            "probed_at": {"batch": PROBE_BATCH, **probed_at},
+            "machine": describe(profile), "profile_key": profile_key(profile),
+            "probe_s": round(time.perf_counter() - started, 1),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def read_cached(path: Path, choice_key: str) -> dict | None:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .layout_probe import (PROBE_BATCH, RECORD_VERSION, cache_dir, read_cached, saved_record, speedup, time_steps,
+from .layout_probe import (PROBE_BATCH, cache_dir, new_record, read_cached, saved_record, speedup, time_steps,
                            write_cached)
 
 MARGIN = 1.10          # bf16 autocast must train this much faster to replace fp32 (it costs precision)
@@ -61,7 +60,7 @@ def choose_precision(name: str, size: int, device, channels_last: bool, num_clas
                      profile: dict | None = None, timer=None) -> dict:
     """{"bf16", "why", "seconds", "probed_at", "machine", "profile_key", "created", "cached"}. `timer` replaces
     the timing (tests): (name, size, device, channels_last, num_classes) -> {"fp32": [...], "bf16": [...]}."""
-    from ..machine import describe, machine_profile, profile_key
+    from ..machine import machine_profile, profile_key
 
     profile = profile or machine_profile()
     path = cache_file(name, size, channels_last, device.type, profile_key(profile))
@@ -73,12 +72,8 @@ def choose_precision(name: str, size: int, device, channels_last: bool, num_clas
     started = time.perf_counter()
     seconds = (timer or _time_precisions)(name, size, device, channels_last, num_classes)
     bf16, why = decide(seconds)
-    record = {"version": RECORD_VERSION, "bf16": bf16, "why": why,
-              "seconds": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
-              "probed_at": {"batch": PROBE_BATCH, "size": size, "channels_last": channels_last, "device": device.type},
-              "machine": describe(profile), "profile_key": profile_key(profile),
-              "probe_s": round(time.perf_counter() - started, 1),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = new_record("bf16", bf16, why, seconds, {"size": size, "channels_last": channels_last,
+                                                     "device": device.type}, profile, started)
     write_cached(path, record)
     print(f"precision auto: {why}", file=sys.stderr, flush=True)
     return {**record, "cached": None}
