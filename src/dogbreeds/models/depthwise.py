@@ -31,8 +31,7 @@ class Fp32DepthwiseConv2d(nn.Conv2d):
 
 def is_depthwise(module: nn.Module) -> bool:
     """A plain nn.Conv2d with one group per input channel (timm's ConvNeXt conv_dw, MobileNetV2's 3x3 ones)."""
-    return (isinstance(module, nn.Conv2d) and type(module) in (nn.Conv2d, Fp32DepthwiseConv2d)
-            and module.groups > 1 and module.groups == module.in_channels)
+    return type(module) in (nn.Conv2d, Fp32DepthwiseConv2d) and 1 < module.groups == module.in_channels
 
 
 def depthwise_convs(model: nn.Module) -> list[nn.Conv2d]:
